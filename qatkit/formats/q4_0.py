@@ -1,0 +1,103 @@
+"""ggml Q4_0: blocks of 32 weights along a row, one fp16 scale each, 4-bit codes.
+
+The one definition of Q4_0 in qatkit. Fake-quant (training), convert and export all call
+`quantize`, so the numbers a GGUF file holds are the numbers the student trained with.
+
+Reference: ggml `quantize_row_q4_0_ref` (ggml-quants.c), bit-identical to `gguf.quants.Q4_0`:
+
+    max = the element of the block with the largest |x|, sign kept (first one on ties)
+    d   = max / -8                       (float32)
+    id  = 1/d, or 0 where d == 0         (float32, from the float32 d, not the fp16 one)
+    q   = min(15, trunc(x * id + 8.5))   (codes 0..15; the element `max` gets code 0)
+    stored: fp16(d), value = (q - 8) * fp16(d)
+
+Traps:
+- `x * id + 8.5` must be two float32 roundings (multiply, then add). A fused multiply-add
+  gives different codes on ties. torch's eager CPU/CUDA elementwise kernels do not fuse.
+- Codes come from the float32 d but values use fp16(d): a block is not exactly
+  `round(x / fp16(d))`.
+- Learned scales: Q4_0 stores any fp16 d, so `quantize(w, d=...)` takes given scales. Then the
+  codes are computed from the fp16 scale actually stored (so dequantize(quantize(w, d)) is what
+  llama.cpp computes) and clamped to 0..15, since w may fall outside [-8d, 7d].
+
+Byte layout of one 18-byte block: fp16 d (little endian), then 16 bytes where byte j holds
+element j in its low nibble and element j + 16 in its high nibble.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ._ste import straight_through
+
+NAME = "q4_0"
+GGML_TYPE = 2  # GGMLQuantizationType.Q4_0
+BLOCK = 32
+BLOCK_BYTES = 2 + BLOCK // 2
+
+
+def _blocks(w: torch.Tensor) -> torch.Tensor:
+    if w.shape[-1] % BLOCK:
+        raise ValueError(f"Q4_0 needs rows whose length is a multiple of {BLOCK}, got shape {tuple(w.shape)}")
+    return w.reshape(*w.shape[:-1], w.shape[-1] // BLOCK, BLOCK)
+
+
+def absmax_scale(w: torch.Tensor) -> torch.Tensor:
+    """The scale ggml picks, float32, shape (..., n_blocks): d = (element with largest |x|) / -8."""
+    b = _blocks(w.float())
+    imax = b.abs().argmax(dim=-1, keepdim=True)
+    return (b.gather(-1, imax) / -8.0).squeeze(-1)
+
+
+def quantize(w: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (..., n) float -> (codes uint8 (..., n) in 0..15, scales fp16 (..., n/32)).
+
+    With `d` None the scales are ggml's own (bit-exact with quantize_row_q4_0_ref); otherwise
+    `d` (..., n/32) is taken as given (rounded to fp16, the precision the file stores)."""
+    b = _blocks(w.float())
+    if d is None:
+        d32 = absmax_scale(w)
+    else:
+        d32 = d.to(torch.float16).float()
+    inv = torch.where(d32 == 0, torch.zeros_like(d32), 1.0 / d32).unsqueeze(-1)
+    q = torch.trunc(b * inv + 8.5)
+    q = q.clamp(0, 15) if d is not None else q.clamp(max=15)
+    return q.to(torch.uint8).reshape(w.shape), d32.to(torch.float16)
+
+
+def dequantize(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """(codes, fp16 scales) -> float32 values (q - 8) * d, as llama.cpp dequantizes them."""
+    q = _blocks(codes.float()) - 8.0
+    return (q * d.float().unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quant(w: torch.Tensor, d: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward: dequantize(quantize(w, d)) in w's dtype; backward: identity to w (straight-through).
+
+    Gradients to a given `d` are not defined here; learned-scale training wraps this."""
+    with torch.no_grad():
+        dq = dequantize(*quantize(w, d)).to(w.dtype)
+    return straight_through(w, dq)
+
+
+def pack(codes: torch.Tensor | np.ndarray, d: torch.Tensor | np.ndarray) -> np.ndarray:
+    """(codes (rows, n), fp16 scales (rows, n/32)) -> ggml bytes uint8 (rows, n/32 * 18)."""
+    codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes, dtype=np.uint8)
+    d = np.asarray(d.cpu() if isinstance(d, torch.Tensor) else d, dtype=np.float16)
+    rows = codes.reshape(-1, codes.shape[-1]).shape[0]
+    q = codes.reshape(-1, 2, BLOCK // 2)
+    nibbles = q[:, 0, :] | (q[:, 1, :] << np.uint8(4))
+    blocks = np.concatenate([d.reshape(-1, 1).view(np.uint8), nibbles], axis=1)
+    return blocks.reshape(rows, -1)
+
+
+def unpack(raw: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ggml bytes (rows, n/32 * 18) -> (codes uint8 (rows, n), fp16 scales (rows, n/32))."""
+    raw = np.ascontiguousarray(raw, dtype=np.uint8)
+    rows = raw.reshape(-1, raw.shape[-1]).shape[0]
+    blocks = raw.reshape(-1, BLOCK_BYTES)
+    d = blocks[:, :2].copy().view(np.float16).reshape(rows, -1)
+    nib = blocks[:, 2:]
+    codes = np.concatenate([nib & np.uint8(0x0F), nib >> np.uint8(4)], axis=1)
+    return codes.reshape(rows, -1), d

