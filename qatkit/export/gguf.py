@@ -1,0 +1,147 @@
+"""A torch causal LM -> a GGUF file llama.cpp loads, through the `gguf` package.
+
+Tensor bytes come from qatkit.formats (bit-identical to ggml's reference quantizers; learned
+Q4_0 scales are written as they are). Metadata is the GGUF source's own (as llama-quantize keeps
+it) or, for a Hugging Face source, what llama.cpp's converter writes for that family: its
+hyper-parameters, the tokenizer, special tokens.
+
+The file is written under a temporary name beside the destination and renamed when complete, so
+an interrupted or failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFWriter
+from tqdm.auto import tqdm
+
+from .. import QatkitError
+from ..formats import BY_GGML_TYPE, FORMATS, decode, encode
+from ..models import gguf_meta
+from ..models.arch import Arch, from_gguf_tensor, gguf_name, hparams, to_gguf_tensor
+from ..models.tokenizer_meta import tokenizer_metadata
+from ..plan import FILE_TYPE
+
+log = logging.getLogger(__name__)
+
+
+def gguf_tensors(model: torch.nn.Module, arch: Arch) -> dict[str, torch.Tensor]:
+    """GGUF name -> tensor in llama.cpp's layout (norm offset added, rotary rows reordered)."""
+    config = model.config
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    out: dict[str, torch.Tensor] = {}
+    for hf, w in model.state_dict().items():
+        if hf == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd as the head when output.weight is absent
+        name = gguf_name(arch, hf)
+        out[name] = to_gguf_tensor(arch, config, name, w.detach().float().cpu())
+    return out
+
+
+def hf_metadata(model: torch.nn.Module, tokenizer, arch: Arch, pre: str | None = None) -> gguf_meta.Metadata:
+    """What llama.cpp's converter writes for a Hugging Face model of this family."""
+    config = model.config
+    meta: gguf_meta.Metadata = {"general.architecture": ["STRING", arch.name]}
+    name = getattr(config, "name_or_path", "") or arch.name
+    meta["general.name"] = ["STRING", Path(str(name)).name or arch.name]
+    for key, value in hparams(arch, config).items():
+        meta[key] = gguf_meta.typed(value)
+    meta.update(tokenizer_metadata(tokenizer, config.vocab_size, arch.name, pre))
+    return meta
+
+
+def write_gguf(
+    out: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    plan: dict[str, str],
+    metadata: gguf_meta.Metadata,
+    file_format: str,
+    q4_0_scales: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+) -> dict[str, int]:
+    """Write `tensors` (GGUF names, llama.cpp layout) in the formats `plan` gives.
+
+    Returns {tensor name: bytes}. Nothing is left at `out` unless the whole file was written."""
+    out = Path(out)
+    missing = sorted(set(tensors) - set(plan))
+    if missing:
+        raise QatkitError(f"plan has no format for {len(missing)} tensors, e.g. {missing[0]}")
+    arch = gguf_meta.get(metadata, "general.architecture")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+    sizes: dict[str, int] = {}
+    try:
+        writer = GGUFWriter(tmp, arch)
+        gguf_meta.apply(metadata, writer)
+        writer.add_file_type(FILE_TYPE[file_format])
+        if any(FORMATS[f].block > 1 for f in plan.values()):
+            writer.add_quantization_version(2)
+        for name, w in tqdm(tensors.items(), desc=f"quantize -> {out.name}", unit="tensor", disable=not progress, leave=False):
+            fmt = plan[name]
+            if not torch.isfinite(w).all():
+                raise QatkitError(f"tensor {name} {tuple(w.shape)} has NaN/Inf values; refusing to write it")
+            scales = (q4_0_scales or {}).get(name) if fmt == "q4_0" else None
+            data = encode(w, fmt, scales)
+            _check_scales(name, w, fmt, data)
+            raw_dtype = GGMLQuantizationType(FORMATS[fmt].ggml_type) if FORMATS[fmt].block > 1 else None
+            writer.add_tensor(name, data, raw_dtype=raw_dtype)
+            sizes[name] = int(data.nbytes)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file(progress=False)
+        writer.close()
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return sizes
+
+
+def _check_scales(name: str, w: torch.Tensor, fmt: str, data: np.ndarray) -> None:
+    """fp16 scales overflow for weights beyond ~5e5 (Q4_0) / ~8e6 (Q8_0): refuse such a tensor
+    rather than write infinities llama.cpp would compute with."""
+    f = FORMATS[fmt]
+    if f.block == 1 or fmt == "q6_k":
+        if fmt == "f16" and not np.isfinite(data).all():
+            raise QatkitError(f"tensor {name} {tuple(w.shape)}: values exceed the f16 range")
+        return
+    d = data.reshape(-1, f.block_bytes)[:, :2].copy().view(np.float16)
+    if not np.isfinite(d).all():
+        raise QatkitError(f"tensor {name} {tuple(w.shape)}: a block scale overflows fp16 (|w| up to {float(w.abs().max()):.3g}); {fmt} cannot store it")
+
+
+def read_gguf_tensors(path: str | os.PathLike) -> dict[str, tuple[int, np.ndarray, tuple[int, ...]]]:
+    """GGUF name -> (ggml type, raw data, numpy-order shape), for tests and verification."""
+    reader = gguf_meta.open_reader(path)
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        out[t.name] = (int(t.tensor_type), np.array(t.data), shape)
+    return out
+
+
+def load_gguf_weights(model: torch.nn.Module, arch: Arch, path: str | os.PathLike) -> dict[str, str]:
+    """Put the dequantized weights of a GGUF file (one of qatkit's exports of this model) into
+    `model`, in place: the torch twin of what llama.cpp computes with. Returns {HF module name:
+    format} for the model's Linear layers (for the runtime-faithful mode)."""
+    tensors = read_gguf_tensors(path)
+    config = model.config
+    state = model.state_dict()
+    types: dict[str, str] = {}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    with torch.no_grad():
+        for hf, p in state.items():
+            name = "token_embd.weight" if hf == "lm_head.weight" and tied else gguf_name(arch, hf)
+            if name not in tensors:
+                raise QatkitError(f"{path}: tensor {name} missing")
+            ggml_type, data, shape = tensors[name]
+            w = torch.from_numpy(decode(data, ggml_type, shape).copy())
+            p.copy_(from_gguf_tensor(arch, config, name, w).reshape(p.shape))
+            if hf.endswith(".weight"):
+                f = BY_GGML_TYPE.get(ggml_type)
+                types[hf[: -len(".weight")]] = f.name if f else f"ggml{ggml_type}"
+    return types

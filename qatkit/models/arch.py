@@ -1,0 +1,163 @@
+"""Per-family tables: how a transformers model's tensors and config become llama.cpp's.
+
+For each supported family: the GGUF architecture name, the tensor-name map (HF -> GGUF), what
+the converter changes on the way (Gemma's RMSNorm stores 1 + w; Llama's q/k rows are reordered
+for llama.cpp's rotary layout), and the hyper-parameter keys llama.cpp reads.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import QatkitError
+
+_ATTN = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+}
+_QK_NORM = {"self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+
+
+@dataclass(frozen=True)
+class Arch:
+    name: str  # general.architecture in GGUF
+    model_types: tuple[str, ...]  # transformers config.model_type values
+    layer_map: dict[str, str]  # module path inside a layer -> GGUF tensor stem
+    norm_offset: float = 0.0  # added to every norm weight on export
+    permute_qk: bool = False  # reorder q/k rows into llama.cpp's rotary layout
+    extra_keys: tuple[str, ...] = field(default=())  # families' own hparams (see hparams())
+
+
+ARCHS: dict[str, Arch] = {
+    "llama": Arch("llama", ("llama",), {**_ATTN, "post_attention_layernorm": "ffn_norm"}, permute_qk=True),
+    "qwen2": Arch("qwen2", ("qwen2",), {**_ATTN, "post_attention_layernorm": "ffn_norm"}),
+    "qwen3": Arch("qwen3", ("qwen3",), {**_ATTN, **_QK_NORM, "post_attention_layernorm": "ffn_norm"}),
+    "gemma3": Arch(
+        "gemma3",
+        ("gemma3_text",),
+        {
+            **_ATTN,
+            **_QK_NORM,
+            "post_attention_layernorm": "post_attention_norm",
+            "pre_feedforward_layernorm": "ffn_norm",
+            "post_feedforward_layernorm": "post_ffw_norm",
+        },
+        norm_offset=1.0,
+        extra_keys=("sliding_window",),
+    ),
+}
+
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
+
+
+def arch_for_config(config) -> Arch:
+    for arch in ARCHS.values():
+        if config.model_type in arch.model_types:
+            return arch
+    supported = ", ".join(sorted(t for a in ARCHS.values() for t in a.model_types))
+    raise QatkitError(f"unsupported architecture {config.model_type!r} (supported: {supported})")
+
+
+def arch_by_name(name: str) -> Arch:
+    if name not in ARCHS:
+        raise QatkitError(f"unsupported GGUF architecture {name!r} (supported: {', '.join(ARCHS)})")
+    return ARCHS[name]
+
+
+def gguf_name(arch: Arch, hf_name: str) -> str | None:
+    """HF parameter name -> GGUF tensor name; None for tensors llama.cpp does not store
+    (e.g. rotary buffers). Raises for a parameter the table does not know, so that no weight is
+    silently dropped."""
+    if hf_name in _TOP:
+        return _TOP[hf_name]
+    m = _LAYER.match(hf_name)
+    if m and m.group(2) in arch.layer_map:
+        return f"blk.{m.group(1)}.{arch.layer_map[m.group(2)]}.{m.group(3)}"
+    raise QatkitError(f"{arch.name}: no GGUF name for tensor {hf_name!r}; this model has parts qatkit does not know")
+
+
+def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # HF stores each head's rotary pairs as two halves [x0..x(d/2-1), y0..]; llama.cpp's rope
+    # (mode 0) rotates adjacent pairs, so interleave the halves per head: (h, 2, d/2) -> (h, d/2, 2).
+    rows = w.shape[0]
+    return w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def _unpermute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    rows = w.shape[0]
+    return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def to_gguf_tensor(arch: Arch, config, gguf: str, w: torch.Tensor) -> torch.Tensor:
+    """Apply the converter's transform to one tensor (HF layout -> what llama.cpp expects)."""
+    if arch.norm_offset and gguf.endswith("norm.weight"):
+        return w + arch.norm_offset
+    if arch.permute_qk and gguf.endswith(("attn_q.weight", "attn_q.bias")):
+        return _permute_rotary(w, config.num_attention_heads)
+    if arch.permute_qk and gguf.endswith(("attn_k.weight", "attn_k.bias")):
+        return _permute_rotary(w, config.num_key_value_heads)
+    return w
+
+
+def from_gguf_tensor(arch: Arch, config, gguf: str, w: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_gguf_tensor (up to float rounding of the norm offset)."""
+    if arch.norm_offset and gguf.endswith("norm.weight"):
+        return w - arch.norm_offset
+    if arch.permute_qk and gguf.endswith(("attn_q.weight", "attn_q.bias")):
+        return _unpermute_rotary(w, config.num_attention_heads)
+    if arch.permute_qk and gguf.endswith(("attn_k.weight", "attn_k.bias")):
+        return _unpermute_rotary(w, config.num_key_value_heads)
+    return w
+
+
+def _rope(config, layer_type: str = "full_attention") -> dict:
+    # transformers >= 5 keeps rope settings in config.rope_parameters (per layer type for Gemma 3);
+    # older configs have rope_theta / rope_scaling attributes.
+    params = getattr(config, "rope_parameters", None) or {}
+    if layer_type in params:
+        params = params[layer_type]
+    params = dict(params or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    scaling = getattr(config, "rope_scaling", None) or {}
+    for k, v in scaling.items():
+        params.setdefault(k, v)
+    return params
+
+
+def hparams(arch: Arch, config) -> dict[str, int | float | str]:
+    """The `{arch}.*` keys llama.cpp reads, from a transformers config."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    a = arch.name
+    out: dict[str, int | float | str] = {
+        f"{a}.context_length": int(config.max_position_embeddings),
+        f"{a}.embedding_length": int(config.hidden_size),
+        f"{a}.block_count": int(config.num_hidden_layers),
+        f"{a}.feed_forward_length": int(config.intermediate_size),
+        f"{a}.attention.head_count": int(config.num_attention_heads),
+        f"{a}.attention.head_count_kv": int(config.num_key_value_heads),
+        f"{a}.attention.layer_norm_rms_epsilon": float(config.rms_norm_eps),
+        f"{a}.attention.key_length": int(head_dim),
+        f"{a}.attention.value_length": int(head_dim),
+        f"{a}.rope.dimension_count": int(head_dim),
+    }
+    rope = _rope(config)
+    out[f"{a}.rope.freq_base"] = float(rope["rope_theta"])
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "linear":
+        out[f"{a}.rope.scaling.type"] = "linear"
+        out[f"{a}.rope.scaling.factor"] = float(rope["factor"])
+    elif kind != "default":
+        raise QatkitError(f"{a}: rope scaling {kind!r} is not supported yet (supported: default, linear)")
+    if "sliding_window" in arch.extra_keys and getattr(config, "sliding_window", None):
+        out[f"{a}.attention.sliding_window"] = int(config.sliding_window)
+    return out

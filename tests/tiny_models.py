@@ -1,0 +1,59 @@
+"""Tiny random models of each supported family, built from a transformers config, with a small
+byte-level BPE tokenizer trained in the test: seconds to build, real code paths throughout."""
+
+from __future__ import annotations
+
+import torch
+
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age "
+    "of foolishness, it was the epoch of belief, it was the epoch of incredulity. The quick brown fox "
+    "jumps over the lazy dog while the five boxing wizards jump quickly. "
+) * 8
+
+
+def tiny_tokenizer(vocab_size: int = 320):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<bos>", "<eos>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([TEXT], trainer)
+    from tokenizers.processors import TemplateProcessing
+
+    tok.post_processor = TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def tiny_config(family: str, vocab_size: int = 320, hidden: int = 64, layers: int = 2, **kw):
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rms_norm_eps=1e-6,
+        bos_token_id=0, eos_token_id=1, pad_token_id=2,
+    )
+    common.update(kw)
+    if family == "llama":
+        return LlamaConfig(**common, tie_word_embeddings=False)
+    if family == "qwen2":
+        return Qwen2Config(**common, tie_word_embeddings=True)
+    if family == "qwen3":
+        return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
+    if family == "gemma3":
+        return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=512, tie_word_embeddings=True)
+    raise ValueError(family)
+
+
+def tiny_model(family: str, seed: int = 0, **kw):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family, **kw), dtype=torch.float32).eval()
+    with torch.no_grad():  # random norms and biases too, so their conversion is really tested
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
