@@ -3,7 +3,8 @@
 The one definition of Q4_0 in qatkit. Fake-quant (training), convert and export all call
 `quantize`, so the numbers a GGUF file holds are the numbers the student trained with.
 
-Reference: ggml `quantize_row_q4_0_ref` (ggml-quants.c), bit-identical to `gguf.quants.Q4_0`:
+Reference: ggml `quantize_row_q4_0_ref` (ggml-quants.c), which `gguf.quants.Q4_0` reproduces
+except for the sign of d in a block of -0.0 (tested against both; ggml is the truth):
 
     max = the element of the block with the largest |x|, sign kept (first one on ties)
     d   = max / -8                       (float32)
@@ -47,7 +48,10 @@ def absmax_scale(w: torch.Tensor) -> torch.Tensor:
     """The scale ggml picks, float32, shape (..., n_blocks): d = (element with largest |x|) / -8."""
     b = _blocks(w.float())
     imax = b.abs().argmax(dim=-1, keepdim=True)
-    return (b.gather(-1, imax) / -8.0).squeeze(-1)
+    m = b.gather(-1, imax)
+    # ggml starts its search from max = +0.0, so a block of zeros (-0.0 included) gets d = -0.0.
+    m = torch.where(m == 0, torch.zeros_like(m), m)
+    return (m / -8.0).squeeze(-1)
 
 
 def quantize(w: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

