@@ -132,6 +132,7 @@ def load_gguf_weights(model: torch.nn.Module, arch: Arch, path: str | os.PathLik
     config = model.config
     state = model.state_dict()
     types: dict[str, str] = {}
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     tied = bool(getattr(config, "tie_word_embeddings", False))
     with torch.no_grad():
         for hf, p in state.items():
@@ -141,7 +142,8 @@ def load_gguf_weights(model: torch.nn.Module, arch: Arch, path: str | os.PathLik
             ggml_type, data, shape = tensors[name]
             w = torch.from_numpy(decode(data, ggml_type, shape).copy())
             p.copy_(from_gguf_tensor(arch, config, name, w).reshape(p.shape))
-            if hf.endswith(".weight"):
+            module = hf[: -len(".weight")]
+            if hf.endswith(".weight") and module in linears:
                 f = BY_GGML_TYPE.get(ggml_type)
-                types[hf[: -len(".weight")]] = f.name if f else f"ggml{ggml_type}"
+                types[module] = f.name if f else f"ggml{ggml_type}"
     return types

@@ -70,7 +70,9 @@ def activation_fake_quant(x: torch.Tensor) -> torch.Tensor:
     Forward only (no gradient is needed in the runtime-faithful reference)."""
     b = _blocks(x.float())
     amax = b.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(amax == 0, torch.zeros_like(amax), 127.0 / amax)
+    # Not `127.0 / amax`: torch computes scalar / tensor as a reciprocal times the scalar (two
+    # roundings); ggml's 127.f / amax rounds once, and the one-ulp difference moves codes on ties.
+    inv = torch.where(amax == 0, torch.zeros_like(amax), torch.full_like(amax, 127.0) / amax)
     q = torch.round(b * inv)
     d = (amax / 127.0).to(torch.float16).float()
     return (q * d).reshape(x.shape).to(x.dtype)
