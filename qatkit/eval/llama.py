@@ -1,0 +1,298 @@
+"""Score GGUF files in llama.cpp itself (through llama-cpp-python), the way `llama-perplexity` does.
+
+The method of llama.cpp's tools/perplexity/perplexity.cpp (default mode, no stride):
+- the whole text is tokenized once, with BOS in front when the model's vocab adds BOS;
+- the tokens are cut into consecutive chunks of n_ctx (a remainder is dropped); each chunk is
+  evaluated from an empty KV cache with its first token overwritten by BOS (again only when the
+  vocab adds BOS: chunk 0 already starts with it, later chunks lose one unscored token);
+- only the second half of each chunk is scored: positions n_ctx//2 .. n_ctx-2 each predict the
+  next token, so n_ctx - 1 - n_ctx//2 tokens per chunk; PPL = exp(mean NLL).
+KL(ref || model) and the same-top-token rate are taken over the same positions. Flash attention
+stays off everywhere: it moves PPL in the third digit.
+
+Two deliberate differences from the tool: it refuses texts under 2*n_ctx tokens, one full chunk
+is enough here; and its KLD reads the reference from a 16-bit compressed log-prob file, here both
+sides are exact float64 log-softmax of the float32 logits (low digits of KLD may differ).
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import logging
+import math
+import os
+import re
+import sys
+import time
+
+import numpy as np
+import llama_cpp
+from tqdm import tqdm
+
+from qatkit import QatkitError
+
+log = logging.getLogger(__name__)
+_native = logging.getLogger("qatkit.llama_cpp")
+
+# llama.cpp writes its log from C; route it into `logging` at DEBUG instead of stderr, and keep
+# the last error lines so a failed load can say why in one line.
+_GGML_LOG_ERROR, _GGML_LOG_CONT = 4, 5
+_line: list[str] = []
+_errors: collections.deque[str] = collections.deque(maxlen=8)
+_last_level = 0
+
+
+@llama_cpp.llama_log_callback
+def _on_native_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    global _last_level
+    try:
+        if level != _GGML_LOG_CONT:
+            _last_level = level
+        _line.append(text.decode("utf-8", errors="replace"))
+        if not _line[-1].endswith("\n"):
+            return
+        msg = "".join(_line).strip()
+        _line.clear()
+        if msg:
+            _native.debug("%s", msg)
+            if _last_level == _GGML_LOG_ERROR:
+                _errors.append(msg.splitlines()[-1])
+    except Exception:  # an exception must not cross back into C
+        pass
+
+
+llama_cpp.llama_log_set(_on_native_log, ctypes.c_void_p(0))
+
+
+def _native_reason(default: str) -> str:
+    """The first llama.cpp error line logged since `_errors` was cleared (the root cause comes
+    first; later lines only say that loading failed), without its `function: ` prefixes."""
+    if not _errors:
+        return default
+    return re.sub(r"^(\w+: )+(error loading model: )?", "", _errors[0])
+
+
+def open_model(path, n_ctx: int = 512, n_threads: int | None = None,
+               logits_all: bool = True) -> llama_cpp.Llama:
+    """Load a GGUF file into llama.cpp for evaluation: n_batch = n_ctx, flash attention off."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise QatkitError(f"{path}: no such file")
+    n_threads = n_threads or os.cpu_count() or 1
+    _errors.clear()
+    try:
+        return llama_cpp.Llama(
+            model_path=path, n_ctx=n_ctx, n_batch=n_ctx, n_threads=n_threads,
+            n_threads_batch=n_threads, logits_all=logits_all, flash_attn=False, verbose=False)
+    except (ValueError, RuntimeError) as e:
+        reason = _native_reason(str(e))
+        raise QatkitError(f"{path}: llama.cpp cannot load this file ({reason})") from e
+
+
+def tokenize(llm: llama_cpp.Llama, text: str) -> list[int]:
+    """The text's tokens as llama.cpp splits them: UTF-8, no BOS, special tokens not parsed."""
+    return llm.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+
+def _vocab(llm: llama_cpp.Llama):
+    return llama_cpp.llama_model_get_vocab(llm.model)
+
+
+def adds_bos(llm: llama_cpp.Llama) -> bool:
+    """Whether the model's vocab puts BOS first (llama-perplexity's `add_bos`)."""
+    return bool(llama_cpp.llama_vocab_get_add_bos(_vocab(llm)))
+
+
+def _text_tokens(llm: llama_cpp.Llama, text: str) -> list[int]:
+    # Same as llama-perplexity's common_tokenize(ctx, text, add_special=true): BOS once, in front.
+    bos = [llm.token_bos()] if adds_bos(llm) else []
+    return bos + tokenize(llm, text)
+
+
+def _decode(llm: llama_cpp.Llama, tokens, first_output: int = 0) -> np.ndarray:
+    """Evaluate one sequence from an empty KV cache, asking llama.cpp for logits only at
+    positions >= first_output (as llama-perplexity does: the output head of a 262k vocab costs as
+    much as the model body). Returns a view (n_tokens - first_output, n_vocab) of llama.cpp's
+    own logits buffer, valid until the next decode on this llm."""
+    n = len(tokens)
+    if not 0 < n <= llm.n_batch or not 0 <= first_output < n:
+        raise QatkitError(f"{llm.model_path}: cannot evaluate {n} tokens from position "
+                          f"{first_output} with n_ctx={llm.n_batch}")
+    llm.reset()  # keeps llama-cpp-python's own token count in step with the cleared cache
+    llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(llm.ctx), True)
+    batch = llama_cpp.llama_batch_init(n, 0, 1)
+    try:
+        for i, t in enumerate(tokens):
+            batch.token[i] = int(t)
+            batch.pos[i] = i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = i >= first_output
+        batch.n_tokens = n
+        rc = llama_cpp.llama_decode(llm.ctx, batch)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+    if rc != 0:
+        raise QatkitError(f"{llm.model_path}: llama.cpp failed to evaluate {n} tokens "
+                          f"({_native_reason(f'llama_decode returned {rc}')})")
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx),
+                                 shape=(n - first_output, llm.n_vocab()))
+
+
+def chunk_logits(llm: llama_cpp.Llama, tokens) -> np.ndarray:
+    """Per-position logits (n_tokens, n_vocab) float32 of one sequence, from an empty cache."""
+    return np.array(_decode(llm, tokens), dtype=np.float32)
+
+
+def _log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64)
+    x -= x.max(axis=1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+    return x
+
+
+def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | None = None,
+          n_threads: int | None = None) -> dict:
+    """Perplexity of `path` on `text` as llama-perplexity computes it; with `ref_path`, also mean
+    KL(ref || model) and the same-top-token rate (%) over the same scored positions.
+
+    Both models stay loaded and run one chunk at a time. Memory beyond the weights: llama.cpp's
+    logits for the scored half of one chunk per model (n_ctx/2 x n_vocab float32: 256 MB for a
+    262k vocab), read in place, plus float64 work arrays of ~32 MB each.
+    """
+    path = os.fspath(path)
+    if n_ctx < 4:
+        raise QatkitError(f"{path}: n_ctx={n_ctx} is too small to score (needs at least 4)")
+    t0 = time.perf_counter()
+    # logits_all=False: _decode reads llama.cpp's buffer directly, so llama-cpp-python's own
+    # n_ctx x n_vocab copy (512 MB for a 262k vocab) is not needed.
+    llm = open_model(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
+    ref = None
+    try:
+        tokens = _text_tokens(llm, text)
+        n_chunks = len(tokens) // n_ctx
+        if n_chunks < 1:
+            raise QatkitError(f"{path}: the text has {len(tokens)} tokens (BOS included), "
+                              f"scoring with n_ctx={n_ctx} needs at least {n_ctx}")
+        if max_chunks is not None:
+            n_chunks = min(n_chunks, max_chunks)
+        if ref_path is not None:
+            ref_path = os.fspath(ref_path)
+            ref = open_model(ref_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
+            if ref.n_vocab() != llm.n_vocab():
+                raise QatkitError(f"{path}: vocabulary of {llm.n_vocab()} tokens differs from "
+                                  f"{ref.n_vocab()} in reference {ref_path}")
+            if _text_tokens(ref, text) != tokens:
+                raise QatkitError(f"{path}: tokenizes the text differently from reference {ref_path}")
+        sums = _score_chunks(llm, ref, tokens, n_ctx, n_chunks, label=os.path.basename(path))
+    finally:
+        llm.close()
+        if ref is not None:
+            ref.close()
+
+    count = sums["count"]
+    nll = sums["nll"] / count
+    ppl = math.exp(nll)
+    var = sums["nll2"] / count - nll * nll
+    result = {
+        "path": path,
+        "ref_path": ref_path,
+        "ppl": ppl,
+        # llama-perplexity's "+/-": standard error of the mean NLL, carried to PPL
+        "ppl_err": ppl * math.sqrt(var / (count - 1)) if count > 1 and var > 0 else None,
+        "nll": nll,
+        "kld": sums["kld"] / count if ref is not None else None,
+        "same_top": 100.0 * sums["same_top"] / count if ref is not None else None,
+        "tokens": count,
+        "chunks": n_chunks,
+        "n_ctx": n_ctx,
+        "file_bytes": os.path.getsize(path),
+        "seconds": time.perf_counter() - t0,
+    }
+    log.info("%s: PPL %.4f over %d tokens (%d chunks of %d)%s", path, ppl, count, n_chunks, n_ctx,
+             f", KLD {result['kld']:.6f}, same top {result['same_top']:.2f}%"
+             if ref_path is not None else "")
+    return result
+
+
+def _score_chunks(llm, ref, tokens, n_ctx, n_chunks, label) -> dict:
+    """Sum NLL, NLL^2, KL and same-top counts over the scored half of each chunk."""
+    first = n_ctx // 2
+    n_vocab = llm.n_vocab()
+    # Rows per float64 block: ~4M values (32 MB) whatever the vocab size.
+    block = max(1, (1 << 22) // n_vocab)
+    bos = llm.token_bos() if adds_bos(llm) else None
+    sums = dict(nll=0.0, nll2=0.0, kld=0.0, same_top=0, count=0)
+    bar = tqdm(range(n_chunks), desc=f"score {label}", unit="chunk", file=sys.stderr,
+               disable=not sys.stderr.isatty(), leave=False)
+    for c in bar:
+        chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
+        if bos is not None:
+            chunk[0] = bos
+        # Row j of these holds position first + j; the last row predicts past the chunk.
+        logits = _decode(llm, chunk, first)
+        ref_logits = _decode(ref, chunk, first) if ref is not None else None
+        targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+        for r0 in range(0, n_ctx - 1 - first, block):
+            r1 = min(r0 + block, n_ctx - 1 - first)
+            lp = _log_softmax(logits[r0:r1])
+            nll = -lp[np.arange(r1 - r0), targets[r0:r1]]
+            sums["nll"] += float(nll.sum())
+            sums["nll2"] += float((nll * nll).sum())
+            if ref_logits is not None:
+                lq = _log_softmax(ref_logits[r0:r1])
+                sums["kld"] += float((np.exp(lq) * (lq - lp)).sum())
+                sums["same_top"] += int((ref_logits[r0:r1].argmax(1) == logits[r0:r1].argmax(1)).sum())
+        sums["count"] += n_ctx - 1 - first
+        bar.set_postfix(ppl=f"{math.exp(sums['nll'] / sums['count']):.3f}")
+    return sums
+
+
+def generate(path, prompt: str, n_tokens: int = 32, n_ctx: int = 512,
+             n_threads: int | None = None) -> str:
+    """Greedy continuation of `prompt` (temperature 0): a quick look at whether the file talks sense."""
+    llm = open_model(path, n_ctx=n_ctx, n_threads=n_threads)
+    try:
+        toks = _text_tokens(llm, prompt)
+        if len(toks) + n_tokens > n_ctx:
+            raise QatkitError(f"{path}: prompt of {len(toks)} tokens + {n_tokens} new ones "
+                              f"exceed n_ctx={n_ctx}")
+        llm.reset()
+        llm.eval(toks)
+        out: list[int] = []
+        for _ in range(n_tokens):
+            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            if llama_cpp.llama_vocab_is_eog(_vocab(llm), nxt):
+                break
+            out.append(nxt)
+            llm.eval([nxt])
+        return llm.detokenize(out).decode("utf-8", errors="replace")
+    finally:
+        llm.close()
+
+
+def decode_speed(path, n_tokens: int = 64, n_prompt: int = 128, n_threads: int | None = None,
+                 seed: int = 0) -> dict:
+    """Prompt-processing and decode speed in tokens/s (random token ids; speed does not depend
+    on which). Logits only for the last position, like llama-bench."""
+    n_ctx = n_prompt + n_tokens
+    llm = open_model(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
+    try:
+        ids = np.random.default_rng(seed).integers(0, llm.n_vocab(), n_ctx).tolist()
+        llm.reset()
+        llm.eval(ids[:8])  # warm-up: first use allocates compute buffers
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids[:n_prompt])
+        llama_cpp.llama_synchronize(llm.ctx)
+        t1 = time.perf_counter()
+        for t in ids[n_prompt:]:
+            llm.eval([t])
+        llama_cpp.llama_synchronize(llm.ctx)
+        t2 = time.perf_counter()
+    finally:
+        llm.close()
+    return {"path": os.fspath(path), "prompt_tps": n_prompt / (t1 - t0),
+            "decode_tps": n_tokens / (t2 - t1), "n_prompt": n_prompt, "n_tokens": n_tokens,
+            "n_threads": n_threads or os.cpu_count()}
