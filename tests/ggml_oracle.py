@@ -1,0 +1,74 @@
+"""The real ggml quantizer as a test oracle, through ctypes.
+
+llama-cpp-python ships ggml's shared libraries in `llama_cpp/lib/`. `libggml-base` exports
+`ggml_quantize_chunk`, the function llama.cpp's own quantizer calls; with no importance matrix it
+runs the `quantize_row_*_ref` reference of each type (Q4_0 = 2, Q8_0 = 8, Q6_K = 14, ...).
+
+    from ggml_oracle import ggml_quantize
+    raw = ggml_quantize(w, 14)   # w float32 (rows, n) -> uint8 (rows, row bytes)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+from pathlib import Path
+
+import numpy as np
+
+
+def _lib_dir() -> Path:
+    import llama_cpp  # noqa: F401  (the package that carries the libraries)
+
+    pkg = Path(os.path.dirname(llama_cpp.__file__))
+    for d in (pkg / "lib", pkg):
+        if any(d.glob("libggml-base*")) or any(d.glob("ggml-base*")):
+            return d
+    raise FileNotFoundError(f"no libggml-base in {pkg}/lib or {pkg}")
+
+
+@functools.lru_cache(maxsize=None)
+def _lib() -> ctypes.CDLL:
+    d = _lib_dir()
+    candidates = sorted(d.glob("libggml-base.so*")) + sorted(d.glob("libggml-base*.dylib")) + sorted(d.glob("ggml-base*.dll"))
+    lib = ctypes.CDLL(str(candidates[0]))
+    lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+    lib.ggml_quantize_init.restype = None
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,  # enum ggml_type
+        ctypes.c_void_p,  # const float * src
+        ctypes.c_void_p,  # void * dst
+        ctypes.c_int64,  # start
+        ctypes.c_int64,  # nrows
+        ctypes.c_int64,  # n_per_row
+        ctypes.c_void_p,  # const float * imatrix (NULL: the reference quantizer)
+    ]
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    return lib
+
+
+def available() -> bool:
+    try:
+        _lib()
+        return True
+    except (ImportError, OSError, FileNotFoundError, IndexError):
+        return False
+
+
+def ggml_quantize(w: np.ndarray, ggml_type: int) -> np.ndarray:
+    """w float32 (rows, n) -> ggml's bytes uint8 (rows, row_size) for `ggml_type`, no imatrix."""
+    lib = _lib()
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"ggml_quantize wants (rows, n), got shape {w.shape}")
+    rows, n = w.shape
+    row_size = lib.ggml_row_size(ggml_type, n)
+    out = np.zeros((rows, row_size), dtype=np.uint8)
+    lib.ggml_quantize_init(ggml_type)
+    written = lib.ggml_quantize_chunk(ggml_type, w.ctypes.data, out.ctypes.data, 0, rows, n, None)
+    if written != rows * row_size:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {rows * row_size}")
+    return out
