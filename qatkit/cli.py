@@ -171,10 +171,22 @@ def cmd_run(args) -> int:
 COMMANDS = {"export": cmd_export, "eval": cmd_eval, "run": cmd_run}
 
 
+def _quiet_transformers(verbose: bool) -> None:
+    """qatkit draws its own progress; transformers' per-load bars and notices would bury it (and
+    turn a one-line error into a screenful)."""
+    from transformers.utils import logging as hf_logging
+
+    if not verbose:
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import
+            _quiet_transformers(args.verbose)
         return COMMANDS[args.command](args)
     except QatkitError as e:
         print(f"qatkit: error: {e}", file=sys.stderr)

@@ -32,6 +32,7 @@ def default_plan(shapes: dict[str, tuple[int, ...]], fmt: str, pure: bool = Fals
         raise QatkitError(f"format {fmt!r} is not one qatkit writes (choose from: {', '.join(FILE_FORMATS)})")
     head = "output.weight" if "output.weight" in shapes else "token_embd.weight"
     plan: dict[str, str] = {}
+    fallbacks: list[str] = []
     for name, shape in shapes.items():
         width = shape[-1]
         if len(shape) < 2 or fmt == "f32":
@@ -43,7 +44,9 @@ def default_plan(shapes: dict[str, tuple[int, ...]], fmt: str, pure: bool = Fals
         if not fits(want, width):
             if pure:
                 raise QatkitError(f"{name} {tuple(shape)}: row width {width} is not a multiple of {FORMATS[want].block}, so {want} cannot store it (drop --pure to let it fall back to f16)")
-            log.warning("%s %s: row width %d does not fit %s blocks of %d; writing it as f16", name, tuple(shape), width, want, FORMATS[want].block)
+            fallbacks.append(f"{name} {tuple(shape)}")
             want = "f16"
         plan[name] = want
+    if fallbacks:
+        log.warning("%d tensors have rows that are not whole %s blocks; writing them as f16: %s", len(fallbacks), fmt, ", ".join(fallbacks))
     return plan

@@ -36,7 +36,7 @@ def open_reader(path: str | os.PathLike) -> GGUFReader:
     try:
         return GGUFReader(path)
     except Exception as e:  # gguf raises ValueError, struct.error, IndexError... on bad files
-        raise QatkitError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e})") from None
+        raise QatkitError(f"{path}: not a readable GGUF file, truncated or corrupt ({type(e).__name__}: {e})") from None
 
 
 def read(reader: GGUFReader) -> Metadata:

@@ -1,0 +1,156 @@
+"""The command line on tiny models: success paths write real files; bad input exits 2 with one
+line on stderr and leaves no output file behind."""
+
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from qatkit.cli import main
+from qatkit.export.gguf import read_gguf_tensors
+from tiny_gguf import TinyConfig, write_tiny_llama
+from tiny_models import TEXT, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+
+
+def hf_dir(path, family="llama", **kw):
+    model = tiny_model(family, **kw)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def run(capsys, *args):
+    capsys.readouterr()  # drop what building the fixtures printed
+    return main(list(args))
+
+
+def one_line_error(capsys, *want):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qatkit: error: "), err
+    for w in want:
+        assert w in err[0], err[0]
+    return err[0]
+
+
+def test_export_hf_dir_then_eval_json(tmp_path, capsys):
+    src = hf_dir(tmp_path / "m")
+    assert main(["export", str(src), "--format", "f32", "--out", str(tmp_path / "f32.gguf")]) == 0
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(tmp_path / "q4.gguf")]) == 0
+    assert main(["export", str(src), "--format", "q4_0", "--ptq", "llama.cpp", "--out", str(tmp_path / "ptq.gguf")]) == 0
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    capsys.readouterr()
+    files = [str(tmp_path / n) for n in ("f32.gguf", "q4.gguf", "ptq.gguf")]
+    assert main(["eval", *files, "--ref", files[0], "--text", str(text), "--ctx", "128", "--json"]) == 0
+    import json
+
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in rows] == files
+    for r in rows:
+        assert {"path", "ppl", "kld", "same_top", "tokens", "file_bytes"} <= set(r)
+        assert math.isfinite(r["ppl"]) and r["tokens"] > 0
+    assert rows[0]["kld"] < 1e-9 and rows[0]["same_top"] == 100
+    assert rows[1]["kld"] > 0
+    # qatkit's own PTQ and llama.cpp's quantizer made the same file content
+    assert rows[1]["ppl"] == rows[2]["ppl"] and rows[1]["kld"] == rows[2]["kld"]
+
+
+def test_width_not_multiple_of_32_falls_back_or_refuses(tmp_path, capsys, caplog):
+    src = hf_dir(tmp_path / "m", hidden=48)  # 48-wide rows: not whole Q4_0 blocks
+    out = tmp_path / "q.gguf"
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 0
+    assert "writing them as f16" in caplog.text and "blk.0.attn_q.weight (48, 48)" in caplog.text
+    types = {k: v[0] for k, v in read_gguf_tensors(out).items()}
+    assert types["blk.0.attn_q.weight"] == 1  # f16: its rows are 48 wide
+    assert types["blk.0.ffn_down.weight"] == 2  # q4_0: its rows are 96 wide
+    out2 = tmp_path / "pure.gguf"
+    assert run(capsys, "export", str(src), "--format", "q4_0", "--pure", "--out", str(out2)) == 2
+    one_line_error(capsys, "row width 48", "not a multiple of 32")
+    assert not out2.exists() and not any(p.name.startswith(".pure") for p in tmp_path.iterdir())
+
+
+def test_nan_weights_refused(tmp_path, capsys):
+    model = tiny_model("llama")
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[3, 5] = float("nan")
+    model.save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    out = tmp_path / "x.gguf"
+    assert run(capsys, "export", str(tmp_path / "m"), "--out", str(out)) == 2
+    one_line_error(capsys, "up_proj", "NaN")
+    assert not out.exists()
+
+
+def test_unknown_architecture_refused(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=100)).save_pretrained(tmp_path / "g")
+    assert run(capsys, "export", str(tmp_path / "g"), "--out", str(tmp_path / "x.gguf")) == 2
+    one_line_error(capsys, "unsupported architecture", "gpt2")
+    gguf = tmp_path / "tiny.gguf"
+    write_tiny_llama(gguf, TinyConfig())
+    data = gguf.read_bytes().replace(b"llama", b"grok1", 1)  # general.architecture value
+    bad = tmp_path / "grok.gguf"
+    bad.write_bytes(data)
+    assert run(capsys, "export", str(bad), "--out", str(tmp_path / "y.gguf")) == 2
+    one_line_error(capsys, "unsupported GGUF architecture")
+    assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_gguf"])
+def test_corrupt_gguf_refused(tmp_path, capsys, damage):
+    good = tmp_path / "good.gguf"
+    write_tiny_llama(good, TinyConfig())
+    data = good.read_bytes()
+    bad = tmp_path / "bad.gguf"
+    if damage == "truncated":
+        bad.write_bytes(data[: len(data) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(data[:8] + np.random.default_rng(0).bytes(len(data) - 8))
+    else:
+        bad.write_bytes(b"PK\x03\x04" + data[4:])
+    out = tmp_path / "out.gguf"
+    assert run(capsys, "export", str(bad), "--out", str(out)) == 2
+    one_line_error(capsys, "bad.gguf")
+    assert not out.exists()
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    assert run(capsys, "eval", str(bad), "--text", str(text)) == 2
+    one_line_error(capsys, "bad.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.gguf", "cache", "good.gguf", "t.txt"] or not (tmp_path / "cache").exists()
+
+
+def test_eval_bad_text(tmp_path, capsys):
+    good = tmp_path / "good.gguf"
+    write_tiny_llama(good, TinyConfig())
+    assert run(capsys, "eval", str(good), "--text", str(tmp_path / "missing.txt")) == 2
+    one_line_error(capsys, "no such file")
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert run(capsys, "eval", str(good), "--text", str(tmp_path / "empty.txt")) == 2
+    one_line_error(capsys, "empty")
+    (tmp_path / "short.txt").write_text("a few words")
+    assert run(capsys, "eval", str(good), "--text", str(tmp_path / "short.txt"), "--ctx", "256") == 2
+    one_line_error(capsys, "tokens")
+
+
+def test_model_not_found_and_bad_out_name(tmp_path, capsys):
+    assert run(capsys, "export", str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")) == 2
+    one_line_error(capsys, "not found")
+    assert run(capsys, "export", str(tmp_path), "--out", str(tmp_path / "x.bin")) == 2
+    one_line_error(capsys, ".gguf")
+
+
+def test_help_teaches(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in ("run", "export", "eval", "gemma3-270m", "Exit codes"):
+        assert cmd in out
