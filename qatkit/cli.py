@@ -184,6 +184,8 @@ def _quiet_transformers(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py narrates every write at INFO
     try:
         if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import
             _quiet_transformers(args.verbose)

@@ -38,7 +38,9 @@ def run(model_spec: str, out: Path, fmt: str, text: str, chunks: int) -> dict:
     export_model(model, tokenizer, source, mine, fmt)
     log.info("[4/4] scoring in llama.cpp (%d chunks)", chunks)
     files = {}
-    for key, path in (("teacher", teacher), ("ptq", ptq), ("qatkit", mine)):
+    files["teacher"] = score(str(teacher), text, max_chunks=chunks)
+    files["teacher"].update(kld=0.0, same_top=100.0)  # the reference itself
+    for key, path in (("ptq", ptq), ("qatkit", mine)):
         files[key] = score(str(path), text, ref_path=str(teacher), max_chunks=chunks)
     report = {"model": model_spec, "format": fmt, "files": files, "wall_s": round(time.time() - t0, 1)}
     tmp = out / "report.json.tmp"

@@ -127,7 +127,7 @@ def test_format_table_sizes_match_gguf():
 def test_bytes_equal_ggml_library(fmt):
     """The same cases through the real ggml library shipped with llama-cpp-python (the code
     llama-quantize runs), not only through gguf-py's reimplementation."""
-    from ggml_oracle import ggml_quantize
+    from qatkit.eval.ggml_ref import ggml_quantize
 
     mod, qtype = MODULES[fmt]
     for x in edge_cases() + random_cases():

@@ -1,10 +1,10 @@
-"""The real ggml quantizer as a test oracle, through ctypes.
+"""The real ggml quantizer, through ctypes: the oracle for tests and the peer in benchmarks.
 
 llama-cpp-python ships ggml's shared libraries in `llama_cpp/lib/`. `libggml-base` exports
 `ggml_quantize_chunk`, the function llama.cpp's own quantizer calls; with no importance matrix it
 runs the `quantize_row_*_ref` reference of each type (Q4_0 = 2, Q8_0 = 8, Q6_K = 14, ...).
 
-    from ggml_oracle import ggml_quantize
+    from qatkit.eval.ggml_ref import ggml_quantize
     raw = ggml_quantize(w, 14)   # w float32 (rows, n) -> uint8 (rows, row bytes)
 """
 
