@@ -23,8 +23,9 @@ from .. import QatkitError
 
 Metadata = dict[str, list]  # key -> [type name, value] or ["ARRAY", sub type name, [values]]
 
-# Keys a writer sets itself or that describe the tensors, never copied from a source.
-_NOT_COPIED = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "general.alignment", "split.")
+# Keys a writer sets itself or that describe the source's tensors (quantize.imatrix.* names the
+# importance matrix of a quantization qatkit did not make): never copied from a source.
+_NOT_COPIED = ("GGUF.", "general.architecture", "general.file_type", "general.quantization_version", "general.alignment", "split.", "quantize.")
 
 
 def _str(b: np.ndarray | bytes) -> str:
