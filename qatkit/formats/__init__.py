@@ -35,6 +35,7 @@ FORMATS: dict[str, Format] = {
     "q6_k": Format("q6_k", 14, 256, 210),
 }
 BY_GGML_TYPE = {f.ggml_type: f for f in FORMATS.values()}
+_CHUNK_ELEMENTS = 1 << 18
 
 
 def fits(fmt: str, n: int) -> bool:
@@ -54,10 +55,19 @@ def encode(w: torch.Tensor, fmt: str, q4_0_scales: torch.Tensor | None = None) -
         return w.numpy().astype(np.float16)
     if w.dim() != 2:
         raise ValueError(f"{fmt} is for 2-D tensors, got shape {tuple(w.shape)}")
-    if fmt == "q4_0":
-        return q4_0.pack(*q4_0.quantize(w, q4_0_scales))
-    if fmt == "q8_0":
-        return q8_0.pack(*q8_0.quantize(w))
+    if fmt in ("q4_0", "q8_0"):
+        f = FORMATS[fmt]
+        out = np.empty((w.shape[0], f.row_bytes(w.shape[1])), np.uint8)
+        # Row chunks of ~256K elements: small temporaries are reused by the allocator instead of
+        # page-faulting fresh memory for every elementwise step (measured 3-10x faster whole).
+        step = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
+        for i in range(0, w.shape[0], step):
+            if fmt == "q4_0":
+                scales = None if q4_0_scales is None else q4_0_scales[i : i + step]
+                out[i : i + step] = q4_0.pack(*q4_0.quantize(w[i : i + step], scales))
+            else:
+                out[i : i + step] = q8_0.pack(*q8_0.quantize(w[i : i + step]))
+        return out
     if fmt == "q6_k":
         from . import q6_k  # imported on use: only the output / tied-embedding tensor needs it
 
