@@ -1,0 +1,96 @@
+"""Fake-quantized modules: a Linear whose weight passes through a format's exact quantizer.
+
+`FakeQuantLinear.from_linear(linear, fmt)` reuses the Linear's own weight Parameter (the
+optimizer keeps training the float "latent" weight); the forward multiplies by
+dequantize(quantize(weight)) from qatkit.formats, the very function the exporter calls, so the
+trained numbers are the exported numbers. `to_linear()` goes back.
+
+Learned scales (LSQ-style, Q4_0 only): Q4_0 stores any fp16 d per block of 32, so a learned d
+exports exactly. The scale starts at ggml's own choice (max / -8) and trains with the gradient
+
+    d out / d d = (q - 8) - w / d     inside the grid  (the rounding error, as in LSQ)
+                = (q - 8)             where w is clipped to the grid's end
+
+while the weight's gradient passes straight through inside the grid and stops where clipped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .formats import q4_0, q8_0
+
+WEIGHT_FORMATS = ("q4_0", "q8_0")
+
+
+class _LearnedScaleQ4_0(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        codes, d16 = q4_0.quantize(w, d)
+        out = q4_0.dequantize(codes, d16)
+        ctx.save_for_backward(w, codes, d16)
+        return out.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, codes, d16 = ctx.saved_tensors
+        n_blocks = d16.shape[-1]
+        g = grad.float().reshape(*grad.shape[:-1], n_blocks, q4_0.BLOCK)
+        d = d16.float().unsqueeze(-1)
+        x = torch.where(d == 0, torch.zeros_like(g), w.float().reshape(g.shape) / d)  # w in units of d
+        q = codes.float().reshape(g.shape) - 8.0
+        inside = (x >= -8.5) & (x < 7.5)  # the codes' reach: trunc(x + 8.5) in 0..15 unclipped
+        grad_w = torch.where(inside, g, torch.zeros_like(g)).reshape(w.shape).to(w.dtype)
+        grad_d = (g * torch.where(inside, q - x, q)).sum(-1)
+        return grad_w, grad_d
+
+
+class FakeQuantLinear(nn.Linear):
+    """nn.Linear whose forward uses the quantized weight of `fmt` ('q4_0' or 'q8_0').
+
+    `enabled` False makes it a plain Linear (fake-quant switched on after warm-up steps)."""
+
+    fmt: str
+    enabled: bool
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, fmt: str, learn_scales: bool = False) -> "FakeQuantLinear":
+        if fmt not in WEIGHT_FORMATS:
+            raise ValueError(f"fake-quant format {fmt!r} is not one of {WEIGHT_FORMATS}")
+        if learn_scales and fmt != "q4_0":
+            raise ValueError(f"learned scales are for q4_0 only, not {fmt!r}")
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.in_features, new.out_features = linear.in_features, linear.out_features
+        new.weight = linear.weight  # the same Parameter: optimizers and ties keep working
+        new.bias = linear.bias
+        new.fmt, new.enabled = fmt, True
+        if learn_scales:
+            with torch.no_grad():
+                d = q4_0.absmax_scale(linear.weight).to(torch.float16).float()
+            new.scale = nn.Parameter(d)
+        else:
+            new.scale = None
+        return new
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.scale is not None:
+            return _LearnedScaleQ4_0.apply(self.weight, self.scale)
+        return (q4_0 if self.fmt == "q4_0" else q8_0).fake_quant(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight() if self.enabled else self.weight
+        return F.linear(x, w, self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear.__new__(nn.Linear)
+        nn.Module.__init__(lin)
+        lin.in_features, lin.out_features = self.in_features, self.out_features
+        lin.weight, lin.bias = self.weight, self.bias
+        return lin
+
+    def extra_repr(self) -> str:
+        learned = ", learned scales" if self.scale is not None else ""
+        return f"{super().extra_repr()}, fmt={self.fmt}{learned}, enabled={self.enabled}"

@@ -1,0 +1,147 @@
+"""prepare: a float model -> a QAT student; convert: the trained student -> what the exporter writes.
+
+prepare swaps, by the per-tensor plan (the same plan the exporter uses), every Linear whose
+weight the file stores as Q4_0/Q8_0 for a FakeQuantLinear of that format, in place. The token
+embedding (and the head tied to it) is frozen by default at the file's values: dequantize(
+quantize(w)) is computed once, and the exporter re-quantizes those values to the same bytes.
+
+Trap (FACTS.md): a teacher dequantized from a coarser GGUF sits on a grid, and up to a third of
+its weights can lie *exactly* on a Q4_0 rounding boundary (x * (1/d) + 8.5 an integer). The
+first optimizer step, however small, moves them all a full level: KL to the teacher jumps from
+0.36 to 13 after one Adam step at lr 1e-6. `settle_boundaries` moves each such weight a random
+fraction of the way toward the value it quantizes to, which keeps every code and scale PTQ would
+produce (checked) while putting the weight inside its level.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from . import QatkitError
+from .formats import FORMATS, decode, encode, q4_0, q8_0
+from .models.arch import Arch, gguf_name, to_gguf_tensor
+from .nn import FakeQuantLinear
+from .plan import default_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class QATConfig:
+    fmt: str = "q4_0"  # the file format (the plan's rules follow llama.cpp's mix for it)
+    pure: bool = False  # every 2-D tensor in fmt, like llama-quantize --pure
+    learn_scales: bool = False  # LSQ-style learned Q4_0 block scales
+    freeze_embedding: bool = True  # the token embedding (and tied head) fixed at its file values
+    settle_boundaries: bool = True  # see the module docstring
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.fmt not in ("q4_0", "q8_0"):
+            raise QatkitError(f"QAT format {self.fmt!r}: choose q4_0 or q8_0")
+        if self.learn_scales and self.fmt != "q4_0":
+            raise QatkitError("learned scales are for --format q4_0 only")
+
+
+def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:
+    """The exporter's per-tensor plan {GGUF name: format} for this model."""
+    from .export.gguf import gguf_tensors
+
+    return default_plan({k: tuple(v.shape) for k, v in gguf_tensors(model, arch).items()}, fmt, pure)
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+
+
+def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
+    """Turn `model` into a QAT student in place; returns the plan it follows."""
+    plan = model_plan(model, arch, config.fmt, config.pure)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    gen = torch.Generator().manual_seed(config.seed)
+    swapped = settled = 0
+    for name, lin in _linears(model).items():
+        if name == "lm_head" and tied:
+            continue  # shares the embedding's weight: handled with it below
+        fmt = plan[gguf_name(arch, f"{name}.weight")]
+        if fmt not in ("q4_0", "q8_0"):
+            continue
+        if config.settle_boundaries:
+            settled += settle_boundaries(lin.weight, fmt, gen)
+        parent, child = _parent(model, name)
+        setattr(parent, child, FakeQuantLinear.from_linear(lin, fmt, config.learn_scales and fmt == "q4_0"))
+        swapped += 1
+    if config.freeze_embedding:
+        emb = model.get_input_embeddings()
+        fmt = plan["token_embd.weight"]
+        with torch.no_grad():
+            emb.weight.copy_(file_values(emb.weight, fmt))
+        emb.weight.requires_grad_(False)
+        if not tied and "output.weight" in plan:
+            head = model.get_output_embeddings()
+            if isinstance(head, nn.Linear) and not isinstance(head, FakeQuantLinear):
+                with torch.no_grad():
+                    head.weight.copy_(file_values(head.weight, plan["output.weight"]))
+                head.weight.requires_grad_(False)
+    elif tied and plan["token_embd.weight"] not in ("f32", "f16"):
+        raise QatkitError("training a tied embedding through its quantizer is not supported yet; keep it frozen")
+    log.info("prepared %d linears for %s fake-quant%s; %d weights moved off rounding boundaries", swapped, config.fmt, " with learned scales" if config.learn_scales else "", settled)
+    return plan
+
+
+def file_values(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What llama.cpp computes with for `w` stored as `fmt`, checked to re-quantize to the same
+    bytes (so a frozen tensor exports exactly as trained)."""
+    if fmt == "f32":
+        return w.detach().clone()
+    data = encode(w, fmt)
+    values = torch.from_numpy(decode(data, FORMATS[fmt].ggml_type, tuple(w.shape)).copy()).to(w.dtype)
+    if fmt != "f16" and not (encode(values, fmt) == data).all():
+        raise QatkitError(f"{fmt} does not re-quantize its own values to the same bytes for a {tuple(w.shape)} tensor; cannot freeze it exactly")
+    return values
+
+
+def settle_boundaries(w: torch.Tensor, fmt: str, gen: torch.Generator) -> int:
+    """Move weights that sit exactly on a rounding boundary of `fmt` a random 5-50% of the way to
+    the value they quantize to; codes and scales stay as PTQ makes them. Returns how many moved."""
+    mod = q4_0 if fmt == "q4_0" else q8_0
+    with torch.no_grad():
+        codes, d = mod.quantize(w)
+        dq = mod.dequantize(codes, d).to(w.dtype)
+        blocks = w.float().reshape(*w.shape[:-1], -1, mod.BLOCK)
+        d32 = (q4_0.absmax_scale(w) if fmt == "q4_0" else blocks.abs().amax(-1) / 127.0).unsqueeze(-1)
+        inv = torch.where(d32 == 0, torch.zeros_like(d32), 1.0 / d32)
+        z = (blocks * inv + 8.5) if fmt == "q4_0" else (blocks * inv).abs() + 0.5
+        on_edge = (z == torch.floor(z)).reshape(w.shape) & (w != dq)
+        n = int(on_edge.sum())
+        if n:
+            r = (0.05 + 0.45 * torch.rand(w.shape, generator=gen)).to(w.dtype)
+            moved = torch.where(on_edge, w + r * (dq - w), w)
+            codes2, d2 = mod.quantize(moved)
+            keep = torch.equal(codes2, codes) and torch.equal(d2.view(torch.int16), d.view(torch.int16))
+            assert keep, "settling boundary weights changed the PTQ codes"
+            w.copy_(moved)
+    return n
+
+
+def convert(model: nn.Module, arch: Arch) -> dict[str, torch.Tensor]:
+    """Swap FakeQuantLinears back to nn.Linear (latent weights) in place; returns the learned
+    Q4_0 scales by GGUF name for the exporter (empty without learned scales)."""
+    scales: dict[str, torch.Tensor] = {}
+    for name, mod in _linears(model).items():
+        if isinstance(mod, FakeQuantLinear):
+            if mod.scale is not None:
+                gguf = gguf_name(arch, f"{name}.weight")
+                # scales follow their rows: the exporter reorders Llama's q/k rows for llama.cpp
+                scales[gguf] = to_gguf_tensor(arch, model.config, gguf, mod.scale.detach()).to(torch.float16)
+            parent, child = _parent(model, name)
+            setattr(parent, child, mod.to_linear())
+    return scales
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, child = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), child
