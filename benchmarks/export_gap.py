@@ -17,7 +17,7 @@ import time
 import numpy as np
 import torch
 
-from qatkit.cli import default_text
+from qatkit.train.data import default_eval_text
 from qatkit.eval.faithful import llamacpp_faithful
 from qatkit.eval.llama import adds_bos, chunk_logits, open_model, tokenize
 from qatkit.export.gguf import load_gguf_weights
@@ -49,7 +49,7 @@ def main() -> None:
         path = f"{d}/model.gguf"
         export_model(model, tokenizer, source, path, args.format, progress=False)
         llm = open_model(path, n_ctx=args.tokens)
-        ids = ([llm.token_bos()] if adds_bos(llm) else []) + tokenize(llm, default_text())
+        ids = ([llm.token_bos()] if adds_bos(llm) else []) + tokenize(llm, default_eval_text())
         ids = ids[: args.tokens]
         t = time.time()
         ref = chunk_logits(llm, ids)

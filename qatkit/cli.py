@@ -117,7 +117,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.llama import score
 
-    text = default_text() if args.text is None else _read_text(args.text)
+    text = _default_eval_text() if args.text is None else _read_text(args.text)
     rows = []
     for f in args.files:
         r = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
@@ -139,6 +139,12 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _default_eval_text() -> str:
+    from .train.data import default_eval_text
+
+    return default_eval_text()
+
+
 def _read_text(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
@@ -151,17 +157,10 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def default_text() -> str:
-    """Held-out evaluation text that every CPython ships: its own English reference prose."""
-    from pydoc_data.topics import topics
-
-    return "\n\n".join(topics[k] for k in sorted(topics))
-
-
 def cmd_run(args) -> int:
     from .pipeline import run
 
-    text = default_text() if args.text is None else _read_text(args.text)
+    text = _default_eval_text() if args.text is None else _read_text(args.text)
     report = run(args.model, args.out, args.format, text, args.chunks)
     print(format_table([report["files"][k] for k in report["files"]]))
     print(f"\nreport: {args.out / 'report.json'}")

@@ -5,7 +5,7 @@ tensor for tensor, and it loads in llama.cpp and says something sensible. Minute
 import numpy as np
 import pytest
 
-from qatkit.cli import default_text
+from qatkit.train.data import default_eval_text
 from qatkit.eval.llama import generate, score
 from qatkit.eval.ptq import llama_quantize
 from qatkit.export.gguf import read_gguf_tensors
@@ -41,7 +41,7 @@ def test_q4_0_loads_and_is_sensible_in_llama_cpp(files):
     text = generate(files["qatkit"], "The capital of France is", n_tokens=16)
     words = text.split()
     assert len(words) >= 5 and sum(w.strip(".,;:'\"").isalpha() for w in words) >= 0.7 * len(words), text
-    held_out = default_text()
+    held_out = default_eval_text()
     t = score(files["teacher"], held_out, max_chunks=2)
     q = score(files["qatkit"], held_out, ref_path=files["teacher"], max_chunks=2)
     assert 5 < t["ppl"] < 40, t  # a working English model on English prose

@@ -1,0 +1,1 @@
+"""Training: the data and the loop of a QAT run."""

