@@ -1,0 +1,252 @@
+"""The QAT training loop: distil a fake-quantized student from its frozen float teacher.
+
+Read top to bottom, in the order things happen each step:
+  learning rate (warm-up + cosine) -> fake-quant on after `fq_warmup` steps -> for each
+  micro-batch: teacher and student hidden states, the output head applied only at the sampled
+  positions (the head of a 262k vocabulary is most of a CPU step), KL(teacher || student) at
+  temperature T (+ optional cross-entropy on the data) -> clip -> AdamW -> log -> evaluate ->
+  checkpoint.
+
+Determinism: the batch order comes from `Batches` (seed, epoch) and the sampled positions from a
+generator seeded by (seed, step), so a run resumed from a checkpoint ends with the same weights
+as an uninterrupted one. Checkpoints hold the trainable tensors, the optimizer, the step and
+the data position, written to a temporary name and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .. import QatkitError
+from ..nn import FakeQuantLinear
+from .data import Batches
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 1
+    seq_len: int = 256
+    grad_accum: int = 1
+    lr: float = 1e-5
+    scale_lr: float = 1e-5  # learned Q4_0 scales
+    warmup_steps: int = 5
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    kl_positions: float = 0.25  # fraction of positions where the loss is computed (CPU cost cutter)
+    ce_weight: float = 0.0  # weight of cross-entropy on the data, mixed into the KL loss
+    fq_warmup: int = 0  # steps with fake-quant off (float fine-tuning first)
+    eval_every: int = 25
+    ckpt_every: int = 25
+    seed: int = 0
+    grad_checkpointing: bool = False
+
+    def __post_init__(self):
+        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise QatkitError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.kl_positions <= 1:
+            raise QatkitError(f"kl_positions is a fraction in (0, 1], got {self.kl_positions}")
+        if self.temperature <= 0 or self.lr <= 0:
+            raise QatkitError("temperature and lr must be > 0")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to lr, then cosine down to lr * min_lr_ratio at the last step."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def _head(model, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.lm_head(hidden).float()
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    return torch.tanh(logits / cap) * cap if cap else logits
+
+
+def positions(seq_len: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
+    """Sorted random positions (predicting the next token: 0 .. seq_len-2)."""
+    n = max(1, round((seq_len - 1) * fraction))
+    return torch.randperm(seq_len - 1, generator=gen)[:n].sort().values
+
+
+def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
+    """KL(teacher || student) at temperature T on positions `pos` (x: (B, L) token ids)."""
+    with torch.no_grad():
+        t_logits = _head(teacher, teacher.model(x).last_hidden_state[:, pos])
+    s_logits = _head(student, student.model(x).last_hidden_state[:, pos])
+    T = cfg.temperature
+    t_logp = F.log_softmax(t_logits / T, -1)
+    s_logp = F.log_softmax(s_logits / T, -1)
+    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    loss = kl * T * T  # T^2 keeps gradient sizes comparable across temperatures
+    if T != 1:  # report the KL at T=1, the one evaluation measures
+        with torch.no_grad():
+            t1, s1 = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
+            kl = (t1.exp() * (t1 - s1)).sum(-1).mean()
+    stats = {"kl": float(kl.detach())}
+    if cfg.ce_weight:
+        ce = F.cross_entropy(s_logits.flatten(0, 1), x[:, pos + 1].flatten())
+        loss = (1 - cfg.ce_weight) * loss + cfg.ce_weight * ce
+        stats["ce"] = float(ce.detach())
+    return loss, stats
+
+
+@torch.no_grad()
+def held_out_kl(student, teacher, seqs: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean KL(teacher || student) at T=1 over every position of the held-out sequences."""
+    total, count = torch.zeros((), dtype=torch.float64), 0
+    for i in range(0, len(seqs), batch_size):
+        x = seqs[i : i + batch_size]
+        t = F.log_softmax(_head(teacher, teacher.model(x).last_hidden_state[:, :-1]), -1)
+        s = F.log_softmax(_head(student, student.model(x).last_hidden_state[:, :-1]), -1)
+        total += (t.exp() * (t - s)).sum(-1).double().sum()
+        count += t.shape[0] * t.shape[1]
+    return float(total / count)
+
+
+def _trainable(student) -> dict[str, torch.nn.Parameter]:
+    return {n: p for n, p in student.named_parameters() if p.requires_grad}
+
+
+def make_optimizer(student, cfg: TrainConfig) -> torch.optim.Optimizer:
+    params = _trainable(student)
+    scales = [p for n, p in params.items() if n.endswith(".scale")]
+    weights = [p for n, p in params.items() if not n.endswith(".scale")]
+    groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
+    if scales:
+        groups.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0, "base_lr": cfg.scale_lr})
+    return torch.optim.AdamW(groups, betas=(0.9, 0.95))
+
+
+def save_checkpoint(path: Path, student, opt, step: int, batches: Batches, cfg: TrainConfig) -> None:
+    state = {
+        "step": step,
+        "params": {n: p.detach().cpu() for n, p in _trainable(student).items()},
+        "optimizer": opt.state_dict(),
+        "batches": batches.state_dict(),
+        "config": asdict(cfg),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, student, opt, batches: Batches) -> int:
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    params = _trainable(student)
+    missing = set(params) ^ set(state["params"])
+    if missing:
+        raise QatkitError(f"{path}: checkpoint does not match this student ({len(missing)} tensors differ, e.g. {sorted(missing)[0]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state["params"][n])
+    opt.load_state_dict(state["optimizer"])
+    batches.load_state_dict(state["batches"])
+    return int(state["step"])
+
+
+def _set_fake_quant(student, on: bool) -> None:
+    for m in student.modules():
+        if isinstance(m, FakeQuantLinear):
+            m.enabled = on
+
+
+def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> list[dict]:
+    """Train `student` in place; returns the metrics rows (also appended to run_dir/metrics.jsonl)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
+    teacher.eval().requires_grad_(False)
+    student.train()
+    if cfg.grad_checkpointing:
+        student.gradient_checkpointing_enable()
+    opt = make_optimizer(student, cfg)
+    batches = Batches(train_seqs, cfg.batch_size, cfg.seed)
+    start = 0
+    if resume and ckpt.exists():
+        start = load_checkpoint(ckpt, student, opt, batches)
+        log.info("resumed from %s at step %d", ckpt, start)
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.exists() else []
+    rows = [r for r in rows if r["step"] < start]
+    if start == 0 and held_seqs is not None and len(held_seqs):
+        _set_fake_quant(student, cfg.fq_warmup == 0)
+        rows.append({"step": -1, "held_out_kl": held_out_kl(student, teacher, held_seqs)})  # before any update
+    _write_rows(metrics_path, rows)
+
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress, dynamic_ncols=True)
+    t_last, tokens_per_step = time.time(), cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    done, data_at_step, updating = start, batches.state_dict(), False
+    try:
+        for step in bar:
+            data_at_step = batches.state_dict()
+            row = _step(student, teacher, opt, batches, step, cfg)
+            updating = True
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            updating, done = False, step + 1
+            now = time.time()
+            row["tokens_per_s"] = round(tokens_per_step / max(now - t_last, 1e-9), 1)
+            t_last = now
+            if held_seqs is not None and len(held_seqs) and (done % cfg.eval_every == 0 or done == cfg.steps):
+                student.eval()
+                row["held_out_kl"] = held_out_kl(student, teacher, held_seqs)
+                student.train()
+            rows.append(row)
+            _write_rows(metrics_path, [row], append=True)
+            bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if done % cfg.ckpt_every == 0 or done == cfg.steps:
+                save_checkpoint(ckpt, student, opt, done, batches, cfg)
+    except KeyboardInterrupt:
+        # Keep what is finished: the weights after `done` whole steps and the data position at
+        # the start of the step that was cut (its partial gradients are dropped).
+        if not updating and done > start:
+            opt.zero_grad(set_to_none=True)
+            batches.load_state_dict(data_at_step)
+            save_checkpoint(ckpt, student, opt, done, batches, cfg)
+            log.warning("interrupted: checkpoint after step %d saved in %s; --resume continues", done, ckpt)
+        raise
+    finally:
+        bar.close()
+    student.eval()
+    return rows
+
+
+def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig) -> dict:
+    """Forward and backward of one optimizer step (all micro-batches); returns its metrics row."""
+    lr_scale = lr_at(step, cfg) / cfg.lr
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * lr_scale
+    _set_fake_quant(student, step >= cfg.fq_warmup)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    stats_sum: dict[str, float] = {}
+    for _ in range(cfg.grad_accum):
+        x = next(batches)
+        loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen), cfg)
+        (loss / cfg.grad_accum).backward()
+        stats["loss"] = float(loss.detach())
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(_trainable(student).values()), cfg.grad_clip)
+    return {"step": step, **{k: round(v, 6) for k, v in stats_sum.items()}, "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 4), "fake_quant": step >= cfg.fq_warmup}
+
+
+def _write_rows(path: Path, rows: list[dict], append: bool = False) -> None:
+    with open(path, "a" if append else "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")

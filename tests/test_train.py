@@ -1,0 +1,81 @@
+"""The training loop on a tiny model: the distillation loss falls, and a run stopped half-way and
+resumed ends with exactly the weights of an uninterrupted run."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from qatkit import QatkitError
+from qatkit.models.arch import arch_for_config
+from qatkit.prepare import QATConfig, prepare
+from qatkit.train.data import pack, split
+from qatkit.train import loop
+from qatkit.train.loop import TrainConfig, lr_at, train
+from tiny_models import TEXT, tiny_model, tiny_tokenizer
+
+
+def setup(seed=0, **qat):
+    teacher = tiny_model("llama", seed=seed)
+    with torch.no_grad():  # sharper outputs than a fresh init, so that quantization costs something
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(4)
+    student = copy.deepcopy(teacher)
+    prepare(student, arch_for_config(teacher.config), QATConfig(**qat))
+    seqs = pack(tiny_tokenizer(), [TEXT * 3], seq_len=32, vocab_size=teacher.config.vocab_size)
+    return teacher, student, *split(seqs, 2, seed=0)
+
+
+def test_loss_falls(tmp_path):
+    teacher, student, tr, held = setup()
+    cfg = TrainConfig(steps=30, batch_size=2, seq_len=32, lr=3e-4, warmup_steps=2, kl_positions=1.0, eval_every=30)
+    rows = train(student, teacher, tr, held, cfg, tmp_path, progress=False)
+    before, after = rows[0]["held_out_kl"], rows[-1]["held_out_kl"]
+    assert rows[0]["step"] == -1 and rows[-1]["step"] == 29
+    assert after < 0.7 * before, (before, after)
+    logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == json.loads(json.dumps(rows))
+
+
+@pytest.mark.parametrize("learn_scales", [False, True])
+def test_resume_equals_uninterrupted(tmp_path, monkeypatch, learn_scales):
+    cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, kl_positions=0.5, grad_accum=2, ckpt_every=3, eval_every=3)
+    teacher, a, tr, held = setup(learn_scales=learn_scales)
+    train(a, teacher, tr, held, cfg, tmp_path / "a", progress=False)
+
+    teacher, b, tr, held = setup(learn_scales=learn_scales)
+    real_step, calls = loop._step, []
+
+    def killed_in_step_5(*args):  # Ctrl-C in the middle of step 5 (no checkpoint falls there)
+        calls.append(1)
+        if len(calls) == 5:
+            next(args[3])  # a micro-batch was already drawn when the interrupt came
+            raise KeyboardInterrupt
+        return real_step(*args)
+
+    monkeypatch.setattr(loop, "_step", killed_in_step_5)
+    with pytest.raises(KeyboardInterrupt):
+        train(b, teacher, tr, held, cfg, tmp_path / "b", progress=False)
+    monkeypatch.setattr(loop, "_step", real_step)
+    teacher, c, tr, held = setup(learn_scales=learn_scales)  # a fresh process resumes it
+    train(c, teacher, tr, held, cfg, tmp_path / "b", resume=True, progress=False)
+    sa, sc = a.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sc[k]) for k in sa)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [-1, 0, 1, 2, 3, 4, 5]
+
+
+def test_schedule():
+    cfg = TrainConfig(steps=100, lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert all(lr_at(s, cfg) >= lr_at(s + 1, cfg) for s in range(10, 99))
+
+
+def test_bad_settings():
+    with pytest.raises(QatkitError, match="kl_positions"):
+        TrainConfig(kl_positions=0)
+    with pytest.raises(QatkitError, match="steps"):
+        TrainConfig(steps=0)
