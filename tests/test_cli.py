@@ -154,3 +154,34 @@ def test_help_teaches(capsys):
     out = capsys.readouterr().out
     for cmd in ("run", "export", "eval", "gemma3-270m", "Exit codes"):
         assert cmd in out
+
+
+def test_train_export_and_resume(tmp_path, capsys):
+    src = hf_dir(tmp_path / "m")
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT * 6)
+    run_dir = tmp_path / "run"
+    args = ["train", str(src), "--data", str(data), "--steps", "4", "--seq-len", "32", "--lr", "1e-4", "--out", str(run_dir), "--export", "--ckpt-every", "2"]
+    assert main(args) == 0
+    assert {"config.json", "checkpoint.pt", "metrics.jsonl", "qat-q4_0.gguf"} <= {p.name for p in run_dir.iterdir()}
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3] and "held_out_kl" in rows[-1]
+    types = {k: v[0] for k, v in read_gguf_tensors(run_dir / "qat-q4_0.gguf").items()}
+    assert types["blk.0.ffn_up.weight"] == 2
+    # resuming a finished run trains nothing more and exports the same file
+    before = (run_dir / "qat-q4_0.gguf").read_bytes()
+    assert main(args + ["--resume"]) == 0
+    assert (run_dir / "qat-q4_0.gguf").read_bytes() == before
+
+
+@pytest.mark.parametrize("case", ["empty", "short", "mismatch"])
+def test_train_bad_data(tmp_path, capsys, case):
+    src = hf_dir(tmp_path / "m", vocab_size=100 if case == "mismatch" else 320)
+    data = tmp_path / "d.txt"
+    data.write_text({"empty": " \n", "short": "a few words", "mismatch": TEXT}[case])
+    run_dir = tmp_path / "run"
+    assert run(capsys, "train", str(src), "--data", str(data), "--steps", "2", "--seq-len", "32", "--out", str(run_dir), "--export") == 2
+    one_line_error(capsys, {"empty": "no text", "short": "too little text", "mismatch": "tokenizer/model mismatch"}[case])
+    assert not (run_dir / "qat-q4_0.gguf").exists()
