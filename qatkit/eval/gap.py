@@ -1,0 +1,44 @@
+"""The export gap: llama.cpp's logits on a GGUF file vs the torch model carrying the very same
+(dequantized) weights, with and without the runtime-faithful mode. Zero means llama.cpp computes
+what the trained student computed."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from ..export.gguf import load_gguf_weights
+from ..models.arch import Arch
+from .faithful import llamacpp_faithful
+from .llama import adds_bos, chunk_logits, open_model, tokenize
+
+
+def compare(ref: np.ndarray, logits: np.ndarray, rows: int = 64) -> dict:
+    """mean KL(ref || logits) in float64, same-top-token %, max |dlogit|; row blocks keep a 262k
+    vocabulary within memory."""
+    kl, same, maxd = 0.0, 0, 0.0
+    for i in range(0, len(ref), rows):
+        p = torch.log_softmax(torch.from_numpy(ref[i : i + rows]).double(), -1)
+        q = torch.log_softmax(torch.from_numpy(logits[i : i + rows]).double(), -1)
+        kl += float((p.exp() * (p - q)).sum())
+        same += int((p.argmax(-1) == q.argmax(-1)).sum())
+        maxd = max(maxd, float(np.abs(ref[i : i + rows] - logits[i : i + rows]).max()))
+    return {"kld": kl / len(ref), "same_top": 100.0 * same / len(ref), "max_dlogit": maxd}
+
+
+def export_gap(model: torch.nn.Module, arch: Arch, path: str, text: str, n_tokens: int = 512, copy_model: bool = True) -> dict:
+    """{"plain": ..., "faithful": ...} comparisons over the first n_tokens of `text` (BOS first)."""
+    llm = open_model(path, n_ctx=n_tokens)
+    ids = (([llm.token_bos()] if adds_bos(llm) else []) + tokenize(llm, text))[:n_tokens]
+    ref = chunk_logits(llm, ids)
+    del llm
+    twin = copy.deepcopy(model) if copy_model else model
+    types = load_gguf_weights(twin, arch, path)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        plain = twin(x).logits[0].float().numpy()
+        with llamacpp_faithful(twin, types):
+            faithful = twin(x).logits[0].float().numpy()
+    return {"tokens": len(ids), "plain": compare(ref, plain), "faithful": compare(ref, faithful)}

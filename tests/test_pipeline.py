@@ -1,0 +1,40 @@
+"""`qatkit run` end to end on a tiny model: report.json holds every figure, and its numbers agree
+with `qatkit eval` on the same files."""
+
+import json
+
+import pytest
+
+from qatkit.cli import main
+from test_cli import hf_dir
+from tiny_models import TEXT
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+
+
+def test_run_report_agrees_with_eval(tmp_path, capsys):
+    src = hf_dir(tmp_path / "m", hidden=64)
+    (tmp_path / "train.txt").write_text(TEXT * 6)
+    (tmp_path / "held.txt").write_text(TEXT.upper() * 12)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(src), "--data", str(tmp_path / "train.txt"), "--text", str(tmp_path / "held.txt"),
+            "--steps", "6", "--seq-len", "32", "--lr", "3e-4", "--chunks", "1", "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads((out / "report.json").read_text())
+    for key in ("files", "gap_closure", "export_gap", "steps", "tokens_seen", "train_seconds", "wall_s", "peak_rss_mb"):
+        assert key in report, key
+    assert set(report["files"]) == {"teacher", "ptq", "qat"}
+    for f in report["files"].values():
+        assert {"path", "ppl", "kld", "same_top", "tokens", "file_bytes"} <= set(f)
+    assert report["tokens_seen"] == 6 * 32
+    # the same numbers from `qatkit eval --json`
+    capsys.readouterr()
+    paths = [report["files"][k]["path"] for k in ("ptq", "qat")]
+    assert main(["eval", *paths, "--ref", report["files"]["teacher"]["path"], "--text", str(tmp_path / "held.txt"), "--chunks", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, key in zip(rows, ("ptq", "qat")):
+        assert row["ppl"] == report["files"][key]["ppl"] and row["kld"] == report["files"][key]["kld"]
+    assert report["export_gap"]["faithful"]["same_top"] == 100.0
