@@ -12,6 +12,19 @@ from qatkit.formats import FORMATS, decode, encode, q4_0, q8_0
 MODULES = {"q4_0": (q4_0, T.Q4_0), "q8_0": (q8_0, T.Q8_0)}
 
 
+@pytest.fixture(params=["numba", "torch"], autouse=True)
+def path(request, monkeypatch):
+    """Every test runs on both implementations of each format: the fused CPU kernel and the torch
+    code (the definition, and the GPU path)."""
+    from qatkit.formats import _cpu
+
+    if request.param == "numba" and not _cpu.available():
+        pytest.skip("numba not installed")
+    if request.param == "torch":
+        monkeypatch.setattr(_cpu, "available", lambda: False)
+    return request.param
+
+
 def edge_cases() -> list[np.ndarray]:
     """Rows of 64 (two blocks) that stress the rounding rules."""
     rng = np.random.default_rng(0)

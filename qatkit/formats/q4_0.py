@@ -30,6 +30,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _cpu
 from ._ste import straight_through
 
 NAME = "q4_0"
@@ -60,6 +61,8 @@ def quantize(w: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tens
     With `d` None the scales are ggml's own (bit-exact with quantize_row_q4_0_ref); otherwise
     `d` (..., n/32) is taken as given (rounded to fp16, the precision the file stores)."""
     b = _blocks(w.float())
+    if _cpu.available() and not b.is_cuda and b.numel():
+        return _quantize_cpu(b, d, w.shape)
     if d is None:
         d32 = absmax_scale(w)
     else:
@@ -70,8 +73,22 @@ def quantize(w: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tens
     return q.to(torch.uint8).reshape(w.shape), d32.to(torch.float16)
 
 
+def _quantize_cpu(b: torch.Tensor, d: torch.Tensor | None, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same computation as the torch path below, fused per block (formats/_cpu.py)."""
+    x = b.detach().reshape(-1, BLOCK).contiguous().numpy()
+    given = np.empty(0, np.float32) if d is None else d.detach().to(torch.float16).float().reshape(-1).contiguous().numpy()
+    codes = np.empty(x.shape, np.uint8)
+    d32 = np.empty(x.shape[0], np.float32)
+    _cpu.q4_0_codes(x, given, codes, d32)
+    return torch.from_numpy(codes).reshape(shape), torch.from_numpy(d32).reshape(b.shape[:-1]).to(torch.float16)
+
+
 def dequantize(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """(codes, fp16 scales) -> float32 values (q - 8) * d, as llama.cpp dequantizes them."""
+    if _cpu.available() and not codes.is_cuda and codes.numel():
+        out = np.empty((codes.numel() // BLOCK, BLOCK), np.float32)
+        _cpu.dequantize_blocks(codes.reshape(-1, BLOCK).contiguous().numpy(), np.float32(8.0), d.float().reshape(-1).contiguous().numpy(), out)
+        return torch.from_numpy(out).reshape(codes.shape)
     q = _blocks(codes.float()) - 8.0
     return (q * d.float().unsqueeze(-1)).reshape(codes.shape)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import _cpu
 from ._ste import straight_through
 
 NAME = "q8_0"
@@ -46,6 +47,11 @@ def _round_half_away(x: torch.Tensor) -> torch.Tensor:
 def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., n) float -> (codes int8 (..., n), scales fp16 (..., n/32)); bit-exact with ggml."""
     b = _blocks(w.float())
+    if _cpu.available() and not b.is_cuda and b.numel():
+        x = b.detach().reshape(-1, BLOCK).contiguous().numpy()
+        codes, d32 = np.empty(x.shape, np.int8), np.empty(x.shape[0], np.float32)
+        _cpu.q8_0_codes(x, codes, d32)  # the computation below, fused per block
+        return torch.from_numpy(codes).reshape(w.shape), torch.from_numpy(d32).reshape(b.shape[:-1]).to(torch.float16)
     d = b.abs().amax(dim=-1) / 127.0
     inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d).unsqueeze(-1)
     q = _round_half_away(b * inv)
@@ -53,6 +59,10 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(codes: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    if _cpu.available() and not codes.is_cuda and codes.numel():
+        out = np.empty((codes.numel() // BLOCK, BLOCK), np.float32)
+        _cpu.dequantize_blocks(codes.reshape(-1, BLOCK).contiguous().numpy(), np.float32(0.0), d.float().reshape(-1).contiguous().numpy(), out)
+        return torch.from_numpy(out).reshape(codes.shape)
     q = _blocks(codes.float())
     return (q * d.float().unsqueeze(-1)).reshape(codes.shape)
 
