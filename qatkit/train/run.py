@@ -22,7 +22,7 @@ from .. import QatkitError
 from ..export.model import export_model
 from ..models.load import load, resolve
 from ..prepare import QATConfig, convert, prepare
-from .data import default_train_texts, pack, read_texts, split
+from .data import default_train_texts, pack, read_texts, sample_from_model, split
 from .loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 class RunConfig:
     model: str
     data: list[str] = field(default_factory=list)  # empty: the default training text
+    data_free: int = 0  # > 0: train on this many sequences sampled from the teacher (LLM-QAT)
     held_out: int = 4  # sequences of the training corpus kept aside for held-out KL
     qat: QATConfig = field(default_factory=QATConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -42,7 +43,7 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         d = json.loads(text)
-        return cls(model=d["model"], data=d["data"], held_out=d["held_out"], qat=QATConfig(**d["qat"]), train=TrainConfig(**d["train"]))
+        return cls(model=d["model"], data=d["data"], data_free=d.get("data_free", 0), held_out=d["held_out"], qat=QATConfig(**d["qat"]), train=TrainConfig(**d["train"]))
 
 
 def load_run_config(run_dir: Path) -> RunConfig:
@@ -69,8 +70,13 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
         teacher, tokenizer = load(source)
     else:
         source, teacher, tokenizer = loaded
-    texts = read_texts(cfg.data) if cfg.data else default_train_texts()
-    seqs = pack(tokenizer, texts, cfg.train.seq_len, vocab_size=teacher.config.vocab_size)
+    if cfg.data_free:
+        if cfg.data:
+            raise QatkitError("give training text or --data-free, not both")
+        seqs = sample_from_model(teacher, tokenizer, cfg.data_free + cfg.held_out, cfg.train.seq_len, seed=cfg.train.seed)
+    else:
+        texts = read_texts(cfg.data) if cfg.data else default_train_texts()
+        seqs = pack(tokenizer, texts, cfg.train.seq_len, vocab_size=teacher.config.vocab_size)
     train_seqs, held = split(seqs, cfg.held_out, seed=cfg.train.seed)
     log.info("data: %d training sequences of %d tokens, %d held out", len(train_seqs), cfg.train.seq_len, len(held))
     student = copy.deepcopy(teacher)
