@@ -15,6 +15,7 @@ import tempfile
 import time
 
 from qatkit.eval.gap import export_gap
+from qatkit.export.gguf import load_gguf_weights
 from qatkit.export.model import export_model
 from qatkit.models.load import load, resolve
 from qatkit.train.data import default_eval_text
@@ -31,7 +32,8 @@ def main() -> None:
         path = f"{d}/model.gguf"
         export_model(model, tokenizer, source, path, args.format, progress=False)
         t = time.time()
-        gap = export_gap(model, source.arch, path, default_eval_text(), args.tokens, copy_model=False)
+        types = load_gguf_weights(model, source.arch, path)  # in place: the teacher is not needed again
+        gap = export_gap(model, types, path, default_eval_text(), args.tokens)
     print(f"Gemma 3 270M, qatkit {args.format} file, {gap['tokens']} tokens of held-out prose (BOS first), {time.time() - t:.0f} s")
     for name in ("plain", "faithful"):
         r = gap[name]

@@ -1,7 +1,8 @@
 """`qatkit run`: the main job, stage by stage.
 
 load -> float reference GGUF -> llama.cpp's PTQ baseline -> QAT (train, export) -> score all three
-in llama.cpp on held-out text -> export gap of the trained file -> report.json
+in llama.cpp on held-out text (with speed and memory) -> export gap of the trained file ->
+report.json, report.md and plots
 
 Each stage reuses what an earlier run left: the float cache, the reference GGUF and the PTQ file
 (cached beside the model), and the training checkpoint with `resume`.
@@ -16,11 +17,17 @@ import resource
 import time
 from pathlib import Path
 
-from .eval.gap import export_gap
-from .eval.llama import score
+import torch
+
+from .eval.gap import export_gap, file_twin
+from .eval.llama import decode_speed, load_rss_mb, score
 from .export.model import float_reference, ptq_llama_cpp
+from .formats import q4_0, q8_0
 from .models.load import load, resolve
+from .report import layer_errors, write_report
 from .train.run import RunConfig, qat_run
+
+FAKE_QUANT = {"q4_0": q4_0.fake_quant, "q8_0": q8_0.fake_quant}
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +47,26 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
         ptq_llama_cpp(source, ptq, fmt, cfg.qat.pure, model=model, tokenizer=tokenizer)
     log.info("[4/6] quantization-aware training, %d steps", cfg.train.steps)
     trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer))
-    log.info("[5/6] scoring the three files in llama.cpp (%d chunks of held-out text)", chunks)
-    files = {"teacher": score(str(teacher), text, max_chunks=chunks)}
+    log.info("[5/6] scoring the three files in llama.cpp (%d chunks of held-out text), speed and memory", chunks)
+    paths = {"teacher": str(teacher), "ptq": str(ptq), "qat": trained["gguf"]}
+    files = {"teacher": score(paths["teacher"], text, max_chunks=chunks)}
     files["teacher"].update(kld=0.0, same_top=100.0)  # the reference itself
-    files["ptq"] = score(str(ptq), text, ref_path=str(teacher), max_chunks=chunks)
-    files["qat"] = score(trained["gguf"], text, ref_path=str(teacher), max_chunks=chunks)
-    log.info("[6/6] export gap: llama.cpp on the QAT file vs the trained student")
-    gap = export_gap(trained["student"], source.arch, trained["gguf"], text)
+    for key in ("ptq", "qat"):
+        files[key] = score(paths[key], text, ref_path=paths["teacher"], max_chunks=chunks)
+    n_weights = sum(p.numel() for p in model.parameters())  # tied tensors counted once
+    for key, path in paths.items():
+        files[key]["bits_per_weight"] = 8 * files[key]["file_bytes"] / n_weights
+        files[key].update({k: v for k, v in decode_speed(path).items() if k.endswith("_tps")})
+        files[key]["load_rss_mb"] = load_rss_mb(path)
+    log.info("[6/6] export gap of the QAT file and per-layer errors")
+    twin, types = file_twin(model, source.arch, paths["qat"])
+    gap = export_gap(twin, types, paths["qat"], text)
+    ids = torch.tensor([tokenizer(text[:4000])["input_ids"][:256]])
+    quantized = {n: f for n, f in types.items() if f in ("q4_0", "q8_0") and n != "lm_head"}
+    ptq_w = {n: FAKE_QUANT[f](model.get_submodule(n).weight) for n, f in quantized.items()}  # == llama.cpp's PTQ values
+    qat_w = {n: twin.get_submodule(n).weight for n in quantized}
+    errors = layer_errors(model, ptq_w, qat_w, ids)
+    del twin
     p_t, p_p, p_q = (files[k]["ppl"] for k in ("teacher", "ptq", "qat"))
     report = {
         "model": cfg.model,
@@ -59,8 +79,10 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
         "train_seconds": trained["train_seconds"],
         "wall_s": round(time.time() - t0, 1),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "layer_errors": errors,
         "config": json.loads(cfg.to_json()),
     }
+    write_report(report, trained["metrics"], errors, out)
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / "report.json")

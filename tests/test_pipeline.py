@@ -28,7 +28,14 @@ def test_run_report_agrees_with_eval(tmp_path, capsys):
         assert key in report, key
     assert set(report["files"]) == {"teacher", "ptq", "qat"}
     for f in report["files"].values():
-        assert {"path", "ppl", "kld", "same_top", "tokens", "file_bytes"} <= set(f)
+        assert {"path", "ppl", "kld", "same_top", "tokens", "file_bytes", "bits_per_weight", "decode_tps", "prompt_tps", "load_rss_mb"} <= set(f)
+        assert f["decode_tps"] > 0 and f["load_rss_mb"] > 0
+    f = report["files"]
+    assert f["teacher"]["bits_per_weight"] > 30 and f["qat"]["bits_per_weight"] < 12  # F32 vs a Q4_0 mix
+    assert len(report["layer_errors"]) == 14 and all(0 < e["ptq"] < 1 for e in report["layer_errors"].values())
+    for name in ("report.md", "training.png", "layers.png", "size_ppl.png"):
+        assert (out / name).stat().st_size > 500, name
+    assert "Gap closure" in (out / "report.md").read_text()
     assert report["tokens_seen"] == 6 * 32
     # the same numbers from `qatkit eval --json`
     capsys.readouterr()

@@ -28,17 +28,23 @@ def compare(ref: np.ndarray, logits: np.ndarray, rows: int = 64) -> dict:
     return {"kld": kl / len(ref), "same_top": 100.0 * same / len(ref), "max_dlogit": maxd}
 
 
-def export_gap(model: torch.nn.Module, arch: Arch, path: str, text: str, n_tokens: int = 512, copy_model: bool = True) -> dict:
-    """{"plain": ..., "faithful": ...} comparisons over the first n_tokens of `text` (BOS first)."""
+def export_gap(twin: torch.nn.Module, types: dict[str, str], path: str, text: str, n_tokens: int = 512) -> dict:
+    """{"plain": ..., "faithful": ...}: llama.cpp on `path` vs `twin`, a torch model that already
+    carries the file's dequantized weights (`load_gguf_weights`, which also gives `types`), over the
+    first n_tokens of `text` (BOS first)."""
     llm = open_model(path, n_ctx=n_tokens)
     ids = (([llm.token_bos()] if adds_bos(llm) else []) + tokenize(llm, text))[:n_tokens]
     ref = chunk_logits(llm, ids)
     del llm
-    twin = copy.deepcopy(model) if copy_model else model
-    types = load_gguf_weights(twin, arch, path)
     x = torch.tensor([ids])
     with torch.no_grad():
         plain = twin(x).logits[0].float().numpy()
         with llamacpp_faithful(twin, types):
             faithful = twin(x).logits[0].float().numpy()
     return {"tokens": len(ids), "plain": compare(ref, plain), "faithful": compare(ref, faithful)}
+
+
+def file_twin(model: torch.nn.Module, arch: Arch, path: str) -> tuple[torch.nn.Module, dict[str, str]]:
+    """A copy of `model` carrying the weights of the GGUF file `path` (what llama.cpp computes with)."""
+    twin = copy.deepcopy(model)
+    return twin, load_gguf_weights(twin, arch, path)

@@ -296,3 +296,26 @@ def decode_speed(path, n_tokens: int = 64, n_prompt: int = 128, n_threads: int |
     return {"path": os.fspath(path), "prompt_tps": n_prompt / (t1 - t0),
             "decode_tps": n_tokens / (t2 - t1), "n_prompt": n_prompt, "n_tokens": n_tokens,
             "n_threads": n_threads or os.cpu_count()}
+
+
+_RSS_PROBE = """
+import sys
+from qatkit.eval.llama import open_model
+def rss_kb():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+before = rss_kb()
+llm = open_model(sys.argv[1], n_ctx=int(sys.argv[2]), logits_all=False)
+llm.eval([llm.token_bos()] * 8)
+print((rss_kb() - before) / 1024)
+"""
+
+
+def load_rss_mb(path, n_ctx: int = 512) -> float:
+    """Resident memory (MB) llama.cpp adds by loading `path` with an n_ctx context and evaluating
+    a few tokens, measured in a fresh process (the file is mmapped: pages count once touched)."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", _RSS_PROBE, os.fspath(path), str(n_ctx)], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])

@@ -1,0 +1,133 @@
+"""report.md and PNG plots of a `qatkit run`, from report.json's figures and the metrics log.
+
+- training.png: distillation loss and KL per step, held-out KL at each evaluation, and the PTQ
+  level (the held-out KL of the untrained student, which quantizes exactly as PTQ does);
+- layers.png: per-layer relative output error of every quantized linear, PTQ vs QAT, on teacher
+  activations of held-out text;
+- size_ppl.png: file size vs llama.cpp perplexity of the three files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+LABELS = {"teacher": "float teacher", "ptq": "llama.cpp PTQ", "qat": "qatkit QAT"}
+COLORS = {"teacher": "tab:gray", "ptq": "tab:red", "qat": "tab:blue"}
+
+
+@torch.no_grad()
+def layer_errors(teacher, ptq_weights: dict[str, torch.Tensor], qat_weights: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Relative output error ||X Wq^T - X W^T|| / ||X W^T|| per linear (module name), X the
+    teacher's own input to that layer on `ids` (1, L)."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach())) for n, m in teacher.named_modules() if n in ptq_weights]
+    try:
+        teacher(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, x in inputs.items():
+        w = teacher.get_submodule(name).weight
+        ref = x @ w.T
+        norm = ref.norm()
+        out[name] = {k: float((x @ ws[name].T - ref).norm() / norm) for k, ws in (("ptq", ptq_weights), ("qat", qat_weights))}
+    return out
+
+
+def plot_training(rows: list[dict], path: Path) -> None:
+    steps = [r for r in rows if r["step"] >= 0]
+    evals = [r for r in rows if "held_out_kl" in r]
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
+    ax.plot([r["step"] + 1 for r in steps], [r["kl"] for r in steps], color="tab:blue", alpha=0.35, lw=1, label="training KL (sampled positions)")
+    ax.plot([max(r["step"] + 1, 0) for r in evals], [r["held_out_kl"] for r in evals], "o-", color="tab:blue", lw=2, label="held-out KL")
+    if evals and evals[0]["step"] == -1:
+        ax.axhline(evals[0]["held_out_kl"], color="tab:red", ls="--", lw=1.5, label="PTQ level (held-out KL before training)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("KL(teacher || student), nats/token")
+    ax.set_title("QAT distillation")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
+    names = list(errors)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    for key in ("ptq", "qat"):
+        ax.plot(range(len(names)), [100 * errors[n][key] for n in names], ".-", color=COLORS[key], lw=1, label=LABELS[key])
+    ax.set_xlabel("quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)")
+    ax.set_ylabel("relative output error, %")
+    ax.set_title("Per-layer quantization error on held-out activations")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_size_ppl(files: dict[str, dict], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
+    for key, f in files.items():
+        ax.scatter(f["file_bytes"] / 1e6, f["ppl"], s=70, color=COLORS[key], label=f"{LABELS[key]}: PPL {f['ppl']:.2f}", zorder=3)
+    ax.set_xscale("log")
+    ax.set_xlabel("GGUF file size, MB (log scale)")
+    ax.set_ylabel("perplexity in llama.cpp (held-out text)")
+    ax.set_title("Size vs quality")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_markdown(report: dict, out: Path) -> None:
+    f = report["files"]
+    lines = [
+        f"# qatkit run: {report['model']}, {report['format'].upper()}",
+        "",
+        f"Trained {report['steps']} steps ({report['tokens_seen']:,} tokens) in {report['train_seconds']:.0f} s; whole run {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB.",
+        f"All quality figures measured in llama.cpp on {f['teacher']['tokens']} held-out tokens (perplexity as llama-perplexity computes it).",
+        "",
+        "| file | PPL | KLD to teacher | same top token | size MB | bits/weight | decode tok/s | load RSS MB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in ("teacher", "ptq", "qat"):
+        r = f[key]
+        lines.append(f"| {LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {r['file_bytes'] / 1e6:.1f} | {r.get('bits_per_weight', float('nan')):.2f} | {r.get('decode_tps', float('nan')):.1f} | {r.get('load_rss_mb', float('nan')):.0f} |")
+    closure = report.get("gap_closure")
+    lines += ["", f"**Gap closure** (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): **{closure:.1%}**" if closure is not None else ""]
+    g = report["export_gap"]
+    lines += [
+        "",
+        f"**Export gap** (llama.cpp on the QAT file vs the trained student, {g['tokens']} tokens): mean KLD {g['faithful']['kld']:.2e} with llama.cpp's activation roundings modelled, {g['plain']['kld']:.2e} with float activations; same top token {g['faithful']['same_top']:.2f}%.",
+        "",
+        "![training curves](training.png)",
+        "",
+        "![per-layer error](layers.png)",
+        "",
+        "![size vs perplexity](size_ppl.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+def write_report(report: dict, rows: list[dict], errors: dict | None, out: Path) -> None:
+    plot_training(rows, out / "training.png")
+    if errors:
+        plot_layers(errors, out / "layers.png")
+    plot_size_ppl(report["files"], out / "size_ppl.png")
+    write_markdown(report, out)
