@@ -52,15 +52,8 @@ def plot_training(rows: list[dict], path: Path) -> None:
     ax.plot([max(r["step"] + 1, 0) for r in evals], [r["held_out_kl"] for r in evals], "o-", color="tab:blue", lw=2, label="held-out KL")
     if evals and evals[0]["step"] == -1:
         ax.axhline(evals[0]["held_out_kl"], color="tab:red", ls="--", lw=1.5, label="PTQ level (held-out KL before training)")
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("KL(teacher || student), nats/token")
-    ax.set_title("QAT distillation")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "optimizer step", "KL(teacher || student), nats/token", "QAT distillation")
 
 
 def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
@@ -68,15 +61,8 @@ def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     for key in ("ptq", "qat"):
         ax.plot(range(len(names)), [100 * errors[n][key] for n in names], ".-", color=COLORS[key], lw=1, label=LABELS[key])
-    ax.set_xlabel("quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)")
-    ax.set_ylabel("relative output error, %")
-    ax.set_title("Per-layer quantization error on held-out activations")
     ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    _finish(fig, ax, path, "quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)", "relative output error, %", "Per-layer quantization error on held-out activations")
 
 
 def plot_size_ppl(files: dict[str, dict], path: Path) -> None:
@@ -84,10 +70,14 @@ def plot_size_ppl(files: dict[str, dict], path: Path) -> None:
     for key, f in files.items():
         ax.scatter(f["file_bytes"] / 1e6, f["ppl"], s=70, color=COLORS[key], label=f"{LABELS[key]}: PPL {f['ppl']:.2f}", zorder=3)
     ax.set_xscale("log")
-    ax.set_xlabel("GGUF file size, MB (log scale)")
-    ax.set_ylabel("perplexity in llama.cpp (held-out text)")
-    ax.set_title("Size vs quality")
-    ax.grid(alpha=0.3, which="both")
+    _finish(fig, ax, path, "GGUF file size, MB (log scale)", "perplexity in llama.cpp (held-out text)", "Size vs quality", grid_which="both")
+
+
+def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_which: str = "major") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which=grid_which)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path)
