@@ -88,7 +88,7 @@ def test_export_gap_is_float_noise_in_faithful_mode(family, tokenizer, tmp_path)
     err_faithful = np.abs(ref - faithful).max()
     print(f"{family}: KLD plain {gap_plain:.3e} faithful {gap_faithful:.3e}; max |dlogit| plain {np.abs(ref - plain).max():.2e} faithful {err_faithful:.2e}")
     assert (ref.argmax(-1) == faithful.argmax(-1)).mean() == 1.0
-    assert err_faithful < 1e-4 * max(1.0, np.abs(ref).max())
+    assert err_faithful < 2e-6 * max(1.0, np.abs(ref).max())  # all but the head bit-exact (eval/faithful.py)
     assert gap_faithful < gap_plain / 10  # modelling llama.cpp's roundings is what closes the gap
 
 
@@ -101,4 +101,4 @@ def test_f32_export_matches_torch(family, tokenizer, tmp_path):
     types = {n: "f32" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     with llamacpp_faithful(model, types):
         faithful = torch_logits(model, ids)
-    assert np.abs(ref - faithful).max() < 1e-4 * max(1.0, np.abs(ref).max())
+    assert np.abs(ref - faithful).max() < 2e-6 * max(1.0, np.abs(ref).max())

@@ -15,23 +15,45 @@ read in the llama.cpp sources that llama-cpp-python 0.3.36 vendors:
 4. GELU (`ggml_vec_geglu_f32`, GGML_GELU_FP16 on by default) is an f16 table of the tanh
    approximation: fp16(gelu(fp16(x))) for -10 < x < 10, 0 below, x above.
 
+Those roundings turn an ulp of difference upstream into a whole f16 or Q8_0 step now and then,
+so the float arithmetic around them is ggml's too (each section below says where it is read):
+
+5. RMSNorm sums the squares in double and takes a correctly rounded sqrtf.
+6. RoPE angles are a running float32 product per pair with the C library's cosf/sinf, and the
+   rotation is fma-contracted; transformers' p * inv_freq parts from it with the position.
+7. The attention scale is the float32 1.0f/sqrtf(head_dim).
+8. With `exact=True` (the default): every matrix product before the head sums in the order of
+   the kernel the x86 build picks (tinyBLAS lanes, the repacked Q4_0 block order), and softmax
+   and SwiGLU come from ggml's own row kernels (its vectorised exp). With `exact_head=True` too,
+   llama.cpp's logits and these are equal bit for bit (tiny models of the four families; F32,
+   F16, Q8_0, Q4_0 files; Gemma 3 270M Q4_0 over 512 tokens); without, to a few ulps.
+
 The token embedding lookup (`get_rows`) dequantizes exactly, so it needs nothing here. Every
 rounding passes the gradient straight through, so the mode can also be trained in.
 """
 
 from __future__ import annotations
 
+import contextvars
+import ctypes
+import ctypes.util
 import functools
 import logging
+import re
+import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..formats import q8_0
 from ..formats._ste import straight_through
+from ..models.arch import arch_for_config, rope_base_and_factor
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +144,409 @@ class TableGELU(nn.Module):
         return straight_through(F.gelu(x, approximate="tanh"), y)
 
 
+# --- RMSNorm: ggml's sum of squares ------------------------------------------------------------
+
+def ggml_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """ggml_compute_forward_rms_norm_f32 then the weight product (ggml_mul, or the fused
+    rms_norm+mul, same roundings): the squares are float32 and summed in double (`ggml_float`),
+    mean = (float)(sum/n), scale = 1.0f/sqrtf(mean + eps), y = (x*scale)*w.
+
+    transformers sums the squares in float32, so its mean, and with it a whole row, is an ulp off
+    for ~10% of rows; enough to move a Q8_0 block scale (fp16(amax/127)) or an f16 q/k now and then.
+    The double sum here is pairwise, not sequential: both are within ~1e-16 of the exact sum, so the
+    float32 mean differs only when that sum lies within ~1e-16 of a float32 rounding boundary."""
+    xf = x.float()
+    mean = ((xf * xf).double().sum(-1, keepdim=True) / x.shape[-1]).float()
+    # Trap: torch's float32 sqrt on CPU is not correctly rounded (an ulp or two off, e.g. at
+    # 3.6889088e-4); sqrtf is. The float64 root of a float32, rounded to float32, is.
+    root = torch.sqrt((mean + np.float32(eps)).double()).float()
+    scale = torch.ones_like(root) / root  # tensor / tensor: one rounding, as 1.0f/sqrtf(...)
+    return ((xf * scale) * weight.float()).to(x.dtype)
+
+
+def _rms_norm_hook(eps: float, offset: float):
+    """Forward hook of an RMSNorm module: its output replaced by ggml's (the norm weight as the
+    exported file holds it: w + offset in float32, Gemma's 1 + w); the gradient stays transformers'."""
+
+    def hook(module, args, output):
+        w = module.weight.float() + offset if offset else module.weight
+        with torch.no_grad():
+            exact = ggml_rms_norm(args[0], w, eps)
+        return straight_through(output, exact.to(output.dtype))
+
+    return hook
+
+
+# --- RoPE: ggml's angles and rotation ----------------------------------------------------------
+#
+# transformers and ggml rotate the same pairs by nominally the same angles, but round differently,
+# and the difference grows with the position (ggml-cpu ops.cpp, ggml_compute_forward_rope_flt):
+# - the angle of pair i is a running float32 product, theta_0 = p, theta_i = theta_{i-1} *
+#   theta_scale with theta_scale = powf(freq_base, -2.0f/n_dims) (ggml_rope_cache_init), then
+#   freq_scale * theta (rope_yarn); transformers takes p * inv_freq[i], inv_freq = 1/base**(2i/d).
+#   At p ~ 100 the angles differ by ~1e-6 rad, enough to flip f16 roundings of q and k;
+# - cos/sin are the C library's cosf/sinf (glibc's are not correctly rounded: ~1% of the table
+#   differs from float64 rounded to float32 by an ulp);
+# - rotate_pairs computes x0*cos - x1*sin and x0*sin + x1*cos, which gcc (-ffp-contract=fast, FMA
+#   in the native x86 build) contracts to fma(x0, cos, -(x1*sin)) and fma(x0, sin, x1*cos);
+#   transformers' q*cos + rotate_half(q)*sin rounds each product, ~25% of outputs differ by an ulp.
+# ggml's NEOX mode (gemma3, qwen2, qwen3) pairs (i, i + d/2) as transformers' rotate_half does;
+# llama's NORMAL mode pairs (2i, 2i+1) of the rows the exporter permuted, the same pairs again.
+
+_ROPE_TABLE_MIN = 256
+
+
+@functools.cache
+def _libm() -> dict[str, Callable] | None:
+    """The C math library's powf, cosf, sinf (what ggml calls, through the same dynamic linker);
+    None where it cannot be loaded (then float64 rounded to float32 stands in, an ulp off now and
+    then)."""
+    try:
+        lib = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        fns = {}
+        for name, nargs in (("powf", 2), ("cosf", 1), ("sinf", 1)):
+            fn = getattr(lib, name)
+            fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float] * nargs
+            fns[name] = fn
+        return fns
+    except (OSError, AttributeError):
+        log.warning("C math library not found: RoPE cos/sin are correctly rounded, not the C library's")
+        return None
+
+
+@functools.lru_cache(maxsize=16)
+def _rope_table(n_pos: int, n_dims: int, freq_base: float, freq_scale: float) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (n_pos, n_dims/2) float32 as ggml_rope_cache_init computes them for positions
+    0..n_pos-1 (freq_base and freq_scale are float32 values, as llama.cpp holds them)."""
+    libm = _libm()
+    exponent = np.float32(-2.0) / np.float32(n_dims)
+    if libm is not None:
+        theta_scale = np.float32(libm["powf"](freq_base, float(exponent)))
+    else:
+        theta_scale = np.float32(np.float64(freq_base) ** np.float64(exponent))
+    theta = np.empty((n_pos, n_dims // 2), dtype=np.float32)
+    t = np.arange(n_pos, dtype=np.float32)
+    for i in range(n_dims // 2):
+        theta[:, i] = t
+        t = t * theta_scale  # float32 * float32 scalar: one float32 rounding, as `theta *= theta_scale`
+    theta = theta * np.float32(freq_scale)  # rope_yarn: theta_interp = freq_scale * theta_extrap
+    if libm is not None:
+        flat = theta.ravel().tolist()
+        cos = np.fromiter(map(libm["cosf"], flat), dtype=np.float32, count=len(flat)).reshape(theta.shape)
+        sin = np.fromiter(map(libm["sinf"], flat), dtype=np.float32, count=len(flat)).reshape(theta.shape)
+    else:
+        cos = np.cos(theta.astype(np.float64)).astype(np.float32)
+        sin = np.sin(theta.astype(np.float64)).astype(np.float32)
+    return cos, sin
+
+
+def ggml_rope_cos_sin(position_ids: torch.Tensor, n_dims: int, freq_base: float, freq_scale: float = 1.0):
+    """ggml's cos/sin for `position_ids` in transformers' layout: (..., n_dims), both halves equal."""
+    if position_ids.numel() and int(position_ids.min()) < 0:
+        raise ValueError("negative positions")
+    n = int(position_ids.max()) + 1 if position_ids.numel() else 1
+    n_pos = max(_ROPE_TABLE_MIN, 1 << (n - 1).bit_length())  # tables grow by powers of two
+    cos, sin = _rope_table(n_pos, n_dims, float(np.float32(freq_base)), float(np.float32(freq_scale)))
+    idx = position_ids.detach().long().cpu()
+    cos, sin = torch.from_numpy(cos)[idx], torch.from_numpy(sin)[idx]
+    return (torch.cat((cos, cos), -1).to(position_ids.device), torch.cat((sin, sin), -1).to(position_ids.device))
+
+
+def _fma(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """float32 fma(a, b, c): the product is exact in float64, the sum is rounded to float64 and
+    then to float32 (a double rounding that differs from one rounding with probability ~2^-29)."""
+    return (a.double() * b.double() + c.double()).to(a.dtype)
+
+
+def ggml_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """ggml's rotate_pairs on transformers' half-split layout (x (..., d), cos/sin broadcastable
+    to it); the gradient is that of transformers' x*cos + rotate_half(x)*sin."""
+    h = x.shape[-1] // 2
+    x0, x1 = x[..., :h], x[..., h:]
+    c, s = cos[..., :h], sin[..., :h]
+    plain = torch.cat((x0 * c - x1 * s, x1 * c + x0 * s), dim=-1)
+    with torch.no_grad():
+        exact = torch.cat((_fma(x0, c, -(x1 * s)), _fma(x0, s, x1 * c)), dim=-1)
+    return straight_through(plain, exact)
+
+
+def _ggml_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+    """Stands in for a modeling file's apply_rotary_pos_emb inside the context."""
+    cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    return ggml_rotate(q, cos, sin), ggml_rotate(k, cos, sin)
+
+
+def _rotary_hook(config, module_name: str):
+    """Forward hook of a RotaryEmbedding module: its (cos, sin) replaced by ggml's."""
+
+    def hook(module, args, kwargs, output):
+        position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
+        layer_type = args[2] if len(args) > 2 else kwargs.get("layer_type")
+        if layer_type is None:
+            # transformers < 5 Gemma 3 has a second module for its sliding-window layers
+            layer_type = "sliding_attention" if module_name.endswith("_local") else "full_attention"
+        base, factor = rope_base_and_factor(config, layer_type)
+        cos, sin = output
+        # llama.cpp: freq_scale = 1.0f/ropescale, in float32
+        scale = float(np.float32(1.0) / np.float32(factor))
+        gcos, gsin = ggml_rope_cos_sin(position_ids, cos.shape[-1], base, scale)
+        return gcos.to(cos.dtype), gsin.to(sin.dtype)
+
+    return hook
+
+
+# --- matrix products: ggml's summation order --------------------------------------------------
+#
+# A float32 dot product depends on the order of its sums, and after the roundings above (f16 q, k,
+# v and GELU input, Q8_0 activations) an ulp is sometimes a whole f16 or Q8_0 step: a few such
+# flips per layer were the rest of the export gap in qwen2/qwen3/gemma3, whose normalised q/k make
+# attention sharp. The orders of the kernels llama.cpp's x86 CPU backend picks (llama-cpp-python's
+# native build, AVX2 or AVX512 with FMA, llamafile and repack on), for a batch of >= 2 tokens:
+# - F32 and F16 weights, and attention's K*Q and V*softmax (f16 x f16): llamafile's tinyBLAS
+#   (ggml-cpu/llamafile/sgemm.cpp, needs K % lanes == 0). Each output keeps `lanes` float32
+#   partial sums (16 with AVX512F, 8 with AVX/AVX2): lane j adds the products of elements
+#   j, j+lanes, j+2*lanes, ... by fma; hsum then folds halves (lane j + lane j+lanes/2, ...).
+# - Q4_0 weights with rows % 8 == 0: repacked to q4_0_8x8 (ggml-cpu/repack.cpp); per 32-block the
+#   integer dot is exact, and acc = fma(float(isum), d_w*d_a, acc) runs over the blocks in order
+#   (arch/x86/repack.cpp, gemm_q4_b32_8x8_q8_0_lut_avx).
+# - Q8_0 weights, and Q4_0 with rows % 8 != 0: tinyBLAS_Q0_AVX. Per block, 8 float lanes each hold
+#   the integer dot of 4 consecutive elements, acc_j = fma(d_w*d_a, lane_j, acc_j) over blocks,
+#   then the 8 lanes fold as above.
+# In float64 each block's products and their sums are exact (at most 38 significant bits), so an
+# fma is one float64 add rounded to float32 (a double rounding that differs from the fma's single
+# one with probability ~2^-29). Q6_K products (the head, usually) keep torch's order: nothing is
+# rounded after them but the logits themselves.
+
+_EXACT_CHUNK = 1 << 22  # elements of one float64 work tensor (32 MB)
+
+
+@dataclass(frozen=True)
+class GgmlCpu:
+    lanes: int  # tinyBLAS float lanes: 16 (AVX512F) or 8 (AVX/AVX2)
+    repack: bool  # Q4_0 weights repacked (q4_0_8x8)
+
+
+@functools.cache
+def ggml_cpu_build() -> GgmlCpu | None:
+    """The summation orders of the ggml CPU backend llama-cpp-python loaded, from its feature
+    list (llama_print_system_info: the flags the library was compiled with); None where they are
+    not the x86 ones modelled here (then products keep torch's order)."""
+    try:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode()
+    except Exception:  # no llama.cpp at all: nothing to be faithful to
+        return None
+    flags = {k: v == "1" for k, v in re.findall(r"(\w+) = (\d)", info)}
+    if not (flags.get("FMA") and flags.get("LLAMAFILE") and (flags.get("AVX2") or flags.get("AVX512"))):
+        log.info("ggml CPU build %r: matrix products keep torch's summation order", info)
+        return None
+    return GgmlCpu(lanes=16 if flags.get("AVX512") else 8, repack=bool(flags.get("REPACK")))
+
+
+def _fma_f32(acc: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """float32 fma(a, b, acc) given the exact float64 product a*b."""
+    return (acc.double() + exact).float()
+
+
+def _fold_lanes(acc: torch.Tensor) -> torch.Tensor:
+    """(..., lanes) -> (...): hsum's tree, lane j + lane j+half at each step."""
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    return acc[..., 0]
+
+
+def _row_chunks(m: int, per_row: int):
+    step = max(1, _EXACT_CHUNK // max(1, per_row))
+    return [(i, min(m, i + step)) for i in range(0, m, step)]
+
+
+def tinyblas_matmul(a: torch.Tensor, b: torch.Tensor, lanes: int, f16_values: bool = False) -> torch.Tensor:
+    """a (..., M, K) times b (..., N, K) transposed, float32, in tinyBLAS's order; K is padded
+    with zeros to a multiple of `lanes` (an added 0 changes no partial sum). With f16_values (both
+    operands hold f16 values) every product is exact in float32 and so is the work."""
+    k = a.shape[-1]
+    if k % lanes:
+        pad = lanes - k % lanes
+        a, b = F.pad(a, (0, pad)), F.pad(b, (0, pad))
+    work = torch.float32 if f16_values else torch.float64
+    a, b = a.to(work), b.to(work)
+    m, n = a.shape[-2], b.shape[-2]
+    batch = torch.broadcast_shapes(a.shape[:-2], b.shape[:-2])
+    out = torch.empty(*batch, m, n, dtype=torch.float32, device=a.device)
+    for r0, r1 in _row_chunks(m, batch.numel() * n * lanes):
+        acc = None
+        for c in range(0, a.shape[-1], lanes):
+            prod = a[..., r0:r1, None, c:c + lanes] * b[..., None, :, c:c + lanes]  # exact
+            if acc is None:
+                acc = prod.float()
+            elif f16_values:
+                acc += prod  # float32 add of an exact product: the fma's one rounding
+            else:
+                acc = _fma_f32(acc, prod)
+        out[..., r0:r1, :] = _fold_lanes(acc)
+    return out
+
+
+def q0_matmul(x: torch.Tensor, w: torch.Tensor, lanes: int) -> torch.Tensor:
+    """x (M, K) Q8_0-rounded activations times w (N, K) dequantized Q4_0/Q8_0 weights, float32:
+    lanes=1 the repacked Q4_0 order, lanes=8 tinyBLAS_Q0_AVX's."""
+    m, k = x.shape
+    n = w.shape[0]
+    nb, sub = k // q8_0.BLOCK, q8_0.BLOCK // lanes
+    # (block, lane, rows, sub) and (block, lane, sub, N): lane l holds elements l*sub.. of a block
+    xb = x.double().reshape(m, nb, lanes, sub).permute(1, 2, 0, 3)
+    wb = w.double().reshape(n, nb, lanes, sub).permute(1, 2, 3, 0)
+    out = torch.empty(m, n, dtype=torch.float32, device=x.device)
+    for r0, r1 in _row_chunks(m, n * lanes):
+        acc = torch.zeros(lanes, r1 - r0, n, dtype=torch.float32, device=x.device)
+        prod = torch.empty(lanes, r1 - r0, n, dtype=torch.float64, device=x.device)
+        for blk in range(nb):
+            # d_a*d_w * (integer dot of each lane's elements): exact in float64; then
+            # acc = fma(d_a*d_w, isum, acc) as one float64 add rounded to float32
+            torch.bmm(xb[blk, :, r0:r1], wb[blk], out=prod)
+            prod += acc
+            acc.copy_(prod)
+        out[r0:r1] = _fold_lanes(acc.movedim(0, -1))
+    return out
+
+
+def _linear_exact(wtype: str, build: GgmlCpu):
+    """Forward hook of a Linear: its output replaced by ggml's product (from the input the
+    pre-hook rounded) plus the bias (a separate ggml_add); None where the order is not modelled."""
+
+    def hook(module, args, output):
+        x = args[0]
+        rows = x.reshape(-1, x.shape[-1])
+        w = module.weight
+        with torch.no_grad():
+            if wtype == "q4_0" and build.repack and w.shape[0] % 8 == 0:
+                exact = q0_matmul(rows, w, 1)
+            elif rows.shape[0] < 2:  # llamafile does only batches (sgemm.cpp: n < 2 -> vec_dot)
+                return output
+            elif wtype in ("q4_0", "q8_0"):
+                exact = q0_matmul(rows, w, 8)
+            elif rows.shape[-1] % build.lanes == 0:  # f32, f16
+                exact = tinyblas_matmul(rows, w.float(), build.lanes, f16_values=wtype == "f16")
+            else:
+                return output
+            if module.bias is not None:
+                exact = exact + module.bias.float()
+        return straight_through(output, exact.reshape(output.shape).to(output.dtype))
+
+    return hook if wtype in ("q4_0", "q8_0", "f32", "f16") else None
+
+
+# Inside a context with exact=True: (build or None,); None outside or with exact=False.
+_EXACT: contextvars.ContextVar[tuple[GgmlCpu | None] | None] = contextvars.ContextVar("qatkit_faithful_exact", default=None)
+
+
+def _matmul(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
+    """a @ b_t.transpose(-1, -2) of attention's f16-valued operands, in tinyBLAS's order inside
+    a context with a modelled build; the gradient is torch's product's."""
+    plain = torch.matmul(a, b_t.transpose(-1, -2))
+    build = (_EXACT.get() or (None,))[0]
+    if build is None:
+        return plain
+    with torch.no_grad():
+        exact = tinyblas_matmul(a.float(), b_t.float(), build.lanes, f16_values=True)
+    return straight_through(plain, exact.to(plain.dtype))
+
+
+# --- softmax and SiLU: ggml's own row kernels ----------------------------------------------------
+#
+# Softmax and SiLU go through ggml_v_expf, a vectorised exp polynomial (vec.h; AVX512, AVX2, NEON...
+# variants) with elements past the last full vector done by the C library's expf: an ulp or so
+# from torch's exp, which flips an f16 probability now and then. Rather than transcribe it, use
+# it: libggml-cpu exports the row kernels ggml_vec_soft_max_f32 (y = exp(x - max), returns the
+# sum in double) and ggml_vec_swiglu_f32 (y = silu(x) * g), the ones the softmax and SwiGLU ops
+# call per row (ops.cpp). The rest of the softmax is done here in ggml's order
+# (ggml_compute_forward_soft_max_f32): scale, add the mask, max, the kernel, then y *= (float)(1/sum).
+
+_SOFTMAX_PAD = 16  # llama.cpp's KV length is a multiple of 256: every real key is in a full vector
+
+
+@functools.cache
+def _ggml_row_kernels() -> dict[str, Callable] | None:
+    try:
+        import llama_cpp
+
+        lib_dir = Path(llama_cpp.__file__).parent / "lib"
+        path = next(p for pat in ("libggml-cpu.so*", "libggml-cpu*.dylib", "ggml-cpu*.dll")
+                    for p in sorted(lib_dir.glob(pat)))
+        lib = ctypes.CDLL(str(path))
+        softmax, swiglu = lib.ggml_vec_soft_max_f32, lib.ggml_vec_swiglu_f32
+    except (ImportError, StopIteration, OSError, AttributeError) as e:
+        log.warning("ggml's softmax/SwiGLU kernels not found (%s): torch's exp stands in", e)
+        return None
+    softmax.restype, softmax.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]
+    swiglu.restype, swiglu.argtypes = None, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    return {"softmax": softmax, "swiglu": swiglu}
+
+
+def ggml_softmax(w: torch.Tensor) -> torch.Tensor | None:
+    """softmax over the last dim of scaled, masked scores w, as ggml computes it; None without
+    the library."""
+    kernels = _ggml_row_kernels()
+    if kernels is None:
+        return None
+    n = w.shape[-1]
+    rows = w.detach().float().reshape(-1, n).cpu().numpy()
+    pad = -n % _SOFTMAX_PAD
+    x = np.ascontiguousarray(np.pad(rows, ((0, 0), (0, pad)), constant_values=-np.inf), dtype=np.float32)
+    y = np.zeros_like(x)
+    mx = x.max(axis=1)
+    stride = x.shape[1] * 4
+    for r in range(x.shape[0]):
+        if not np.isfinite(mx[r]):
+            y[r, :] = np.nan  # a fully masked row: ggml asserts; let it show
+            continue
+        total = kernels["softmax"](x.shape[1], y.ctypes.data + r * stride, x.ctypes.data + r * stride, float(mx[r]))
+        y[r] *= np.float32(1.0 / total)  # ggml_vec_scale_f32(ne00, dp, (float)(1.0/sum))
+    return torch.from_numpy(y[:, :n]).reshape(w.shape).to(w.device)
+
+
+def ggml_swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor | None:
+    """silu(gate) * up as ggml_vec_swiglu_f32 computes it, row by row; None without the library."""
+    kernels = _ggml_row_kernels()
+    if kernels is None:
+        return None
+    n = gate.shape[-1]
+    g = np.ascontiguousarray(gate.detach().float().reshape(-1, n).cpu().numpy())
+    u = np.ascontiguousarray(up.detach().float().reshape(-1, n).cpu().numpy())
+    y = np.empty_like(g)
+    if n % _SOFTMAX_PAD == 0:  # elementwise, and no row has a tail: one call does every row
+        kernels["swiglu"](g.size, y.ctypes.data, g.ctypes.data, u.ctypes.data)
+    else:
+        for r in range(g.shape[0]):
+            off = r * n * 4
+            kernels["swiglu"](n, y.ctypes.data + off, g.ctypes.data + off, u.ctypes.data + off)
+    return torch.from_numpy(y).reshape(gate.shape).to(gate.device)
+
+
+def _swiglu_hooks(mlp: nn.Module) -> list:
+    """Hooks on a SwiGLU MLP (down_proj(act_fn(gate_proj(x)) * up_proj(x))) that make down_proj's
+    input ggml's swiglu of the gate and up outputs (before down_proj's own input rounding)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            seen[name] = output
+        return hook
+
+    def replace(module, args):
+        if "gate" not in seen or "up" not in seen:
+            return None
+        exact = ggml_swiglu(seen.pop("gate"), seen.pop("up"))
+        if exact is None:
+            return None
+        return (straight_through(args[0], exact.to(args[0].dtype)), *args[1:])
+
+    return [mlp.gate_proj.register_forward_hook(keep("gate")), mlp.up_proj.register_forward_hook(keep("up")),
+            mlp.down_proj.register_forward_pre_hook(replace, prepend=True)]
+
+
 # --- attention --------------------------------------------------------------------------------
 
 def _repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -145,6 +570,7 @@ def faithful_attention(
     Shapes: query (batch, heads, q_len, dim); key, value (batch, kv_heads, kv_len, dim)."""
     if scaling is None:
         scaling = module.head_dim**-0.5
+    scaling = _scale_f32(scaling)
     if _Q_PRESCALED[module.config.model_type]:
         q, post_scale = _faithful(query * scaling, f16_round), 1.0
     else:
@@ -153,16 +579,39 @@ def faithful_attention(
     k = _repeat_kv(_faithful(key, f16_round), groups)
     v = _repeat_kv(_faithful(value, f16_round), groups)
 
-    weights = torch.matmul(q, k.transpose(2, 3)) * post_scale
+    if arch_for_config(module.config).permute_qk:
+        # The exporter interleaved llama's q/k rows for ggml's NORMAL rope: K*Q sums each head's
+        # elements in that order, which the lanes of the exact product see.
+        weights = _matmul(_interleave_halves(q), _interleave_halves(k)) * post_scale
+    else:
+        weights = _matmul(q, k) * post_scale
     if softcap is not None:  # eager's order (after the scale); none of the four families caps
         weights = torch.tanh(weights / softcap) * softcap
     if attention_mask is not None:
         weights = weights + attention_mask
     probs = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    if _EXACT.get() is not None:
+        exact = ggml_softmax(weights)
+        if exact is not None:
+            probs = straight_through(probs, exact.to(probs.dtype))
     probs = _faithful(probs, f16_round)
     probs = F.dropout(probs, p=dropout, training=module.training)
-    out = torch.matmul(probs, v).transpose(1, 2).contiguous()
+    out = _matmul(probs, v.transpose(2, 3)).transpose(1, 2).contiguous()
     return out, probs
+
+
+def _interleave_halves(x: torch.Tensor) -> torch.Tensor:
+    """(..., d) [x0..x(d/2-1), y0..] -> [x0, y0, x1, y1, ...]: a head as the permuted weights give it."""
+    return x.unflatten(-1, (2, x.shape[-1] // 2)).transpose(-1, -2).flatten(-2)
+
+
+def _scale_f32(scaling: float) -> float:
+    """llama.cpp's attention scale is the float32 1.0f/sqrtf(float(d)) (qwen2.cpp, qwen3.cpp,
+    llama.cpp, gemma3.cpp), not float64 d**-0.5 rounded (an ulp apart for d = 96, 112, ...)."""
+    d = round(scaling**-2)
+    if d > 0 and abs(d * scaling * scaling - 1.0) < 1e-6:
+        return float(np.float32(1.0) / np.sqrt(np.float32(d)))
+    return float(np.float32(scaling))
 
 
 @functools.cache
@@ -220,11 +669,24 @@ def _input_hook(rounding: Callable[[torch.Tensor], torch.Tensor]):
 
 
 @contextmanager
-def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str]):
+def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: bool = True,
+                      exact_head: bool = False):
     """weight_types maps a module name of `model` (e.g. 'model.layers.0.self_attn.q_proj',
     'lm_head') to the ggml type its weight has in the GGUF file: 'q4_0' | 'q8_0' | 'q6_k' | 'f16' |
     'f32'. Inside the context, the model's forward rounds activations as llama.cpp's CPU backend
-    does. The weights themselves are not touched: quantize them separately."""
+    does. The weights themselves are not touched: quantize them separately.
+
+    exact: also sum the matrix products in the order of the loaded llama.cpp build's kernels
+    (where ggml_cpu_build() recognises it; in float64 on the model's device) and take softmax and
+    SwiGLU from ggml's own row kernels (on the CPU, through ctypes): several times the cost of the
+    plain forward, for bit-level agreement. Off, products keep torch's order and exp is torch's:
+    an ulp here and there, so now and then an f16 or Q8_0 rounding after one lands on the other
+    side (a training forward needs no more).
+
+    exact_head: the output head's product in llama.cpp's order too. Off (the default), it keeps
+    torch's: nothing is rounded after it, so the logits differ from llama.cpp's by a few ulps
+    (Gemma 3 270M, Q8_0 head, 512 tokens: max |dlogit| 3e-5, KLD 2e-12), while emulating the
+    lanes of its 262k-row head costs ~7 minutes per 512 tokens on 2 CPU cores."""
     config = model.config.get_text_config()
     family = config.model_type
     if family not in _Q_PRESCALED:
@@ -237,11 +699,38 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str]):
     original_attn = model.config._attn_implementation
     handles = []
     swapped = []  # (mlp module, original activation)
+    patched = []  # (modeling module, its own apply_rotary_pos_emb)
+    token = None
     try:
+        build = ggml_cpu_build() if exact else None
+        head = model.get_output_embeddings()
         for name, module in linears.items():
             rounding = ACTIVATION_ROUNDING[weight_types[name]]
             if rounding is not None:
                 handles.append(module.register_forward_pre_hook(_input_hook(rounding), with_kwargs=True))
+            skip = build is None or (module is head and not exact_head)
+            product = None if skip else _linear_exact(weight_types[name], build)
+            if product is not None:
+                handles.append(module.register_forward_hook(product))
+        if exact:
+            for module in model.modules():
+                if type(module).__name__.endswith("MLP") and family != "gemma3_text":
+                    handles.extend(_swiglu_hooks(module))  # after the Linear hooks: sees their outputs
+        token = _EXACT.set((build,) if exact else None)
+        rotary = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
+        attn_modules = {sys.modules[type(m).__module__] for m in model.modules()
+                        if type(m).__name__.endswith("Attention")}
+        if not rotary or not attn_modules or not all(hasattr(mod, "apply_rotary_pos_emb") for mod in attn_modules):
+            raise ValueError(f"{type(model).__name__}: cannot find its rotary embedding to make it ggml's")
+        offset = arch_for_config(config).norm_offset
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                handles.append(module.register_forward_hook(_rms_norm_hook(config.rms_norm_eps, offset)))
+        for name, module in rotary:
+            handles.append(module.register_forward_hook(_rotary_hook(config, name), with_kwargs=True))
+        for mod in attn_modules:  # the attention forward calls the modeling file's global
+            patched.append((mod, mod.apply_rotary_pos_emb))
+            mod.apply_rotary_pos_emb = _ggml_apply_rotary_pos_emb
         if family == "gemma3_text":
             # llama.cpp's gemma3 graph always uses GELU (LLM_FFN_GELU), whatever the HF config says
             for module in model.modules():
@@ -254,8 +743,12 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str]):
             raise ValueError(f"{type(model).__name__} cannot switch its attention implementation")
         yield model
     finally:
+        if token is not None:
+            _EXACT.reset(token)
         for handle in handles:
             handle.remove()
         for module, act in swapped:
             module.act_fn = act
+        for mod, fn in patched:
+            mod.apply_rotary_pos_emb = fn
         model.set_attn_implementation(original_attn)

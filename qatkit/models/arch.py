@@ -127,11 +127,28 @@ def _rope(config, layer_type: str = "full_attention") -> dict:
     if layer_type in params:
         params = params[layer_type]
     params = dict(params or {})
+    if layer_type == "sliding_attention" and "rope_theta" not in params:
+        # transformers < 5 Gemma 3: the local layers' base is its own attribute
+        params.setdefault("rope_theta", getattr(config, "rope_local_base_freq", 10000.0))
     params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    scaling = getattr(config, "rope_scaling", None) or {}
-    for k, v in scaling.items():
-        params.setdefault(k, v)
+    if layer_type != "sliding_attention":
+        scaling = getattr(config, "rope_scaling", None) or {}
+        for k, v in scaling.items():
+            params.setdefault(k, v)
     return params
+
+
+def rope_base_and_factor(config, layer_type: str = "full_attention") -> tuple[float, float]:
+    """(freq_base, linear scaling factor) of the rotary embedding of one layer type, as the
+    exported file gives them to llama.cpp (its angle for pair i at position p is
+    p * base^(-2i/n_dims) / factor). Raises for a scaling qatkit cannot write."""
+    rope = _rope(config, layer_type)
+    kind = rope.get("rope_type") or rope.get("type") or "default"
+    if kind == "linear":
+        return float(rope["rope_theta"]), float(rope["factor"])
+    if kind != "default":
+        raise QatkitError(f"rope scaling {kind!r} is not supported yet (supported: default, linear)")
+    return float(rope["rope_theta"]), 1.0
 
 
 def hparams(arch: Arch, config) -> dict[str, int | float | str]:
@@ -150,14 +167,22 @@ def hparams(arch: Arch, config) -> dict[str, int | float | str]:
         f"{a}.attention.value_length": int(head_dim),
         f"{a}.rope.dimension_count": int(head_dim),
     }
-    rope = _rope(config)
-    out[f"{a}.rope.freq_base"] = float(rope["rope_theta"])
-    kind = rope.get("rope_type") or rope.get("type") or "default"
-    if kind == "linear":
+    try:
+        base, factor = rope_base_and_factor(config)
+    except QatkitError as e:
+        raise QatkitError(f"{a}: {e}") from None
+    out[f"{a}.rope.freq_base"] = base
+    if factor != 1.0:
         out[f"{a}.rope.scaling.type"] = "linear"
-        out[f"{a}.rope.scaling.factor"] = float(rope["factor"])
-    elif kind != "default":
-        raise QatkitError(f"{a}: rope scaling {kind!r} is not supported yet (supported: default, linear)")
+        out[f"{a}.rope.scaling.factor"] = factor
     if "sliding_window" in arch.extra_keys and getattr(config, "sliding_window", None):
         out[f"{a}.attention.sliding_window"] = int(config.sliding_window)
+        # llama.cpp's Gemma 3 rotates its sliding-window layers with `rope.freq_base_swa`
+        # (10000 when the key is absent, src/models/gemma3.cpp load_arch_hparams) and no scaling
+        # (rope_freq_scale_train_swa stays 1): write the config's own local base, so that a
+        # config whose sliding layers use another base is not silently rotated with 10000.
+        swa_base, swa_factor = rope_base_and_factor(config, "sliding_attention")
+        if swa_factor != 1.0:
+            raise QatkitError(f"{a}: llama.cpp cannot scale the sliding-window layers' rope (factor {swa_factor})")
+        out[f"{a}.rope.freq_base_swa"] = swa_base
     return out
