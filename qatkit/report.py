@@ -58,11 +58,21 @@ def plot_training(rows: list[dict], path: Path) -> None:
 
 def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
     names = list(errors)
-    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
+    x = range(len(names))
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     for key in ("ptq", "qat"):
-        ax.plot(range(len(names)), [100 * errors[n][key] for n in names], ".-", color=COLORS[key], lw=1, label=LABELS[key])
+        ax.plot(x, [100 * errors[n][key] for n in names], ".-", color=COLORS[key], lw=1, label=LABELS[key])
     ax.set_ylim(bottom=0)
-    _finish(fig, ax, path, "quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)", "relative output error, %", "Per-layer quantization error on held-out activations")
+    ax.set_ylabel("relative output error, %")
+    ax.set_title("Per-layer quantization error on held-out activations")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    # QAT does not make each layer match its float twin; it makes the errors cancel downstream.
+    ratio = [errors[n]["qat"] / errors[n]["ptq"] for n in names]
+    ax2.plot(x, ratio, ".-", color=COLORS["qat"], lw=1, label="QAT error / PTQ error")
+    ax2.axhline(1.0, color=COLORS["ptq"], ls="--", lw=1)
+    ax2.set_ylabel("ratio")
+    _finish(fig, ax2, path, "quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)", "QAT / PTQ", "")
 
 
 def plot_size_ppl(files: dict[str, dict], path: Path) -> None:
