@@ -27,6 +27,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--kl-positions", type=float, default=0.25)
     ap.add_argument("--learn-scales", action="store_true")
     ap.add_argument("--chunks", type=int, default=8)
@@ -35,11 +37,11 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    train = TrainConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, kl_positions=args.kl_positions, eval_every=25, ckpt_every=25)
+    train = TrainConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, kl_positions=args.kl_positions, eval_every=25, ckpt_every=25)
     cfg = RunConfig(model="gemma3-270m", qat=QATConfig(learn_scales=args.learn_scales), train=train)
     r = run(cfg, args.out, default_eval_text(), args.chunks, resume=args.resume)
     f = r["files"]
-    print(f"\nGemma 3 270M, Q4_0 (llama.cpp's default mix), {r['steps']} steps x {args.seq_len} tokens ({r['tokens_seen']:,} tokens) in {r['train_seconds']:.0f} s of training, {r['wall_s']:.0f} s in all")
+    print(f"\nGemma 3 270M, Q4_0 (llama.cpp's default mix), {r['steps']} steps x {args.batch_size * args.grad_accum} x {args.seq_len} tokens ({r['tokens_seen']:,} tokens) in {r['train_seconds']:.0f} s of training, {r['wall_s']:.0f} s in all")
     print(f"held-out: {f['teacher']['tokens']} tokens of CPython's pydoc prose (training text: Shakespeare)")
     print(f"{'file':<26} {'PPL':>8} {'KLD':>8} {'same top':>9} {'MB':>7}")
     for key, label in (("teacher", "float teacher (F32)"), ("ptq", "llama.cpp PTQ Q4_0"), ("qat", "qatkit QAT Q4_0")):

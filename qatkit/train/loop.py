@@ -168,8 +168,31 @@ def _set_fake_quant(student, on: bool) -> None:
             m.enabled = on
 
 
-def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True) -> list[dict]:
-    """Train `student` in place; returns the metrics rows (also appended to run_dir/metrics.jsonl)."""
+def default_device() -> torch.device:
+    """CUDA when present. Training stays in float32 there too (TF32 off): bf16 autocast would
+    round the fake-quantized weights themselves (a Q4_0 value (q - 8) * fp16(d) needs up to 14
+    significant bits, bf16 has 8), and the student would no longer compute what the file holds."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, device: torch.device | None = None) -> list[dict]:
+    """Train `student` in place on `device` (default: CUDA when present); returns the metrics rows
+    (also appended to run_dir/metrics.jsonl). Both models are back on the CPU afterwards."""
+    device = device or default_device()
+    student.to(device)
+    teacher.to(device)
+    try:
+        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device)
+    finally:
+        student.cpu()
+        teacher.cpu()
+
+
+def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     teacher.eval().requires_grad_(False)
@@ -195,7 +218,7 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
     try:
         for step in bar:
             data_at_step = batches.state_dict()
-            row = _step(student, teacher, opt, batches, step, cfg)
+            row = _step(student, teacher, opt, batches, step, cfg, device)
             updating = True
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -227,7 +250,7 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
     return rows
 
 
-def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig) -> dict:
+def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, device: torch.device) -> dict:
     """Forward and backward of one optimizer step (all micro-batches); returns its metrics row."""
     lr_scale = lr_at(step, cfg) / cfg.lr
     for g in opt.param_groups:
@@ -236,8 +259,8 @@ def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig) 
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     stats_sum: dict[str, float] = {}
     for _ in range(cfg.grad_accum):
-        x = next(batches)
-        loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen), cfg)
+        x = next(batches).to(device)
+        loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen).to(device), cfg)
         (loss / cfg.grad_accum).backward()
         stats["loss"] = float(loss.detach())
         for k, v in stats.items():
