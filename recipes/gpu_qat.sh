@@ -3,7 +3,8 @@
 # steps of 8 x 512 tokens (~8M tokens), KL on every position. The trainer picks CUDA by itself and
 # stays in float32 (bf16 would round the fake-quantized weights; see qatkit/train/loop.py).
 # Not yet run on a GPU: no figures from it are recorded.
-#   Bring your own CUDA torch first (pip install torch), then: bash recipes/gpu_qat.sh
+#   Bring your own CUDA torch first: python3 -m venv .venv && .venv/bin/pip install torch
+#   (setup.sh then keeps it), then: bash recipes/gpu_qat.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
