@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from transformers.models.llama.modeling_llama import eager_attention_forward
 
 from qatkit.eval import faithful
 from qatkit.eval.faithful import llamacpp_faithful
+from qatkit.eval.ggml_ref import library
 from qatkit.formats import q8_0
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
@@ -216,10 +216,10 @@ class _InitParams(ctypes.Structure):
 class Ggml:
     """The few ggml functions these tests call, through ctypes."""
 
-    def __init__(self, libdir: Path):
+    def __init__(self):
         p, i64 = ctypes.c_void_p, ctypes.c_int64
-        self.base = ctypes.CDLL(str(libdir / "libggml-base.so"), mode=ctypes.RTLD_GLOBAL)
-        self.cpu = ctypes.CDLL(str(libdir / "libggml-cpu.so"), mode=ctypes.RTLD_GLOBAL)
+        self.base = library("ggml-base", mode=ctypes.RTLD_GLOBAL)
+        self.cpu = library("ggml-cpu", mode=ctypes.RTLD_GLOBAL)
         sigs = {
             "ggml_init": (p, [_InitParams]), "ggml_free": (None, [p]),
             "ggml_new_tensor_2d": (p, [p, ctypes.c_int, i64, i64]), "ggml_get_data": (p, [p]),
@@ -273,13 +273,12 @@ class Ggml:
 
 @pytest.fixture(scope="module")
 def ggml() -> Ggml:
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None:
+    if importlib.util.find_spec("llama_cpp") is None:
         pytest.skip("llama-cpp-python is not installed")
-    libdir = Path(spec.origin).parent / "lib"
-    if not (libdir / "libggml-cpu.so").exists():
-        pytest.skip(f"no libggml-cpu.so in {libdir}")
-    return Ggml(libdir)
+    try:
+        return Ggml()
+    except FileNotFoundError as e:
+        pytest.skip(str(e))
 
 
 def _activations(seed: int, rows: int = 16, n: int = 1024) -> np.ndarray:

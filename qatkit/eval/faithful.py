@@ -43,7 +43,6 @@ import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -470,14 +469,11 @@ _SOFTMAX_PAD = 16  # llama.cpp's KV length is a multiple of 256: every real key 
 @functools.cache
 def _ggml_row_kernels() -> dict[str, Callable] | None:
     try:
-        import llama_cpp
+        from .ggml_ref import library
 
-        lib_dir = Path(llama_cpp.__file__).parent / "lib"
-        path = next(p for pat in ("libggml-cpu.so*", "libggml-cpu*.dylib", "ggml-cpu*.dll")
-                    for p in sorted(lib_dir.glob(pat)))
-        lib = ctypes.CDLL(str(path))
+        lib = library("ggml-cpu")
         softmax, swiglu = lib.ggml_vec_soft_max_f32, lib.ggml_vec_swiglu_f32
-    except (ImportError, StopIteration, OSError, AttributeError) as e:
+    except (ImportError, FileNotFoundError, OSError, AttributeError) as e:
         log.warning("ggml's softmax/SwiGLU kernels not found (%s): torch's exp stands in", e)
         return None
     softmax.restype, softmax.argtypes = ctypes.c_double, [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_float]

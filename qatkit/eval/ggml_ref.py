@@ -28,11 +28,19 @@ def _lib_dir() -> Path:
     raise FileNotFoundError(f"no libggml-base in {pkg}/lib or {pkg}")
 
 
+def library(name: str, mode: int = ctypes.DEFAULT_MODE) -> ctypes.CDLL:
+    """llama-cpp-python's bundled ggml library `name` ('ggml-base', 'ggml-cpu', ...)."""
+    d = _lib_dir()
+    for pattern in (f"lib{name}.so*", f"lib{name}*.dylib", f"{name}*.dll"):
+        found = sorted(d.glob(pattern))
+        if found:
+            return ctypes.CDLL(str(found[0]), mode=mode)
+    raise FileNotFoundError(f"no {name} library in {d}")
+
+
 @functools.lru_cache(maxsize=None)
 def _lib() -> ctypes.CDLL:
-    d = _lib_dir()
-    candidates = sorted(d.glob("libggml-base.so*")) + sorted(d.glob("libggml-base*.dylib")) + sorted(d.glob("ggml-base*.dll"))
-    lib = ctypes.CDLL(str(candidates[0]))
+    lib = library("ggml-base")
     lib.ggml_quantize_init.argtypes = [ctypes.c_int]
     lib.ggml_quantize_init.restype = None
     lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
