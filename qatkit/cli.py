@@ -61,7 +61,7 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("files", nargs="+", metavar="FILE.gguf")
     p.add_argument("--ref", metavar="REF.gguf", help="reference (usually the float teacher)")
-    p.add_argument("--text", required=True, type=Path, metavar="TEXT_FILE", help="UTF-8 text to score (held out from training)")
+    p.add_argument("--text", type=Path, metavar="TEXT_FILE", help="UTF-8 text to score, held out from training (default: CPython's own English reference prose, what `qatkit run` scores)")
     p.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
     p.add_argument("--json", action="store_true", help="one JSON object per file, a line each")
