@@ -45,3 +45,36 @@ def test_run_report_agrees_with_eval(tmp_path, capsys):
     for row, key in zip(rows, ("ptq", "qat")):
         assert row["ppl"] == report["files"][key]["ppl"] and row["kld"] == report["files"][key]["kld"]
     assert report["export_gap"]["faithful"]["same_top"] == 100.0
+
+
+def test_run_interrupted_then_resumed(tmp_path, monkeypatch, capsys):
+    """Ctrl-C during training: `qatkit run` exits 130 keeping its checkpoint; `--resume` continues
+    from it instead of starting over, and the report comes out."""
+    from qatkit.train import loop
+
+    src = hf_dir(tmp_path / "m", hidden=64)
+    (tmp_path / "train.txt").write_text(TEXT * 6)
+    (tmp_path / "held.txt").write_text(TEXT.upper() * 12)
+    out = tmp_path / "run"
+    args = ["run", "--model", str(src), "--data", str(tmp_path / "train.txt"), "--text", str(tmp_path / "held.txt"),
+            "--steps", "6", "--seq-len", "32", "--chunks", "1", "--ckpt-every", "100", "--out", str(out)]
+    real_step, calls = loop._step, []
+
+    def ctrl_c_in_step_4(*a):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_step(*a)
+
+    monkeypatch.setattr(loop, "_step", ctrl_c_in_step_4)
+    assert main(args) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert (out / "train" / "checkpoint.pt").exists() and not (out / "report.json").exists()
+    monkeypatch.setattr(loop, "_step", real_step)
+    calls.clear()
+    monkeypatch.setattr(loop, "_step", lambda *a: (calls.append(1), real_step(*a))[1])
+    assert main(args + ["--resume"]) == 0
+    assert len(calls) == 3  # steps 3, 4, 5 only: the first three were kept
+    rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3, 4, 5]
+    assert json.loads((out / "report.json").read_text())["steps"] == 6
