@@ -193,7 +193,7 @@ def cmd_export(args) -> int:
 def cmd_eval(args) -> int:
     from .eval.llama import score
 
-    text = _default_eval_text() if args.text is None else _read_text(args.text)
+    text = _eval_text(args.text)
     rows = []
     for f in args.files:
         r = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
@@ -215,10 +215,13 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _default_eval_text() -> str:
-    from .train.data import default_eval_text
+def _eval_text(path: Path | None) -> str:
+    """--text, or the held-out prose `qatkit run` scores by default."""
+    if path is None:
+        from .train.data import default_eval_text
 
-    return default_eval_text()
+        return default_eval_text()
+    return _read_text(path)
 
 
 def _read_text(path: Path) -> str:
@@ -238,7 +241,7 @@ def cmd_run(args) -> int:
 
     if args.quick:
         args.steps, args.chunks = min(args.steps, 20), min(args.chunks, 2)
-    text = _default_eval_text() if args.text is None else _read_text(args.text)
+    text = _eval_text(args.text)
     cfg = _run_config(args)
     report = run(cfg, args.out, text, args.chunks, resume=args.resume)
     print(format_table([{**report["files"][k], "path": f"{k}: {Path(report['files'][k]['path']).name}"} for k in report["files"]]))

@@ -15,13 +15,18 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
 
 
-def test_run_report_agrees_with_eval(tmp_path, capsys):
+def run_args(tmp_path, out, *extra) -> list[str]:
+    """`qatkit run` on a tiny llama (6 steps of 32 tokens) with its own training and held-out text."""
     src = hf_dir(tmp_path / "m", hidden=64)
     (tmp_path / "train.txt").write_text(TEXT * 6)
     (tmp_path / "held.txt").write_text(TEXT.upper() * 12)
+    return ["run", "--model", str(src), "--data", str(tmp_path / "train.txt"), "--text", str(tmp_path / "held.txt"),
+            "--steps", "6", "--seq-len", "32", "--chunks", "1", "--out", str(out), *extra]
+
+
+def test_run_report_agrees_with_eval(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["run", "--model", str(src), "--data", str(tmp_path / "train.txt"), "--text", str(tmp_path / "held.txt"),
-            "--steps", "6", "--seq-len", "32", "--lr", "3e-4", "--chunks", "1", "--out", str(out)]
+    args = run_args(tmp_path, out, "--lr", "3e-4")
     assert main(args) == 0
     report = json.loads((out / "report.json").read_text())
     for key in ("files", "gap_closure", "export_gap", "steps", "tokens_seen", "train_seconds", "wall_s", "peak_rss_mb"):
@@ -52,12 +57,8 @@ def test_run_interrupted_then_resumed(tmp_path, monkeypatch, capsys):
     from it instead of starting over, and the report comes out."""
     from qatkit.train import loop
 
-    src = hf_dir(tmp_path / "m", hidden=64)
-    (tmp_path / "train.txt").write_text(TEXT * 6)
-    (tmp_path / "held.txt").write_text(TEXT.upper() * 12)
     out = tmp_path / "run"
-    args = ["run", "--model", str(src), "--data", str(tmp_path / "train.txt"), "--text", str(tmp_path / "held.txt"),
-            "--steps", "6", "--seq-len", "32", "--chunks", "1", "--ckpt-every", "100", "--out", str(out)]
+    args = run_args(tmp_path, out, "--ckpt-every", "100")
     real_step, calls = loop._step, []
 
     def ctrl_c_in_step_4(*a):

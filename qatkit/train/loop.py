@@ -55,6 +55,10 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: bool = False
 
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batch_size * self.grad_accum * self.seq_len
+
     def __post_init__(self):
         for name in ("steps", "batch_size", "seq_len", "grad_accum"):
             if getattr(self, name) < 1:
@@ -86,6 +90,11 @@ def positions(seq_len: int, fraction: float, gen: torch.Generator) -> torch.Tens
     return torch.randperm(seq_len - 1, generator=gen)[:n].sort().values
 
 
+def kl_per_position(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student) at each position from log-probabilities (..., vocab) -> (...)."""
+    return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
+
+
 def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
     """KL(teacher || student) at temperature T on positions `pos` (x: (B, L) token ids)."""
     with torch.no_grad():
@@ -94,12 +103,12 @@ def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: Trai
     T = cfg.temperature
     t_logp = F.log_softmax(t_logits / T, -1)
     s_logp = F.log_softmax(s_logits / T, -1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1).mean()
+    kl = kl_per_position(t_logp, s_logp).mean()
     loss = kl * T * T  # T^2 keeps gradient sizes comparable across temperatures
     if T != 1:  # report the KL at T=1, the one evaluation measures
         with torch.no_grad():
             t1, s1 = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
-            kl = (t1.exp() * (t1 - s1)).sum(-1).mean()
+            kl = kl_per_position(t1, s1).mean()
     stats = {"kl": float(kl.detach())}
     if cfg.ce_weight:
         ce = F.cross_entropy(s_logits.flatten(0, 1), x[:, pos + 1].flatten())
@@ -116,7 +125,7 @@ def held_out_kl(student, teacher, seqs: torch.Tensor, batch_size: int = 1) -> fl
         x = seqs[i : i + batch_size]
         t = F.log_softmax(_head(teacher, teacher.model(x).last_hidden_state[:, :-1]), -1)
         s = F.log_softmax(_head(student, student.model(x).last_hidden_state[:, :-1]), -1)
-        total += (t.exp() * (t - s)).sum(-1).double().sum()
+        total += kl_per_position(t, s).double().sum()
         count += t.shape[0] * t.shape[1]
     return float(total / count)
 
@@ -213,7 +222,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     _write_rows(metrics_path, rows)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress, dynamic_ncols=True)
-    t_last, tokens_per_step = time.time(), cfg.batch_size * cfg.grad_accum * cfg.seq_len
+    t_last = time.time()
     done, data_at_step, updating = start, batches.state_dict(), False
     try:
         for step in bar:
@@ -224,7 +233,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
             opt.zero_grad(set_to_none=True)
             updating, done = False, step + 1
             now = time.time()
-            row["tokens_per_s"] = round(tokens_per_step / max(now - t_last, 1e-9), 1)
+            row["tokens_per_s"] = round(cfg.tokens_per_step / max(now - t_last, 1e-9), 1)
             t_last = now
             if held_seqs is not None and len(held_seqs) and (done % cfg.eval_every == 0 or done == cfg.steps):
                 student.eval()

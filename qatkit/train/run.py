@@ -85,7 +85,7 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     tmp.write_text(cfg.to_json())
     os.replace(tmp, run_dir / "config.json")
     rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress)
-    result = {"run_dir": str(run_dir), "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum * cfg.train.seq_len, "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan}
+    result = {"run_dir": str(run_dir), "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step, "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan}
     if export:
         scales = convert(student, source.arch)
         out = run_dir / f"qat-{cfg.qat.fmt}.gguf"
