@@ -115,6 +115,8 @@ def _add_train_knobs(p) -> None:
     d = TrainDefaults
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warm-up, then cosine)")
+    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="the cosine ends at lr x this (1 = constant lr)")
+    p.add_argument("--scale-lr", type=float, default=d.scale_lr, help="learning rate of the learned Q4_0 scales (with --learn-scales)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
@@ -125,6 +127,7 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--learn-scales", action="store_true", help="learn the Q4_0 block scales (LSQ-style; exported exactly)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, ~30%% more time")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -137,6 +140,7 @@ def _run_config(args) -> "RunConfig":
         steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
         kl_positions=args.kl_positions, temperature=args.temperature, ce_weight=args.ce_weight, fq_warmup=args.fq_warmup,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, seed=args.seed,
+        min_lr_ratio=args.min_lr_ratio, scale_lr=args.scale_lr, grad_checkpointing=args.grad_checkpointing,
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed)

@@ -5,6 +5,10 @@ optimizer keeps training the float "latent" weight); the forward multiplies by
 dequantize(quantize(weight)) from qatkit.formats, the very function the exporter calls, so the
 trained numbers are the exported numbers. `to_linear()` goes back.
 
+Mobile schemes ('int4', 'int4g32', 'int2', 'int8'; qatkit.formats.mobile) also quantize the
+Linear's input to int8 per token, as the phone runtime does, and always carry their bf16 scales
+(a buffer, or a Parameter when learned), chosen once at prepare time by a squared-error search.
+
 Learned scales (LSQ-style, Q4_0 only): Q4_0 stores any fp16 d per block of 32, so a learned d
 exports exactly. The scale starts at ggml's own choice (max / -8) and trains with the gradient
 
@@ -20,9 +24,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .formats import q4_0, q8_0
+from .formats import mobile, q4_0, q8_0
 
 WEIGHT_FORMATS = ("q4_0", "q8_0")
+
+
+def is_mobile(fmt: str) -> bool:
+    """True for a mobile weight scheme name such as 'int4', 'int4g32', 'int2', 'int8'."""
+    try:
+        mobile.parse_spec(fmt)
+    except ValueError:
+        return False
+    return True
 
 
 class _LearnedScaleQ4_0(torch.autograd.Function):
@@ -48,18 +61,20 @@ class _LearnedScaleQ4_0(torch.autograd.Function):
 
 
 class FakeQuantLinear(nn.Linear):
-    """nn.Linear whose forward uses the quantized weight of `fmt` ('q4_0' or 'q8_0').
+    """nn.Linear whose forward uses the quantized weight of `fmt` ('q4_0', 'q8_0', or a mobile
+    scheme, which also quantizes the input to int8 per token).
 
     `enabled` False makes it a plain Linear (fake-quant switched on after warm-up steps)."""
 
     fmt: str
     enabled: bool
+    spec: mobile.WeightSpec | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: str, learn_scales: bool = False) -> "FakeQuantLinear":
-        if fmt not in WEIGHT_FORMATS:
-            raise ValueError(f"fake-quant format {fmt!r} is not one of {WEIGHT_FORMATS}")
-        if learn_scales and fmt != "q4_0":
+        if fmt not in WEIGHT_FORMATS and not is_mobile(fmt):
+            raise ValueError(f"fake-quant format {fmt!r} is not one of {WEIGHT_FORMATS} or a mobile scheme (int4, int4g32, int2, int8)")
+        if learn_scales and fmt == "q8_0":
             raise ValueError(f"learned scales are for q4_0 only, not {fmt!r}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -67,7 +82,17 @@ class FakeQuantLinear(nn.Linear):
         new.weight = linear.weight  # the same Parameter: optimizers and ties keep working
         new.bias = linear.bias
         new.fmt, new.enabled = fmt, True
-        if learn_scales:
+        if is_mobile(fmt):
+            new.spec = mobile.parse_spec(fmt)
+            if not new.spec.fits(new.in_features):
+                raise ValueError(f"{fmt} needs rows whose length is a multiple of {new.spec.group}, got {new.in_features}")
+            with torch.no_grad():
+                s = mobile.weight_scale(linear.weight, new.spec).float()
+            if learn_scales:
+                new.scale = nn.Parameter(s)
+            else:
+                new.register_buffer("scale", s)
+        elif learn_scales:
             with torch.no_grad():
                 d = q4_0.absmax_scale(linear.weight).to(torch.float16).float()
             new.scale = nn.Parameter(d)
@@ -76,13 +101,18 @@ class FakeQuantLinear(nn.Linear):
         return new
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.spec is not None:
+            return mobile.learned_fake_quant_weight(self.weight, self.scale, self.spec)
         if self.scale is not None:
             return _LearnedScaleQ4_0.apply(self.weight, self.scale)
         return (q4_0 if self.fmt == "q4_0" else q8_0).fake_quant(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight() if self.enabled else self.weight
-        return F.linear(x, w, self.bias)
+        if not self.enabled:
+            return F.linear(x, self.weight, self.bias)
+        if self.spec is not None:
+            x = mobile.fake_quant_act(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear.__new__(nn.Linear)
@@ -92,5 +122,7 @@ class FakeQuantLinear(nn.Linear):
         return lin
 
     def extra_repr(self) -> str:
-        learned = ", learned scales" if self.scale is not None else ""
+        learned = ", learned scales" if isinstance(self.scale, nn.Parameter) else ""
+        if self.spec is not None:
+            learned += ", int8 activations per token"
         return f"{super().extra_repr()}, fmt={self.fmt}{learned}, enabled={self.enabled}"

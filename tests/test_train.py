@@ -79,3 +79,20 @@ def test_bad_settings():
         TrainConfig(kl_positions=0)
     with pytest.raises(QatkitError, match="steps"):
         TrainConfig(steps=0)
+
+
+def test_grad_checkpointing_changes_nothing_but_memory(tmp_path):
+    """Recomputing activations in backward must give the very same weights, and must really be on."""
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, kl_positions=1.0, eval_every=3)
+    teacher, a, tr, held = setup(learn_scales=True)
+    train(a, teacher, tr, held, cfg, tmp_path / "a", progress=False)
+    teacher, b, tr, held = setup(learn_scales=True)
+    calls = []
+    for layer in b.model.layers:  # (the layer's own hooks are not re-run by the recompute)
+        layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
+    train(b, teacher, tr, held, TrainConfig(**{**cfg.__dict__, "grad_checkpointing": True}), tmp_path / "b", progress=False)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    # each layer runs twice per training step (forward, then again in backward), once per evaluation
+    n_layers, evals = len(b.model.layers), 2 * len(held)
+    assert len(calls) == n_layers * (2 * cfg.steps + evals), len(calls)

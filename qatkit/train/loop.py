@@ -206,8 +206,8 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     teacher.eval().requires_grad_(False)
     student.train()
-    if cfg.grad_checkpointing:
-        student.gradient_checkpointing_enable()
+    if cfg.grad_checkpointing:  # transformers >= 5 renamed it
+        (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
     opt = make_optimizer(student, cfg)
     batches = Batches(train_seqs, cfg.batch_size, cfg.seed)
     start = 0

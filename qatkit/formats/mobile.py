@@ -1,0 +1,210 @@
+"""The mobile format: channel-wise integer weights with bf16 scales, int8 activations per token.
+
+What phone CPUs (XNNPACK's qd8 x qc4w / qc8w kernels, via ExecuTorch) compute with, defined
+once here; fake-quant (training), convert and the ExecuTorch exporter all call these functions.
+
+Weights, symmetric, b bits (b = 2, 4 or 8), codes q in [-2^(b-1), 2^(b-1) - 1], one scale per
+output channel (row) or per group of `group` weights along the row:
+
+    s     = bf16 scale (chosen by `weight_scale`, or learned)
+    q     = clamp(round_half_even(w / float32(s)), qmin, qmax)     (one float32 division)
+    value = q * float32(s)
+
+XNNPACK stores the scale in bf16 and its kernels widen it exactly, so the scale is a bf16 number
+from the start; a float32 scale would be rounded by the runtime after training (measured: the
+.pte then drifts from the trained model by 1e-2). int2 weights are carried as int4 codes in
+[-2, 1] where the runtime has no 2-bit kernel: the numbers are exact, the size is int4's.
+
+The scale `weight_scale` picks minimises the squared error of each row (or group) over a grid
+of candidates between 0.5 and 1.1 times amax / qmax (amax / 1.5 at 2 bits), plus torchao's own
+choice amax / ((qmax - qmin) / 2), so it is never worse than torchao's PTQ; the search matters
+most at 2 bits.
+
+Activations, int8 asymmetric per token (each row of the input), dynamic: see `act_qparams`.
+
+Embeddings: weight-only, b = 4 or 8 bits per row, the same rule as the weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from ._ste import straight_through
+
+SCALE_DTYPE = torch.bfloat16
+_EPS = torch.finfo(torch.float32).smallest_normal
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    """How one tensor is stored: `bits` per weight, one scale per row (group=None) or per group."""
+
+    bits: int
+    group: int | None = None
+
+    def __post_init__(self):
+        if self.bits not in (2, 4, 8):
+            raise ValueError(f"mobile weights are 2, 4 or 8 bits, not {self.bits}")
+        if self.group is not None and self.group < 1:
+            raise ValueError(f"group size must be >= 1, got {self.group}")
+
+    @property
+    def qmin(self) -> int:
+        return -(1 << (self.bits - 1))
+
+    @property
+    def qmax(self) -> int:
+        return (1 << (self.bits - 1)) - 1
+
+    @property
+    def name(self) -> str:
+        return f"int{self.bits}" + (f"g{self.group}" if self.group else "")
+
+    def group_size(self, width: int) -> int:
+        return width if self.group is None else self.group
+
+    def fits(self, width: int) -> bool:
+        return self.group is None or width % self.group == 0
+
+    def storage_bits(self) -> int:
+        """Bits per weight in the runtime's file (int2 rides in int4 codes)."""
+        return 8 if self.bits == 8 else 4
+
+
+def parse_spec(name: str) -> WeightSpec:
+    """'int4' -> per channel, 'int4g32' -> groups of 32, 'int2', 'int8'."""
+    m = re.fullmatch(r"int(\d)(?:g(\d+))?", name)
+    if not m:
+        raise ValueError(f"unknown mobile weight scheme {name!r} (examples: int4, int4g32, int2, int8)")
+    return WeightSpec(int(m[1]), int(m[2]) if m[2] else None)
+
+
+def _grouped(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    if w.dim() != 2:
+        raise ValueError(f"mobile weights are 2-D (out, in), got shape {tuple(w.shape)}")
+    g = spec.group_size(w.shape[1])
+    if w.shape[1] % g:
+        raise ValueError(f"{spec.name} needs rows whose length is a multiple of {g}, got shape {tuple(w.shape)}")
+    return w.reshape(w.shape[0], w.shape[1] // g, g)
+
+
+def _codes(wg: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """Grouped float32 weights (rows, groups, g) and float32 scales (rows, groups) -> float codes."""
+    return torch.clamp(torch.round(wg / s.unsqueeze(-1)), spec.qmin, spec.qmax)
+
+
+_CANDIDATES = torch.linspace(0.5, 1.1, 25).tolist()
+
+
+def weight_scale(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """bf16 scales (rows, groups) that minimise the squared quantization error of each group."""
+    wg = _grouped(w.detach().float(), spec)
+    amax = wg.abs().amax(-1)
+    base = amax / spec.qmax if spec.bits > 2 else amax / 1.5  # int2: {-2,-1,0,1}, 1.5 centres the grid
+    plain = amax / ((spec.qmax - spec.qmin) / 2)  # torchao's rule, a candidate too: never worse
+    best_s = torch.clamp(plain, min=_EPS).to(SCALE_DTYPE)
+    best_err = torch.full_like(amax, float("inf"))
+    for cand in [plain] + [base * f for f in _CANDIDATES]:
+        s = torch.clamp(cand, min=_EPS).to(SCALE_DTYPE)
+        s32 = s.float()
+        err = ((_codes(wg, s32, spec) * s32.unsqueeze(-1) - wg) ** 2).sum(-1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better, s, best_s)
+    return best_s
+
+
+def quantize_weight(w: torch.Tensor, spec: WeightSpec, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """w (out, in) float -> (codes int8 (out, in), scales bf16 (out, groups)). `scale` passes
+    given (learned) scales; they are rounded to bf16 first, as the runtime stores them."""
+    if scale is None:
+        scale = weight_scale(w, spec)
+    s = scale.detach().to(SCALE_DTYPE)
+    wg = _grouped(w.detach().float(), spec)
+    if s.shape != wg.shape[:2]:
+        raise ValueError(f"scales of shape {tuple(s.shape)} do not fit weights {tuple(w.shape)} as {spec.name}")
+    codes = _codes(wg, s.float(), spec)
+    return codes.reshape(w.shape).to(torch.int8), s
+
+
+def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """(codes int8 (out, in), scales bf16 (out, groups)) -> float32 values."""
+    cg = _grouped(codes.float(), spec)
+    return (cg * scale.float().unsqueeze(-1)).reshape(codes.shape)
+
+
+def fake_quant_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """dequantize(quantize(w)) in w's dtype with a straight-through gradient (fixed scales)."""
+    codes, s = quantize_weight(w, spec)
+    return straight_through(w, dequantize_weight(codes, s, spec).to(w.dtype))
+
+
+def learned_fake_quant_weight(w: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
+    """dequantize(quantize(w, s)) with LSQ gradients for learned scales `s` (rows, groups):
+    d/ds = q - w/s inside the grid and q where w is clipped; d/dw = 1 inside, 0 where clipped.
+    The forward rounds s to bf16 first, exactly as `quantize_weight` does."""
+    _grouped(w, spec)  # shape checks
+    return _LearnedScale.apply(w, s, spec.qmin, spec.qmax, spec.group_size(w.shape[1]))
+
+
+class _LearnedScale(torch.autograd.Function):
+    @staticmethod
+    def _grid(w, s16, qmin, qmax, g):
+        x = w.float().reshape(w.shape[0], -1, g) / s16.unsqueeze(-1)
+        return x, torch.clamp(torch.round(x), qmin, qmax)
+
+    @staticmethod
+    def forward(ctx, w, s, qmin: int, qmax: int, g: int):
+        s16 = s.detach().to(SCALE_DTYPE).float()
+        _, q = _LearnedScale._grid(w.detach(), s16, qmin, qmax, g)
+        ctx.save_for_backward(w, s16)  # x and q are recomputed: they would cost 8 bytes a weight
+        ctx.grid = (qmin, qmax, g)
+        return (q * s16.unsqueeze(-1)).reshape(w.shape).to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, s16 = ctx.saved_tensors
+        qmin, qmax, g = ctx.grid
+        x, q = _LearnedScale._grid(w.detach(), s16, qmin, qmax, g)
+        inside = (x >= qmin - 0.5) & (x <= qmax + 0.5)
+        gr = grad.float().reshape(x.shape)
+        grad_w = torch.where(inside, gr, torch.zeros_like(gr)).reshape(grad.shape).to(grad.dtype)
+        grad_s = (gr * torch.where(inside, q - x, q)).sum(-1)
+        return grad_w, grad_s, None, None, None
+
+
+# ------------------------------------------------------------------------------ activations
+def act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (last dim) asymmetric int8 parameters, as the exported graph defines them
+    (torchao's choose_qparams_affine, which XNNPACK's dynamic quantization replaces at run time):
+
+        lo = min(min(x), 0), hi = max(max(x), 0)          (the range always holds 0)
+        scale = max((hi - lo) / 255, smallest normal float32)
+        zero_point = clamp(-128 - round_half_even(lo / scale), -128, 127)
+    """
+    xf = x.detach().float()
+    lo = torch.clamp(xf.amin(-1, keepdim=True), max=0.0)
+    hi = torch.clamp(xf.amax(-1, keepdim=True), min=0.0)
+    scale = torch.clamp((hi - lo) / 255.0, min=_EPS)
+    zp = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
+    return scale, zp
+
+
+def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (..., n) -> (codes int8, scale float32 (..., 1), zero point float (..., 1)):
+    q = clamp(round_half_even(x * (1 / scale)) + zero_point, -128, 127)."""
+    scale, zp = act_qparams(x)
+    q = torch.clamp(torch.round(x.detach().float() * (1.0 / scale)) + zp, -128, 127)
+    return q.to(torch.int8), scale, zp
+
+
+def dequantize_act(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    return (q.float() - zp) * scale
+
+
+def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
+    """What the runtime's int8 dynamic quantization leaves of x, straight-through gradient."""
+    return straight_through(x, dequantize_act(*quantize_act(x)).to(x.dtype))
