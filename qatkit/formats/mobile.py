@@ -20,7 +20,8 @@ of candidates between 0.5 and 1.1 times amax / qmax (amax / 1.5 at 2 bits), plus
 choice amax / ((qmax - qmin) / 2), so it is never worse than torchao's PTQ; the search matters
 most at 2 bits.
 
-Activations, int8 asymmetric per token (each row of the input), dynamic: see `act_qparams`.
+Activations, int8 asymmetric per token (each row of the input), dynamic, computed the way
+XNNPACK computes them at run time (not torchao's reference formula): see `act_qparams`.
 
 Embeddings: weight-only, b = 4 or 8 bits per row, the same rule as the weights.
 """
@@ -178,31 +179,40 @@ class _LearnedScale(torch.autograd.Function):
 
 # ------------------------------------------------------------------------------ activations
 def act_qparams(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (last dim) asymmetric int8 parameters, as the exported graph defines them
-    (torchao's choose_qparams_affine, which XNNPACK's dynamic quantization replaces at run time):
+    """Per-token (last dim) asymmetric int8 parameters exactly as XNNPACK computes them at run
+    time (its f32 -> qd8 conversion), all in float32:
 
-        lo = min(min(x), 0), hi = max(max(x), 0)          (the range always holds 0)
-        scale = max((hi - lo) / 255, smallest normal float32)
-        zero_point = clamp(-128 - round_half_even(lo / scale), -128, 127)
-    """
+        lo = min(min(x), 0), hi = max(max(x), 0)           (the range always holds 0)
+        m  = 255 / (hi - lo), or 1 where hi == lo          (a multiplier; one IEEE division)
+        zero point: from whichever end leaves the smaller error,
+            z = -128 - lo*m  if (-128 + lo*m) + (127 + hi*m) > 0  else  127 - hi*m
+            zp = round_half_even(clamp(z, -128, 127))
+        the matrix kernel then scales the integer dot products by 1 / m.
+
+    torchao's graph (scale = (hi - lo) / 255, zero point from the min side) is the same formula
+    rounded differently: its codes differ on exact ties and its scale by an ulp in a fifth of
+    rows, so the student follows the runtime. Returns (m, zp), each (..., 1)."""
     xf = x.detach().float()
     lo = torch.clamp(xf.amin(-1, keepdim=True), max=0.0)
     hi = torch.clamp(xf.amax(-1, keepdim=True), min=0.0)
-    scale = torch.clamp((hi - lo) / 255.0, min=_EPS)
-    zp = torch.clamp(-128 - torch.round(lo / scale), -128, 127)
-    return scale, zp
+    # torch computes `255.0 / t` as 255 * (1 / t), two roundings: divide a full tensor instead
+    m = torch.where(lo == hi, torch.ones_like(lo), torch.full_like(lo, 255.0) / (hi - lo))
+    dlo, dhi = lo * m, hi * m
+    z = torch.where((-128.0 + dlo) + (127.0 + dhi) > 0, -128.0 - dlo, 127.0 - dhi)
+    return m, torch.round(torch.clamp(z, -128, 127))
 
 
 def quantize_act(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x (..., n) -> (codes int8, scale float32 (..., 1), zero point float (..., 1)):
-    q = clamp(round_half_even(x * (1 / scale)) + zero_point, -128, 127)."""
-    scale, zp = act_qparams(x)
-    q = torch.clamp(torch.round(x.detach().float() * (1.0 / scale)) + zp, -128, 127)
-    return q.to(torch.int8), scale, zp
+    """x (..., n) -> (codes int8, multiplier m float32 (..., 1), zero point float (..., 1)):
+    q = clamp(round_half_even(x * m) + zp, -128, 127) (rounded before the zero point is added)."""
+    m, zp = act_qparams(x)
+    q = torch.clamp(torch.round(x.detach().float() * m) + zp, -128, 127)
+    return q.to(torch.int8), m, zp
 
 
-def dequantize_act(q: torch.Tensor, scale: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
-    return (q.float() - zp) * scale
+def dequantize_act(q: torch.Tensor, m: torch.Tensor, zp: torch.Tensor) -> torch.Tensor:
+    """(q - zp) * (1 / m): the value the runtime's integer dot product stands for."""
+    return (q.float() - zp) * (torch.ones_like(m) / m)
 
 
 def fake_quant_act(x: torch.Tensor) -> torch.Tensor:

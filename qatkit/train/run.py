@@ -4,6 +4,7 @@
     run_dir/checkpoint.pt    trainable tensors, optimizer, step, data position (atomic)
     run_dir/metrics.jsonl    one row per step: loss, KL, lr, grad norm, tokens/s, held-out KL
     run_dir/qat-<fmt>.gguf   the trained student, written through the same quantizer it trained with
+    run_dir/qat-mobile.pte   (--format mobile) the same for ExecuTorch, with qat-mobile.tokenizer.json
 """
 
 from __future__ import annotations
@@ -64,6 +65,10 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
     torch.manual_seed(cfg.train.seed)
+    if export and cfg.qat.fmt == "mobile":
+        from ..export.executorch import require_executorch
+
+        require_executorch()  # before the training, not after it
     t0 = time.time()
     if loaded is None:
         source = resolve(cfg.model)
@@ -86,7 +91,13 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     os.replace(tmp, run_dir / "config.json")
     rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress)
     result = {"run_dir": str(run_dir), "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step, "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan}
-    if export:
+    if export and cfg.qat.fmt == "mobile":
+        from ..export.executorch import export_pte
+
+        info = export_pte(student, tokenizer, run_dir / "qat-mobile.pte")
+        result["pte"] = info["path"]
+        result["file_bytes"] = info["file_bytes"]
+    elif export:
         scales = convert(student, source.arch)
         out = run_dir / f"qat-{cfg.qat.fmt}.gguf"
         info = export_model(student, tokenizer, source, out, cfg.qat.fmt, cfg.qat.pure, q4_0_scales=scales, progress=progress)

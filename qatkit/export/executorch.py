@@ -1,0 +1,216 @@
+"""The mobile student -> an ExecuTorch program (.pte) lowered to XNNPACK, with a KV cache.
+
+What is written is what was trained: every Linear's int8 codes and bf16 scales come from
+`qatkit.formats.mobile.quantize_weight` (the function the student's fake-quant calls) and are
+handed to torchao's `IntxUnpackedToInt8Tensor` as they are, never re-derived; XNNPACK's dynamic
+int8 activation quantization is the one the student simulated (`mobile.act_qparams`).
+
+Runtime facts this module is built on (measured with executorch 1.5.1, torchao 0.18, x86):
+- int4 (and int2, carried in int4 codes: XNNPACK has no 2-bit kernel) takes bf16 scales; int8
+  per channel needs float32 scale tensors (a bf16 one fails to load), which hold the bf16
+  values exactly. Groups must be multiples of 32 and are for 4 bits only.
+- The quantized embedding needs `do_quant_fusion_and_const_prop` and the quantized kernels
+  library (`executorch.kernels.quantized`), and float32 scales.
+- XNNPACK computes gelu(approximate="tanh") as the exact erf GELU (5e-4 apart); Gemma's tanh
+  GELU is spelled out with elementwise ops so that the program computes what the student does.
+- torch.export must be strict, or the cache is captured as constants and lowering fails.
+
+The program follows ExecuTorch's LLM runner conventions: forward(tokens int64 [1, T],
+input_pos int64 [1] = start position) -> logits float32 [1, T, vocab], T dynamic up to
+max_seq_len, and constant methods get_max_seq_len, get_max_context_len, get_vocab_size,
+get_bos_id, get_eos_ids, use_kv_cache, enable_dynamic_shape.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .. import QatkitError
+
+log = logging.getLogger(__name__)
+
+MOBILE_INSTALL = "pip install 'qatkit[mobile]' (ExecuTorch and torchao)"
+
+
+def require_executorch() -> None:
+    # torchao announces at import every CUDA kernel library it cannot load on a CPU machine, and
+    # torch's pytree warns about torchao's enums: neither says anything to a user of qatkit
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import executorch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise QatkitError(f"the mobile format needs ExecuTorch and torchao ({e.name} is missing): {MOBILE_INSTALL}") from None
+
+
+class TanhGelu(nn.Module):
+    """gelu(x, approximate='tanh') in elementwise ops, which XNNPACK computes as written."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x * x * x)))
+
+
+def _spell_out_tanh_gelu(model: nn.Module) -> int:
+    n = 0
+    for mod in model.modules():
+        act = getattr(mod, "act_fn", None)
+        name = type(act).__name__.lower()
+        if isinstance(act, nn.Module) and "gelu" in name and ("tanh" in name or getattr(act, "approximate", None) == "tanh"):
+            mod.act_fn = TanhGelu()
+            n += 1
+    return n
+
+
+def _quantized_tensor(codes: torch.Tensor, scale: torch.Tensor, spec, activations: bool):
+    from torchao.quantization import IntxUnpackedToInt8Tensor
+
+    four = spec.storage_bits() == 4
+    # int4 keeps bf16 scales; int8 (and the embedding) need float32 tensors of the same values
+    s = scale.to(torch.bfloat16) if four and activations else scale.float()
+    return IntxUnpackedToInt8Tensor(
+        qdata=codes.to(torch.int8).contiguous(),
+        scale=s.contiguous(),
+        zero_point=torch.zeros(s.shape, dtype=torch.int8),
+        target_dtype=torch.int4 if four else torch.int8,
+        block_size=(1, spec.group_size(codes.shape[1])),
+        dtype=torch.float32,
+        activation_quantization="int8_asym_per_token" if activations else None,
+    )
+
+
+def runtime_model(student: nn.Module) -> nn.Module:
+    """A copy of the mobile student whose Linears and embedding hold the exported integer codes
+    (torchao tensors), with the tied head untied and Gemma's tanh GELU spelled out."""
+    from ..formats import mobile
+    from ..nn import FakeQuantLinear
+    from ..prepare import mobile_weights
+
+    weights = mobile_weights(student)
+    if not weights:
+        raise QatkitError("the model was not prepared for the mobile format (no fake-quant Linears)")
+    emb = student.get_input_embeddings()
+    head = student.get_output_embeddings()
+    if not isinstance(head, FakeQuantLinear) or head.spec is None or getattr(emb, "mobile_spec", None) is None:
+        raise QatkitError("the mobile student's embedding or output head is not quantized; prepare it with --format mobile")
+    m = copy.deepcopy(student).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
+    for name, (codes, scale, spec) in weights.items():
+        path, _, child = name.rpartition(".")
+        old = m.get_submodule(name)
+        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        lin.weight = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=True), requires_grad=False)
+        if old.bias is not None:
+            lin.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
+        setattr(m.get_submodule(path) if path else m, child, lin)
+    # the embedding: its frozen values re-quantize to the same codes with its own scales
+    spec = emb.mobile_spec
+    codes, scale = mobile.quantize_weight(emb.weight, spec, emb.mobile_scale)
+    if not torch.equal(mobile.dequantize_weight(codes, scale, spec), emb.weight.detach().float()):
+        raise QatkitError("the embedding is not at its mobile per-row values; prepare the model with --format mobile")
+    new_emb = m.get_input_embeddings()
+    new_emb.weight = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=False), requires_grad=False)
+    new_emb.padding_idx = None  # only matters to gradients, and it keeps the quantized embedding op from matching
+    m.config.tie_word_embeddings = False
+    _spell_out_tanh_gelu(m)
+    return m
+
+
+class KVCacheLM(nn.Module):
+    """forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab] over a static KV cache."""
+
+    def __init__(self, model: nn.Module, max_context: int):
+        super().__init__()
+        from transformers.cache_utils import StaticCache, StaticLayer, StaticSlidingWindowLayer
+        from transformers.configuration_utils import get_head_shapes
+
+        self.model = model
+        cfg = model.config.get_text_config()
+        self.cache = StaticCache(config=cfg, max_cache_len=max_context)
+        # sliding-window layers get a full-length cache: their mask still limits what they see
+        for i, layer in enumerate(self.cache.layers):
+            if isinstance(layer, StaticSlidingWindowLayer):
+                self.cache.layers[i] = StaticLayer(max_context)
+        n_kv, head_dim = get_head_shapes(cfg)
+        self.cache.early_initialization(1, n_kv, head_dim, torch.float32, torch.device("cpu"))
+        for i, layer in enumerate(self.cache.layers):
+            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
+            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
+            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        start = input_pos[0]
+        for layer in self.cache.layers:
+            layer.cumulative_length.copy_(start)
+        position_ids = (torch.arange(tokens.shape[1], dtype=torch.long) + start).unsqueeze(0)
+        out = self.model(input_ids=tokens, position_ids=position_ids, attention_mask=None, past_key_values=self.cache, use_cache=True)
+        return out.logits.float()
+
+
+def tokenizer_path(pte: Path) -> Path:
+    """Where the tokenizer for the LLM runner lies beside a .pte."""
+    return pte.with_name(pte.stem + ".tokenizer.json")
+
+
+def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512) -> dict:
+    """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it.
+    Returns facts about the file: sizes, delegated partitions, seconds."""
+    require_executorch()
+    import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding ops)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+
+    out = Path(out)
+    if out.suffix != ".pte":
+        raise QatkitError(f"{out}: an ExecuTorch program is written to a .pte file")
+    if max_context < 2:
+        raise QatkitError(f"max context {max_context}: needs at least 2 positions")
+    t0 = time.perf_counter()
+    wrapper = KVCacheLM(runtime_model(student), max_context).eval()
+    max_seq = max_context - 1  # export cannot take a dynamic length equal to the cache length
+    example = (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0], dtype=torch.long))
+    dynamic = ({1: torch.export.Dim("seq_len", min=1, max=max_seq)}, {0: 1})
+    with torch.no_grad():
+        program = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=True)
+    t1 = time.perf_counter()
+    cfg = student.config
+    eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
+    metadata = {
+        "get_max_seq_len": max_seq,
+        "get_max_context_len": max_context,
+        "get_vocab_size": int(cfg.vocab_size),
+        "get_bos_id": int(cfg.bos_token_id if cfg.bos_token_id is not None else -1),
+        "get_eos_ids": [int(e) for e in eos if e is not None],
+        "use_kv_cache": True,
+        "enable_dynamic_shape": True,
+        "use_sdpa_with_kv_cache": False,
+    }
+    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    t2 = time.perf_counter()
+    et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            et.write_to_file(f)
+        tok = tokenizer_path(out)
+        tokenizer.backend_tokenizer.save(str(tok.with_name(tok.name + ".tmp")))
+        os.replace(tok.with_name(tok.name + ".tmp"), tok)
+        os.replace(tmp, out)
+    finally:
+        for t in (tmp, tokenizer_path(out).with_name(tokenizer_path(out).name + ".tmp")):
+            t.unlink(missing_ok=True)
+    graph = edge.exported_program().graph
+    delegates = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+    info = {"path": str(out), "file_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
+            "xnnpack_partitions": delegates, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
+    log.info("wrote %s (%.1f MB, %d XNNPACK partitions) in %.0f s", out, info["file_bytes"] / 1e6, delegates, info["seconds"])
+    return info
