@@ -102,7 +102,15 @@ class FakeQuantLinear(nn.Linear):
 
     def quantized_weight(self) -> torch.Tensor:
         if self.spec is not None:
-            return mobile.learned_fake_quant_weight(self.weight, self.scale, self.spec)
+            if self.weight.requires_grad or isinstance(self.scale, nn.Parameter):
+                return mobile.learned_fake_quant_weight(self.weight, self.scale, self.spec)
+            # frozen weight and scales (a tied head over a 262k vocabulary): quantize once
+            key = (self.weight.data_ptr(), self.weight._version, self.scale._version, self.weight.device)
+            if getattr(self, "_frozen_key", None) != key:
+                with torch.no_grad():
+                    self._frozen = mobile.learned_fake_quant_weight(self.weight, self.scale, self.spec)
+                self._frozen_key = key
+            return self._frozen
         if self.scale is not None:
             return _LearnedScaleQ4_0.apply(self.weight, self.scale)
         return (q4_0 if self.fmt == "q4_0" else q8_0).fake_quant(self.weight)

@@ -138,3 +138,44 @@ def test_cli_bad_pte_exits_2(tmp_path):
     bad.write_bytes(b"PK\x03\x04" + b"\x01" * 50)
     r = subprocess.run([sys.executable, "-m", "qatkit.cli", "eval", str(bad)], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "qatkit: error:" in r.stderr, r.stderr
+
+
+def test_cli_train_mobile_export_and_eval(tmp_path, capsys, monkeypatch):
+    import json
+
+    from qatkit.cli import main
+
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+    src = tmp_path / "m"
+    tiny_model("qwen3").save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT * 6)
+    run_dir = tmp_path / "run"
+    args = ["train", str(src), "--format", "mobile", "--int2", "*.mlp.down_proj", "--learn-scales", "--data", str(data),
+            "--steps", "3", "--seq-len", "32", "--lr", "1e-4", "--out", str(run_dir), "--export"]
+    assert main(args) == 0
+    pte = run_dir / "qat-mobile.pte"
+    assert pte.exists() and tokenizer_path(pte).exists()
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["qat"]["fmt"] == "mobile" and config["qat"]["int2"] == ["*.mlp.down_proj"]
+    capsys.readouterr()
+    assert main(["eval", str(pte), "--text", str(data), "--ctx", "64", "--chunks", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert row["tokens"] == 64 and 1 < row["ppl"] < 1e4
+
+
+@pytest.mark.parametrize("case", ["width", "to", "suffix"])
+def test_cli_export_mobile_bad_input(tmp_path, capsys, case):
+    from qatkit.cli import main
+
+    src = tmp_path / "m"
+    tiny_model("llama", hidden=48 if case == "width" else 64).save_pretrained(src)
+    tiny_tokenizer().save_pretrained(src)
+    out = tmp_path / ("x.gguf" if case == "suffix" else "x.pte")
+    args = {"width": ["--format", "mobile", "--weights", "int4g32"], "to": ["--format", "q4_0", "--to", "executorch"], "suffix": ["--format", "mobile"]}[case]
+    capsys.readouterr()
+    assert main(["export", str(src), *args, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("qatkit: error: "), err
+    assert not out.exists() and not list(tmp_path.glob("*.tmp"))

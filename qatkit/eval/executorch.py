@@ -108,19 +108,26 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
         if text_tokens(ref_path, text) != ids:
             raise QatkitError(f"{path}: tokenizes the text differently from reference {ref_path}")
         ref_logits = ref.logits
-    bos = model.bos
+    return {"path": path, "ref_path": None if ref_path is None else os.fspath(ref_path), "file_bytes": os.path.getsize(path),
+            **score_ids(model.logits, ids, model.bos, n_ctx, max_chunks, ref_logits, label=path), "seconds": time.perf_counter() - t0}
+
+
+def score_ids(logits, ids: list[int], bos: int | None, n_ctx: int = 512, max_chunks: int | None = None, ref_logits=None, label: str = "text") -> dict:
+    """llama-perplexity's method over token ids with any `logits(chunk) -> (len, vocab)` (a
+    .pte, or a torch model through `torch_logits`): chunks of n_ctx tokens with BOS first, the
+    second half of each scored; with `ref_logits`, also mean KL(ref || model) and same top."""
     per = n_ctx - (bos is not None)
     n_chunks = len(ids) // per
     if max_chunks is not None:
         n_chunks = min(n_chunks, max_chunks)
     if n_chunks < 1:
-        raise QatkitError(f"{path}: the text has {len(ids)} tokens, scoring with n_ctx={n_ctx} needs at least {per}")
+        raise QatkitError(f"{label}: the text has {len(ids)} tokens, scoring with n_ctx={n_ctx} needs at least {per}")
     nll = nll2 = kld = 0.0
     same = count = 0
     first = n_ctx // 2
     for c in range(n_chunks):
         chunk = ([bos] if bos is not None else []) + ids[c * per : (c + 1) * per]
-        logp = torch.log_softmax(model.logits(chunk).double(), -1)[first - 1 : n_ctx - 1]
+        logp = torch.log_softmax(logits(chunk).double(), -1)[first - 1 : n_ctx - 1]
         target = torch.tensor(chunk[first:n_ctx])
         tok_nll = -logp.gather(1, target[:, None]).squeeze(1)
         nll += float(tok_nll.sum())
@@ -134,8 +141,6 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
     ppl = math.exp(mean)
     var = nll2 / count - mean * mean
     return {
-        "path": path,
-        "ref_path": None if ref_path is None else os.fspath(ref_path),
         "ppl": ppl,
         "ppl_err": ppl * math.sqrt(var / (count - 1)) if count > 1 and var > 0 else None,
         "nll": mean,
@@ -144,8 +149,6 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
         "tokens": count,
         "chunks": n_chunks,
         "n_ctx": n_ctx,
-        "file_bytes": os.path.getsize(path),
-        "seconds": time.perf_counter() - t0,
     }
 
 
@@ -177,12 +180,11 @@ def generate(path, prompt: str, n_tokens: int = 32, tokenizer_file=None) -> dict
     return result
 
 
-def load_logits_fn(model: torch.nn.Module):
-    """A torch model as a `ref_logits` function for `score`."""
+def torch_logits(model: torch.nn.Module):
+    """A torch model as a `logits` / `ref_logits` function for `score_ids`."""
 
     @torch.no_grad()
     def fn(ids):
         return model(torch.as_tensor([ids])).logits[0].float()
 
     return fn
-

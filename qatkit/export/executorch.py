@@ -27,6 +27,7 @@ import copy
 import logging
 import os
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -165,14 +166,25 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512)
     Returns facts about the file: sizes, delegated partitions, seconds."""
     require_executorch()
     import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding ops)
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     out = Path(out)
     if out.suffix != ".pte":
         raise QatkitError(f"{out}: an ExecuTorch program is written to a .pte file")
     if max_context < 2:
         raise QatkitError(f"max context {max_context}: needs at least 2 positions")
+    with warnings.catch_warnings():
+        # torch.export and ExecuTorch warn, by the thousand on a real model, about their own
+        # deprecations and about the KV cache being a mutated buffer (it is meant to be)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message=".*[Mm]utation on a buffer.*")
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        return _export_pte(student, tokenizer, out, max_context)
+
+
+def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int) -> dict:
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+
     t0 = time.perf_counter()
     wrapper = KVCacheLM(runtime_model(student), max_context).eval()
     max_seq = max_context - 1  # export cannot take a dynamic length equal to the cache length
