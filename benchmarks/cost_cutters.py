@@ -48,8 +48,9 @@ def main() -> None:
         "sequences of 128": (q4, TrainConfig(seq_len=128, kl_positions=0.25), False),
         "mobile format": (mob, TrainConfig(seq_len=256, kl_positions=0.25), False),
     }
-    for s in (q4, mob):
-        s.train()
+    for s in (q4, mob):  # the teacher was frozen before the copies: the students train
+        s.train().requires_grad_(True)
+        s.get_input_embeddings().weight.requires_grad_(False)
     opts = {}
     for name, (s, _, train_emb) in variants.items():
         params = [p for p in s.parameters() if p.requires_grad] + ([emb] if train_emb else [])
