@@ -35,6 +35,10 @@ Exit codes: 0 success, 2 bad input (one line on stderr, no output file left), 13
 """
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """Descriptions as written, and every option's default shown."""
+
+
 def _add_export(sub) -> None:
     p = sub.add_parser(
         "export",
@@ -42,8 +46,9 @@ def _add_export(sub) -> None:
         description="Write MODEL as a GGUF file that llama.cpp loads. Q4_0/Q8_0 tensors are bit-identical "
         "to ggml's reference quantizers; the default mix follows llama.cpp's (output or tied embedding "
         "Q6_K/Q8_0, norms F32). With --ptq llama.cpp, llama.cpp's own quantizer makes the file instead "
-        "(from qatkit's F32 export of the same model): the baseline QAT is measured against.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "(from qatkit's F32 export of the same model): the baseline QAT is measured against. "
+        "--format mobile writes an ExecuTorch program (.pte, XNNPACK) of the untrained model instead.",
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32", "mobile"], help="file format (default q4_0; mobile: an ExecuTorch .pte)")
@@ -56,10 +61,10 @@ def _add_export(sub) -> None:
 
 def _add_mobile_knobs(p) -> None:
     g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations per token)")
-    g.add_argument("--weights", default="int4", choices=["int4", "int4g32", "int8"], help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel (default int4)")
+    g.add_argument("--weights", default="int4", choices=["int4", "int4g32", "int8"], help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel")
     g.add_argument("--int2", nargs="+", default=[], metavar="GLOB", help="Linears to store in int2 (carried in int4 codes by XNNPACK), by module-name pattern, e.g. '*.mlp.down_proj' 'model.layers.1[0-7].*'")
-    g.add_argument("--embedding", default="int8", choices=["int8", "int4"], help="token embedding per row, weight-only; a tied head uses the same codes (default int8)")
-    g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte (default 512)")
+    g.add_argument("--embedding", default="int8", choices=["int8", "int4"], help="token embedding per row, weight-only; a tied head uses the same codes")
+    g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte")
 
 
 def _add_eval(sub) -> None:
@@ -141,7 +146,7 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--learn-scales", action="store_true", help="learn the Q4_0 block scales or the mobile channel scales (LSQ-style; exported exactly)")
     p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, ~30%% more time")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, one more forward pass of time")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
@@ -157,7 +162,7 @@ def _run_config(args) -> "RunConfig":
         min_lr_ratio=args.min_lr_ratio, scale_lr=args.scale_lr, grad_checkpointing=args.grad_checkpointing,
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
-    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "embedding": args.embedding} if hasattr(args, "int2") else {}
+    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "embedding": args.embedding, "max_context": args.max_context} if hasattr(args, "int2") else {}
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
 

@@ -42,6 +42,7 @@ class QATConfig:
     mobile_weights: str = "int4"
     int2: tuple[str, ...] = ()
     embedding: str = "int8"
+    max_context: int = 512  # the exported .pte's KV-cache length
 
     def __post_init__(self):
         if self.fmt not in ("q4_0", "q8_0", "mobile"):

@@ -94,7 +94,7 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     if export and cfg.qat.fmt == "mobile":
         from ..export.executorch import export_pte
 
-        info = export_pte(student, tokenizer, run_dir / "qat-mobile.pte")
+        info = export_pte(student, tokenizer, run_dir / "qat-mobile.pte", max_context=cfg.qat.max_context)
         result["pte"] = info["path"]
         result["file_bytes"] = info["file_bytes"]
     elif export:
