@@ -71,11 +71,12 @@ class FakeQuantLinear(nn.Linear):
     spec: mobile.WeightSpec | None = None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str, learn_scales: bool = False) -> "FakeQuantLinear":
+    def from_linear(cls, linear: nn.Linear, fmt: str, learn_scales: bool = False, scale: torch.Tensor | None = None) -> "FakeQuantLinear":
+        """`scale`: a mobile scheme's starting scales (rows, groups), instead of searching them."""
         if fmt not in WEIGHT_FORMATS and not is_mobile(fmt):
             raise ValueError(f"fake-quant format {fmt!r} is not one of {WEIGHT_FORMATS} or a mobile scheme (int4, int4g32, int2, int8)")
         if learn_scales and fmt == "q8_0":
-            raise ValueError(f"learned scales are for q4_0 only, not {fmt!r}")
+            raise ValueError(f"learned scales are for q4_0 and the mobile schemes, not {fmt!r}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
@@ -87,7 +88,7 @@ class FakeQuantLinear(nn.Linear):
             if not new.spec.fits(new.in_features):
                 raise ValueError(f"{fmt} needs rows whose length is a multiple of {new.spec.group}, got {new.in_features}")
             with torch.no_grad():
-                s = mobile.weight_scale(linear.weight, new.spec).float()
+                s = (mobile.weight_scale(linear.weight, new.spec) if scale is None else scale.detach()).float().clone()
             if learn_scales:
                 new.scale = nn.Parameter(s)
             else:

@@ -123,9 +123,7 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
     for name, lin in _linears(model).items():
         parent, child = _parent(model, name)
         if name == "lm_head" and tied:  # the embedding's own codes and scales
-            head = FakeQuantLinear.from_linear(lin, plan["model.embed_tokens"])
-            head.scale.copy_(emb_scale.float())
-            setattr(parent, child, head)
+            setattr(parent, child, FakeQuantLinear.from_linear(lin, plan["model.embed_tokens"], scale=emb_scale))
             plan["lm_head"] = plan["model.embed_tokens"]
             continue
         setattr(parent, child, FakeQuantLinear.from_linear(lin, plan[name], config.learn_scales and name != "lm_head"))

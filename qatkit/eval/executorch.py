@@ -66,8 +66,7 @@ class PteModel:
             raise QatkitError(f"{self.path}: not a loadable qatkit ExecuTorch program ({why})") from None
 
     def _meta(self, name: str):
-        value = self.program.load_method(name).execute([])[0]
-        return value
+        return self.program.load_method(name).execute([])[0]
 
     def logits(self, ids) -> torch.Tensor:
         """ids: a 1-D sequence of token ids (at most max_context) -> float32 (len, vocab)."""

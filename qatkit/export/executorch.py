@@ -101,24 +101,26 @@ def runtime_model(student: nn.Module) -> nn.Module:
     head = student.get_output_embeddings()
     if not isinstance(head, FakeQuantLinear) or head.spec is None or getattr(emb, "mobile_spec", None) is None:
         raise QatkitError("the mobile student's embedding or output head is not quantized; prepare it with --format mobile")
-    m = copy.deepcopy(student).eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
+    # the copy takes the quantized modules and embedding in place of the float ones, so the float
+    # weights (and a frozen head's cached fake-quant values) are never copied only to be dropped
+    memo: dict[int, object] = {}
     for name, (codes, scale, spec) in weights.items():
-        path, _, child = name.rpartition(".")
-        old = m.get_submodule(name)
-        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None)
+        old = student.get_submodule(name)
+        lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
         lin.weight = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=True), requires_grad=False)
         if old.bias is not None:
             lin.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
-        setattr(m.get_submodule(path) if path else m, child, lin)
+        memo[id(old)] = lin
     # the embedding: its frozen values re-quantize to the same codes with its own scales
     spec = emb.mobile_spec
     codes, scale = mobile.quantize_weight(emb.weight, spec, emb.mobile_scale)
     if not torch.equal(mobile.dequantize_weight(codes, scale, spec), emb.weight.detach().float()):
         raise QatkitError("the embedding is not at its mobile per-row values; prepare the model with --format mobile")
+    memo[id(emb.weight)] = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=False), requires_grad=False)
+    m = copy.deepcopy(student, memo).eval()
+    for p in m.parameters():
+        p.requires_grad_(False)
     new_emb = m.get_input_embeddings()
-    new_emb.weight = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=False), requires_grad=False)
     new_emb.padding_idx = None  # only matters to gradients, and it keeps the quantized embedding op from matching
     m.config.tie_word_embeddings = False
     _spell_out_tanh_gelu(m)

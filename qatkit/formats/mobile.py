@@ -137,12 +137,6 @@ def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, spec: WeightSpec
     return (cg * scale.float().unsqueeze(-1)).reshape(codes.shape)
 
 
-def fake_quant_weight(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
-    """dequantize(quantize(w)) in w's dtype with a straight-through gradient (fixed scales)."""
-    codes, s = quantize_weight(w, spec)
-    return straight_through(w, dequantize_weight(codes, s, spec).to(w.dtype))
-
-
 def learned_fake_quant_weight(w: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """dequantize(quantize(w, s)) with LSQ gradients for learned scales `s` (rows, groups):
     d/ds = q - w/s inside the grid and q where w is clipped; d/dw = 1 inside, 0 where clipped.
