@@ -6,8 +6,11 @@ the variants alternated step by step in one process (these machines are noisy):
 - KL on all positions: the 262k-vocabulary head and softmax on every position;
 - embedding trained:  the 168M-parameter tied embedding gets gradients and AdamW state;
 - sequences of 128:   half the tokens per step (compare per token);
-- mobile format:      int4 per-channel weights and int8 per-token activations instead of Q4_0.
-Also timed alone: the teacher's forward pass, the most a cache of teacher logits could save.
+- mobile format:      int4 per-channel weights and int8 per-token activations instead of Q4_0;
+- teacher top-64 cache: the teacher's side read from a warm disk cache (--teacher-topk 64);
+- llama.cpp-faithful: the student rounds activations as llama.cpp does (--faithful).
+Also timed alone: the teacher's forward pass (what the cache saves when warm), and filling the
+cache for one sequence (a teacher forward with the head on every position, what a miss costs).
 Prints the median seconds per step and per 1k tokens, and each ratio to the default.
 
     python benchmarks/cost_cutters.py [--steps 4]
@@ -18,14 +21,20 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
+import tempfile
 import time
+from contextlib import nullcontext
+from functools import partial
+from pathlib import Path
 
 import torch
 
+from qatkit.eval.faithful import llamacpp_faithful
 from qatkit.models.load import load, resolve
-from qatkit.prepare import QATConfig, prepare
+from qatkit.prepare import QATConfig, linear_weight_types, prepare
 from qatkit.train.data import default_train_texts, pack
 from qatkit.train.loop import TrainConfig, _head, distill_loss, positions
+from qatkit.train.teacher_cache import TeacherCache
 
 
 def main() -> None:
@@ -37,33 +46,43 @@ def main() -> None:
     teacher.requires_grad_(False)
     seqs = pack(tokenizer, default_train_texts()[:8], 256, teacher.config.vocab_size)
     q4 = copy.deepcopy(teacher)
-    prepare(q4, source.arch, QATConfig())
+    plan = prepare(q4, source.arch, QATConfig())
+    faithful = partial(llamacpp_faithful, q4, linear_weight_types(q4, source.arch, plan), exact=False)
+    cache = TeacherCache(teacher, _head, seqs, 64, root=Path(tempfile.mkdtemp(prefix="qatkit-topk-")))
+    fill_times = []
+    for i in range(args.steps + 1):  # warm the cache for every sequence the variants will see
+        t = time.perf_counter()
+        cache.lookup(seqs[i : i + 1], torch.arange(1))
+        fill_times.append(time.perf_counter() - t)
     mob = copy.deepcopy(teacher)
     prepare(mob, source.arch, QATConfig(fmt="mobile"))
     emb = q4.get_input_embeddings().weight
-    variants = {  # name: (student, TrainConfig, embedding trained)
-        "default": (q4, TrainConfig(seq_len=256, kl_positions=0.25), False),
-        "KL on all positions": (q4, TrainConfig(seq_len=256, kl_positions=1.0), False),
-        "embedding trained": (q4, TrainConfig(seq_len=256, kl_positions=0.25), True),
-        "sequences of 128": (q4, TrainConfig(seq_len=128, kl_positions=0.25), False),
-        "mobile format": (mob, TrainConfig(seq_len=256, kl_positions=0.25), False),
+    default = TrainConfig(seq_len=256, kl_positions=0.25)
+    variants = {  # name: (student, TrainConfig, embedding trained, teacher cache, student context)
+        "default": (q4, default, False, None, nullcontext),
+        "KL on all positions": (q4, TrainConfig(seq_len=256, kl_positions=1.0), False, None, nullcontext),
+        "embedding trained": (q4, default, True, None, nullcontext),
+        "sequences of 128": (q4, TrainConfig(seq_len=128, kl_positions=0.25), False, None, nullcontext),
+        "mobile format": (mob, default, False, None, nullcontext),
+        "teacher top-64 cache": (q4, default, False, cache, nullcontext),
+        "llama.cpp-faithful": (q4, default, False, None, faithful),
     }
     for s in (q4, mob):  # the teacher was frozen before the copies: the students train
         s.train().requires_grad_(True)
         s.get_input_embeddings().weight.requires_grad_(False)
     opts = {}
-    for name, (s, _, train_emb) in variants.items():
+    for name, (s, _, train_emb, _, _) in variants.items():
         params = [p for p in s.parameters() if p.requires_grad] + ([emb] if train_emb else [])
         opts[name] = torch.optim.AdamW(params, lr=1e-7)
     times: dict[str, list[float]] = {k: [] for k in variants}
     teacher_times: list[float] = []
     for step in range(args.steps + 1):
-        for name, (s, cfg, train_emb) in variants.items():
+        for name, (s, cfg, train_emb, cached, context) in variants.items():
             x = seqs[step : step + 1, : cfg.seq_len]
             pos = positions(cfg.seq_len, cfg.kl_positions, torch.Generator().manual_seed(step))
             emb.requires_grad_(train_emb)
             t = time.perf_counter()
-            loss, _ = distill_loss(s, teacher, x, pos, cfg)
+            loss, _ = distill_loss(s, teacher, x, pos, cfg, cached, context)
             loss.backward()
             opts[name].step()
             opts[name].zero_grad(set_to_none=True)
@@ -85,7 +104,10 @@ def main() -> None:
         per_k = 1000 * m / variants[name][1].seq_len
         print(f"  {name:<22} {m:6.2f} s/step {per_k:6.2f} s/1k tokens   {m / base:5.2f}x per step  {m / variants[name][1].seq_len / base_tok:5.2f}x per token")
     tt = statistics.median(teacher_times)
-    print(f"  teacher forward alone  {tt:6.2f} s/step ({tt / base:.0%} of the default step: the most cached teacher logits could save)")
+    print(f"  teacher forward alone  {tt:6.2f} s/step ({tt / base:.0%} of the default step: what a warm teacher cache saves)")
+    ft = statistics.median(fill_times[1:])
+    print(f"  cache fill, 1 sequence {ft:6.2f} s     ({ft / base:.0%} of the default step: the extra cost of a miss is {(ft - tt) / base:.0%})")
+    assert cache.misses == args.steps + 1 and cache.hits == args.steps + 1, (cache.misses, cache.hits)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ teacher (computed in torch, the same chunks and positions), same top token, gap 
 .pte size, and prefill/decode tokens/s through ExecuTorch's own LLM runner. The export gap of
 the trained file (ExecuTorch vs the student's own forward) is printed too.
 
-    python benchmarks/mobile.py [--steps 150] [--int2 '*.mlp.down_proj'] [--out runs/mobile]
+    python benchmarks/mobile.py [--steps 150] [--int2 '*.mlp.down_proj'] [--activations static] [--out runs/mobile]
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ import torch
 from qatkit.eval.executorch import PteModel, generate, score_ids, text_tokens, torch_logits
 from qatkit.export.executorch import export_pte
 from qatkit.models.load import load, resolve
-from qatkit.prepare import QATConfig, prepare
-from qatkit.train.data import default_eval_text
+from qatkit.prepare import QATConfig, calibrate_static, prepare
+from qatkit.train.data import default_eval_text, default_train_texts, pack
 from qatkit.train.loop import TrainConfig
-from qatkit.train.run import RunConfig, qat_run
+from qatkit.train.run import CALIBRATION_SEQS, RunConfig, qat_run
 
 
 def main() -> None:
@@ -37,6 +37,7 @@ def main() -> None:
     ap.add_argument("--weights", default="int4")
     ap.add_argument("--int2", nargs="*", default=[])
     ap.add_argument("--embedding", default="int8")
+    ap.add_argument("--activations", default="dynamic", choices=["dynamic", "static"])
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/mobile"))
     args = ap.parse_args()
@@ -45,12 +46,13 @@ def main() -> None:
     t_all = time.time()
     source = resolve("gemma3-270m")
     teacher, tokenizer = load(source)
-    qat_cfg = QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding, learn_scales=True)
+    qat_cfg = QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding, learn_scales=True, activations=args.activations)
 
     ptq_path = args.out / "ptq-mobile.pte"
     if not ptq_path.exists():
         ptq = copy.deepcopy(teacher)
         prepare(ptq, source.arch, qat_cfg)
+        calibrate_static(ptq, pack(tokenizer, default_train_texts(), 256, vocab_size=teacher.config.vocab_size)[:CALIBRATION_SEQS])
         export_pte(ptq, tokenizer, ptq_path)
         del ptq
     train = TrainConfig(steps=args.steps, lr=args.lr, eval_every=25, ckpt_every=25)
@@ -72,10 +74,11 @@ def main() -> None:
     gap = score_ids(PteModel(qat_path).logits, ids, bos, max_chunks=2, ref_logits=torch_logits(student.eval()), label="gap")
     closure = (rows["ptq"]["ppl"] - rows["qat"]["ppl"]) / (rows["ptq"]["ppl"] - rows["teacher"]["ppl"])
     result = {"rows": rows, "gap_closure": closure, "export_gap": {"kld": gap["kld"], "same_top": gap["same_top"]}, "steps": args.steps,
-              "train_seconds": run["train_seconds"], "plan": {"weights": args.weights, "int2": args.int2, "embedding": args.embedding}, "wall_s": time.time() - t_all}
+              "train_seconds": run["train_seconds"], "plan": {"weights": args.weights, "int2": args.int2, "embedding": args.embedding, "activations": args.activations}, "wall_s": time.time() - t_all}
     (args.out / "mobile.json").write_text(json.dumps(result, indent=2))
 
-    print(f"\nGemma 3 270M, mobile format ({args.weights} Linears, int2: {args.int2 or 'none'}, embedding {args.embedding} per row), int8 activations per token")
+    acts = "static int8 activations (per tensor, learned)" if args.activations == "static" else "int8 activations per token"
+    print(f"\nGemma 3 270M, mobile format ({args.weights} Linears, int2: {args.int2 or 'none'}, embedding {args.embedding} per row), {acts}")
     print(f"{args.steps} QAT steps in {run['train_seconds']:.0f} s; held-out: {rows['teacher']['tokens']} tokens of CPython's pydoc prose, scored in ExecuTorch (teacher in torch)")
     print(f"{'file':<24} {'PPL':>8} {'KLD':>8} {'same top':>9} {'MB':>7} {'prefill t/s':>12} {'decode t/s':>11}")
     for key, label in (("teacher", "float teacher (torch)"), ("ptq", "PTQ .pte"), ("qat", "QAT .pte")):

@@ -7,6 +7,7 @@ of the three files, the gap closure (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher
 gap of the trained file (llama.cpp vs the student's own forward).
 
     python benchmarks/qat_vs_ptq.py [--steps 150] [--lr 1e-5] [--out runs/qat_vs_ptq]
+                                    [--faithful] [--teacher-topk K]
 """
 
 from __future__ import annotations
@@ -31,13 +32,15 @@ def main() -> None:
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--kl-positions", type=float, default=0.25)
     ap.add_argument("--learn-scales", action="store_true")
+    ap.add_argument("--faithful", action="store_true", help="train the student with llama.cpp's activation rounding")
+    ap.add_argument("--teacher-topk", type=int, default=0, help="teacher top-k from the disk cache (0: the full teacher every step)")
     ap.add_argument("--chunks", type=int, default=8)
     ap.add_argument("--out", type=Path, default=Path("runs/qat_vs_ptq"))
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
-    train = TrainConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, kl_positions=args.kl_positions, eval_every=25, ckpt_every=25)
+    train = TrainConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, kl_positions=args.kl_positions, eval_every=25, ckpt_every=25, faithful=args.faithful, teacher_topk=args.teacher_topk)
     cfg = RunConfig(model="gemma3-270m", qat=QATConfig(learn_scales=args.learn_scales), train=train)
     r = run(cfg, args.out, default_eval_text(), args.chunks, resume=args.resume)
     f = r["files"]

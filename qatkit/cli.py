@@ -60,11 +60,12 @@ def _add_export(sub) -> None:
 
 
 def _add_mobile_knobs(p) -> None:
-    g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations per token)")
+    g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations)")
     g.add_argument("--weights", default="int4", choices=["int4", "int4g32", "int8"], help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel")
     g.add_argument("--int2", nargs="+", default=[], metavar="GLOB", help="Linears to store in int2 (carried in int4 codes by XNNPACK), by module-name pattern, e.g. '*.mlp.down_proj' 'model.layers.1[0-7].*'")
     g.add_argument("--embedding", default="int8", choices=["int8", "int4"], help="token embedding per row, weight-only; a tied head uses the same codes")
     g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte")
+    g.add_argument("--activations", default="dynamic", choices=["dynamic", "static"], help="int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs need; per-channel weights only)")
 
 
 def _add_eval(sub) -> None:
@@ -135,7 +136,8 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
     p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warm-up, then cosine)")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="the cosine ends at lr x this (1 = constant lr)")
-    p.add_argument("--scale-lr", type=float, default=d.scale_lr, help="learning rate of the learned Q4_0 scales (with --learn-scales)")
+    p.add_argument("--scale-lr", type=float, default=d.scale_lr, help="learning rate of the learned weight scales (with --learn-scales)")
+    p.add_argument("--act-scale-lr", type=float, default=d.act_scale_lr, help="learning rate of the static int8 activation scales' logarithms (mobile --activations static)")
     p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
@@ -148,6 +150,9 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, one more forward pass of time")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, metavar="K", help="read the teacher's top-K next-token log-probs from a disk cache filled on first use, instead of running the teacher every step (0: off); pays off from the second pass over the same data (more epochs, resumed runs, sweeps)")
+    p.add_argument("--teacher-cache", default=d.teacher_cache_dir or None, metavar="DIR", help="root of that cache (default ~/.cache/qatkit/teacher-topk; keyed by teacher, data, K and temperature)")
+    p.add_argument("--faithful", action="store_true", help="the student rounds activations where llama.cpp's CPU backend does (Q8_0 inputs, f16 KV, ggml's GELU table), straight-through in backward (GGUF formats only)")
 
 
 def _run_config(args) -> "RunConfig":
@@ -160,9 +165,10 @@ def _run_config(args) -> "RunConfig":
         kl_positions=args.kl_positions, temperature=args.temperature, ce_weight=args.ce_weight, fq_warmup=args.fq_warmup,
         ckpt_every=args.ckpt_every, eval_every=args.eval_every, seed=args.seed,
         min_lr_ratio=args.min_lr_ratio, scale_lr=args.scale_lr, grad_checkpointing=args.grad_checkpointing,
+        act_scale_lr=args.act_scale_lr, teacher_topk=args.teacher_topk, teacher_cache_dir=args.teacher_cache or "", faithful=args.faithful,
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
-    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "embedding": args.embedding, "max_context": args.max_context} if hasattr(args, "int2") else {}
+    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations} if hasattr(args, "int2") else {}
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
 
@@ -223,7 +229,9 @@ def cmd_export(args) -> int:
 def _export_mobile(args) -> int:
     from .export.executorch import export_pte, require_executorch
     from .models.load import load, resolve
-    from .prepare import QATConfig, prepare
+    from .prepare import QATConfig, calibrate_static, prepare
+    from .train.data import default_train_texts, pack
+    from .train.run import CALIBRATION_SEQS
 
     if args.out.suffix != ".pte":
         raise QatkitError(f"--out {args.out}: an ExecuTorch program's name must end in .pte")
@@ -233,9 +241,12 @@ def _export_mobile(args) -> int:
     t0 = time.time()
     source = resolve(args.model)
     model, tokenizer = load(source)
-    prepare(model, source.arch, QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding))
+    prepare(model, source.arch, QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding, activations=args.activations))
+    if args.activations == "static":  # PTQ: the scales from the default training text
+        seqs = pack(tokenizer, default_train_texts(), 256, vocab_size=model.config.vocab_size)
+        calibrate_static(model, seqs[:CALIBRATION_SEQS])
     info = export_pte(model, tokenizer, args.out, max_context=args.max_context)
-    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 patterns, embedding {args.embedding}) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 patterns, embedding {args.embedding}, {args.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0
 
 

@@ -8,6 +8,10 @@ trained numbers are the exported numbers. `to_linear()` goes back.
 Mobile schemes ('int4', 'int4g32', 'int2', 'int8'; qatkit.formats.mobile) also quantize the
 Linear's input to int8 per token, as the phone runtime does, and always carry their bf16 scales
 (a buffer, or a Parameter when learned), chosen once at prepare time by a squared-error search.
+With static activations (`act="static"`) the input and the output instead take fixed int8
+scales per tensor, learned (as logarithms, so that Adam's steps are relative) after a
+calibration pass sets them (`observe`); the forward's value is the runtime's integer formula
+(`mobile.static_linear`), its gradients those of the float fake-quant path.
 
 Learned scales (LSQ-style, Q4_0 only): Q4_0 stores any fp16 d per block of 32, so a learned d
 exports exactly. The scale starts at ggml's own choice (max / -8) and trains with the gradient
@@ -24,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import QatkitError
 from .formats import mobile, q4_0, q8_0
+from .formats._ste import straight_through
 
 WEIGHT_FORMATS = ("q4_0", "q8_0")
 
@@ -69,10 +75,13 @@ class FakeQuantLinear(nn.Linear):
     fmt: str
     enabled: bool
     spec: mobile.WeightSpec | None = None
+    act: str = "dynamic"  # mobile schemes: "dynamic" int8 per token, or "static" per tensor
+    observed: list | None = None  # a list while calibrating: (input, output) samples are appended
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, fmt: str, learn_scales: bool = False, scale: torch.Tensor | None = None) -> "FakeQuantLinear":
-        """`scale`: a mobile scheme's starting scales (rows, groups), instead of searching them."""
+    def from_linear(cls, linear: nn.Linear, fmt: str, learn_scales: bool = False, scale: torch.Tensor | None = None, act: str = "dynamic") -> "FakeQuantLinear":
+        """`scale`: a mobile scheme's starting scales (rows, groups), instead of searching them.
+        act: a mobile scheme's activations, "dynamic" or "static" (scales set by calibration)."""
         if fmt not in WEIGHT_FORMATS and not is_mobile(fmt):
             raise ValueError(f"fake-quant format {fmt!r} is not one of {WEIGHT_FORMATS} or a mobile scheme (int4, int4g32, int2, int8)")
         if learn_scales and fmt == "q8_0":
@@ -83,10 +92,17 @@ class FakeQuantLinear(nn.Linear):
         new.weight = linear.weight  # the same Parameter: optimizers and ties keep working
         new.bias = linear.bias
         new.fmt, new.enabled = fmt, True
+        if act not in ("dynamic", "static") or (act == "static" and not is_mobile(fmt)):
+            raise ValueError(f"activations {act!r}: dynamic or static, static for the mobile schemes only")
         if is_mobile(fmt):
             new.spec = mobile.parse_spec(fmt)
             if not new.spec.fits(new.in_features):
                 raise ValueError(f"{fmt} needs rows whose length is a multiple of {new.spec.group}, got {new.in_features}")
+            if act == "static":
+                if new.spec.group is not None:
+                    raise ValueError(f"static int8 activations take per-channel weights; XNNPACK cannot run {fmt} with them")
+                new.act = "static"
+                new.act_log_scale = nn.Parameter(torch.full((2,), float("nan")))  # (input, output): calibrate first
             with torch.no_grad():
                 s = (mobile.weight_scale(linear.weight, new.spec) if scale is None else scale.detach()).float().clone()
             if learn_scales:
@@ -116,12 +132,35 @@ class FakeQuantLinear(nn.Linear):
             return _LearnedScaleQ4_0.apply(self.weight, self.scale)
         return (q4_0 if self.fmt == "q4_0" else q8_0).fake_quant(self.weight)
 
+    def act_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The static (input, output) int8 scales, float32: the numbers the .pte is given."""
+        if not torch.isfinite(self.act_log_scale).all():
+            raise QatkitError("static activation scales are not calibrated: run qatkit.prepare.calibrate_static first")
+        s = self.act_log_scale.float().exp()
+        return s[0], s[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return F.linear(x, self.weight, self.bias)
+        if self.act == "static":
+            return self._static_forward(x)
         if self.spec is not None:
             x = mobile.fake_quant_act(x)
         return F.linear(x, self.quantized_weight(), self.bias)
+
+    def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        if self.observed is not None:  # calibrating: float activations, recorded
+            y = F.linear(x, w, self.bias)
+            self.observed.append((x.detach(), y.detach()))
+            return y
+        s_in, s_out = self.act_scales()
+        plain = mobile.learned_fake_quant_static(F.linear(mobile.learned_fake_quant_static(x, s_in), w, self.bias), s_out)
+        with torch.no_grad():
+            sw = self.scale.detach().to(mobile.SCALE_DTYPE).float()  # (rows, 1)
+            codes = torch.round(w.detach().float() / sw)  # exact: w = codes * sw
+            exact = mobile.static_linear(x, codes, sw[:, 0], self.bias, s_in, s_out)
+        return straight_through(plain, exact.to(plain.dtype))
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear.__new__(nn.Linear)
@@ -133,5 +172,5 @@ class FakeQuantLinear(nn.Linear):
     def extra_repr(self) -> str:
         learned = ", learned scales" if isinstance(self.scale, nn.Parameter) else ""
         if self.spec is not None:
-            learned += ", int8 activations per token"
+            learned += ", static int8 activations" if self.act == "static" else ", int8 activations per token"
         return f"{super().extra_repr()}, fmt={self.fmt}{learned}, enabled={self.enabled}"

@@ -43,6 +43,7 @@ class QATConfig:
     int2: tuple[str, ...] = ()
     embedding: str = "int8"
     max_context: int = 512  # the exported .pte's KV-cache length
+    activations: str = "dynamic"  # int8 per token ("dynamic") or learned per-tensor scales ("static")
 
     def __post_init__(self):
         if self.fmt not in ("q4_0", "q8_0", "mobile"):
@@ -50,6 +51,10 @@ class QATConfig:
         if self.learn_scales and self.fmt == "q8_0":
             raise QatkitError("learned scales are for --format q4_0 and mobile")
         self.int2 = tuple(self.int2)
+        if self.activations not in ("dynamic", "static"):
+            raise QatkitError(f"activations {self.activations!r}: choose dynamic or static")
+        if self.activations == "static" and (self.fmt != "mobile" or "g" in self.mobile_weights):
+            raise QatkitError(f"static int8 activations are for the mobile format with per-channel weights (int4, int8); XNNPACK cannot run {self.mobile_weights} with them")
 
 
 def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:
@@ -57,6 +62,14 @@ def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> di
     from .export.gguf import gguf_tensors
 
     return default_plan({k: tuple(v.shape) for k, v in gguf_tensors(model, arch).items()}, fmt, pure)
+
+
+def linear_weight_types(model: nn.Module, arch: Arch, plan: dict[str, str]) -> dict[str, str]:
+    """{HF module name: GGUF format} of every Linear under a GGUF plan (a tied head takes the
+    embedding's): what the runtime-faithful mode needs to round each product's input."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    return {name: plan["token_embd.weight" if name == "lm_head" and tied else gguf_name(arch, f"{name}.weight")]
+            for name in _linears(model)}
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -126,12 +139,49 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
             setattr(parent, child, FakeQuantLinear.from_linear(lin, plan["model.embed_tokens"], scale=emb_scale))
             plan["lm_head"] = plan["model.embed_tokens"]
             continue
-        setattr(parent, child, FakeQuantLinear.from_linear(lin, plan[name], config.learn_scales and name != "lm_head"))
+        act = config.activations if name != "lm_head" else "dynamic"  # the head's output is the logits
+        setattr(parent, child, FakeQuantLinear.from_linear(lin, plan[name], config.learn_scales and name != "lm_head", act=act))
         if name == "lm_head":
             lin.weight.requires_grad_(False)
     n2 = sum(v.startswith("int2") for v in plan.values())
-    log.info("prepared %d linears for the mobile format (%s, %d int2; embedding %s)%s", len(plan) - 1, config.mobile_weights, n2, config.embedding, " with learned scales" if config.learn_scales else "")
+    log.info("prepared %d linears for the mobile format (%s, %d int2; embedding %s; %s int8 activations)%s", len(plan) - 1, config.mobile_weights, n2, config.embedding, config.activations, " with learned scales" if config.learn_scales else "")
     return plan
+
+
+SAMPLES_PER_TENSOR = 1 << 18
+
+
+@torch.no_grad()
+def calibrate_static(model: nn.Module, seqs: torch.Tensor) -> int:
+    """Set the static int8 activation scales of a mobile student from its float activations on
+    `seqs` (n, L): each Linear's input and output scale minimises the squared int8 error of a
+    sample of the values it saw. Returns the number of Linears calibrated (0: none is static)."""
+    from .formats import mobile
+
+    static = [m for m in model.modules() if isinstance(m, FakeQuantLinear) and m.act == "static"]
+    if not static:
+        return 0
+    if len(seqs) == 0:
+        raise QatkitError("calibrating static activation scales needs at least one sequence")
+    for m in static:
+        m.observed = []
+    was_training = model.training
+    try:
+        model.eval()
+        for x in seqs:
+            model(x[None])
+        gen = torch.Generator().manual_seed(0)
+        for m in static:
+            ins = torch.cat([a.flatten() for a, _ in m.observed])
+            outs = torch.cat([b.flatten() for _, b in m.observed])
+            picked = [v[torch.randint(len(v), (SAMPLES_PER_TENSOR,), generator=gen)] if len(v) > SAMPLES_PER_TENSOR else v for v in (ins, outs)]
+            m.act_log_scale.copy_(torch.stack([mobile.static_scale(v) for v in picked]).log())
+    finally:
+        for m in static:
+            m.observed = None
+        model.train(was_training)
+    log.info("calibrated the static int8 scales of %d linears on %d sequences", len(static), len(seqs))
+    return len(static)
 
 
 def mobile_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor, "object"]]:

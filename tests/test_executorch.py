@@ -16,13 +16,16 @@ from qatkit.eval.executorch import PteModel, generate, score  # noqa: E402
 from qatkit.export.executorch import export_pte, tokenizer_path  # noqa: E402
 from qatkit.models.arch import arch_for_config  # noqa: E402
 from qatkit.nn import FakeQuantLinear  # noqa: E402
-from qatkit.prepare import QATConfig, prepare  # noqa: E402
+from qatkit.prepare import QATConfig, calibrate_static, prepare  # noqa: E402
+from qatkit.train.data import pack  # noqa: E402
 from tiny_models import TEXT, tiny_model, tiny_tokenizer  # noqa: E402
 
-# family, plan: gemma3 ties its head to the embedding (int8 codes shared), llama does not
+# name: (family, plan). gemma3 ties its head to the embedding (int8 codes shared), llama does not;
+# "static" has learned per-tensor int8 scales on every Linear's input and output
 CASES = {
-    "gemma3": dict(int2=("*.mlp.down_proj",)),
-    "llama": dict(mobile_weights="int4g32", int2=("model.layers.1.*",), embedding="int4"),
+    "gemma3": ("gemma3", dict(int2=("*.mlp.down_proj",))),
+    "llama": ("llama", dict(mobile_weights="int4g32", int2=("model.layers.1.*",), embedding="int4")),
+    "static": ("gemma3", dict(activations="static", int2=("model.layers.0.mlp.down_proj",))),
 }
 BOUND = 2e-6  # |pte - student| / max |student logit| at a position; measured 3e-7 to 1e-6
 # Where XNNPACK's summation order moves an activation by an ulp across a rounding edge of its
@@ -48,20 +51,23 @@ def student(family, **plan):
         odd = [i for i in range(m.config.vocab_size) if not tok.decode([i]).isascii() or not tok.decode([i])]
         m.get_output_embeddings().weight[odd] *= 0.01
     p = prepare(m, arch_for_config(m.config), QATConfig(fmt="mobile", learn_scales=True, **plan))
+    calibrate_static(m, pack(tok, [TEXT * 2], seq_len=32, vocab_size=m.config.vocab_size)[:3])
     with torch.no_grad():  # as after training: scales away from their initial choice
         for mod in m.modules():
             if isinstance(mod, FakeQuantLinear) and isinstance(mod.scale, torch.nn.Parameter):
                 mod.scale.mul_(1.0 + 0.05 * torch.rand(mod.scale.shape))
+            if isinstance(mod, FakeQuantLinear) and mod.act == "static":
+                mod.act_log_scale.add_(0.05 * torch.rand(2))
     return m, p
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def exported(request, tmp_path_factory):
-    family = request.param
-    m, plan = student(family, **CASES[family])
-    out = tmp_path_factory.mktemp(family) / "m.pte"
+    family, plan = CASES[request.param]
+    m, plan = student(family, **plan)
+    out = tmp_path_factory.mktemp(request.param) / "m.pte"
     info = export_pte(m, tiny_tokenizer(), out, max_context=96)
-    return family, m, plan, out, info
+    return request.param, m, plan, out, info
 
 
 def test_pte_computes_what_the_student_computes(exported):
@@ -75,7 +81,7 @@ def test_pte_computes_what_the_student_computes(exported):
         loose = copy.deepcopy(m)
         for mod in loose.modules():
             if isinstance(mod, FakeQuantLinear):
-                mod.spec, mod.scale = None, None
+                mod.spec, mod.scale, mod.act = None, None, "dynamic"
                 mod.fmt = "q8_0"
         weight_only = loose(ids[None]).logits[0]
     pte = PteModel(out)
@@ -83,6 +89,9 @@ def test_pte_computes_what_the_student_computes(exported):
     per_pos = (got - want).abs().amax(-1) / want.abs().amax()
     assert float((per_pos <= BOUND).float().mean()) >= 0.8, (family, per_pos)
     assert kl(want, got) <= KL_BOUND, (family, kl(want, got))
+    if family == "static":  # no per-token range to move: every position within float noise (measured 4e-7)
+        assert float(per_pos.max()) <= BOUND and kl(want, got) <= 1e-12, (per_pos.max(), kl(want, got))
+        assert all(m.get_submodule(n).act == "static" for n, v in plan.items() if n not in ("lm_head", "model.embed_tokens"))
     assert kl(want, weight_only) > 100 * KL_BOUND  # the bound would catch a wrong activation rule
     # token by token through the KV cache gives the same numbers
     steps = torch.cat([pte.forward.execute([ids[i : i + 1][None], torch.tensor([i])])[0][0] for i in range(20)])
@@ -153,19 +162,22 @@ def test_cli_train_mobile_export_and_eval(tmp_path, capsys, monkeypatch):
     data.write_text(TEXT * 6)
     run_dir = tmp_path / "run"
     args = ["train", str(src), "--format", "mobile", "--int2", "*.mlp.down_proj", "--learn-scales", "--data", str(data),
-            "--steps", "3", "--seq-len", "32", "--lr", "1e-4", "--out", str(run_dir), "--export"]
+            "--activations", "static", "--steps", "3", "--seq-len", "32", "--lr", "1e-4", "--out", str(run_dir), "--export"]
     assert main(args) == 0
     pte = run_dir / "qat-mobile.pte"
     assert pte.exists() and tokenizer_path(pte).exists()
     config = json.loads((run_dir / "config.json").read_text())
-    assert config["qat"]["fmt"] == "mobile" and config["qat"]["int2"] == ["*.mlp.down_proj"]
+    assert config["qat"]["fmt"] == "mobile" and config["qat"]["int2"] == ["*.mlp.down_proj"] and config["qat"]["activations"] == "static"
+    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    learned = [v for k, v in ckpt["params"].items() if k.endswith("act_log_scale")]
+    assert learned and all(torch.isfinite(v).all() for v in learned)  # calibrated, then trained
     capsys.readouterr()
     assert main(["eval", str(pte), "--text", str(data), "--ctx", "64", "--chunks", "2", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert row["tokens"] == 64 and 1 < row["ppl"] < 1e4
 
 
-@pytest.mark.parametrize("case", ["width", "to", "suffix"])
+@pytest.mark.parametrize("case", ["width", "to", "suffix", "static-groups"])
 def test_cli_export_mobile_bad_input(tmp_path, capsys, case):
     from qatkit.cli import main
 
@@ -173,9 +185,37 @@ def test_cli_export_mobile_bad_input(tmp_path, capsys, case):
     tiny_model("llama", hidden=48 if case == "width" else 64).save_pretrained(src)
     tiny_tokenizer().save_pretrained(src)
     out = tmp_path / ("x.gguf" if case == "suffix" else "x.pte")
-    args = {"width": ["--format", "mobile", "--weights", "int4g32"], "to": ["--format", "q4_0", "--to", "executorch"], "suffix": ["--format", "mobile"]}[case]
+    args = {"width": ["--format", "mobile", "--weights", "int4g32"], "to": ["--format", "q4_0", "--to", "executorch"], "suffix": ["--format", "mobile"],
+            "static-groups": ["--format", "mobile", "--weights", "int4g32", "--activations", "static"]}[case]
     capsys.readouterr()
     assert main(["export", str(src), *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("qatkit: error: "), err
     assert not out.exists() and not list(tmp_path.glob("*.tmp"))
+
+
+def test_static_export_refuses_what_xnnpack_would_not_run_as_trained(tmp_path, monkeypatch):
+    from qatkit.export import executorch as et
+
+    m = tiny_model("gemma3", layers=1)
+    prepare(m, arch_for_config(m.config), QATConfig(fmt="mobile", activations="static"))
+    with pytest.raises(QatkitError, match="not calibrated"):
+        export_pte(m, tiny_tokenizer(), tmp_path / "a.pte")
+    calibrate_static(m, pack(tiny_tokenizer(), [TEXT * 2], seq_len=32, vocab_size=m.config.vocab_size)[:2])
+    o = m.get_submodule("model.layers.0.self_attn.o_proj")
+    with torch.no_grad():
+        o.act_log_scale[1] = -40.0  # an output scale so small that XNNPACK's requantization refuses it
+    with pytest.raises(QatkitError, match="o_proj.*XNNPACK needs < 256"):
+        export_pte(m, tiny_tokenizer(), tmp_path / "b.pte")
+    calibrate_static(m, pack(tiny_tokenizer(), [TEXT * 2], seq_len=32, vocab_size=m.config.vocab_size)[:2])
+
+    def no_output_pair(self, x):  # what a Linear without its output quantize pair looks like
+        qd = torch.ops.quantized_decomposed
+        x = qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(x, self.s_in, 0, -128, 127, torch.int8), self.s_in, 0, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel.default(self.codes, self.w_scale, self.w_zero, 0, self.qmin, self.qmax, torch.int8)
+        return torch.nn.functional.linear(x, w, self.bias)
+
+    monkeypatch.setattr(et.StaticInt8Linear, "forward", no_output_pair)
+    with pytest.raises(QatkitError, match="outside the XNNPACK delegate"):
+        export_pte(m, tiny_tokenizer(), tmp_path / "c.pte")
+    assert not list(tmp_path.iterdir())

@@ -130,3 +130,73 @@ def test_fake_quant_linear(name):
     assert "scale" in dict(fixed.named_buffers()) and torch.equal(fixed(x), want)
     with pytest.raises(ValueError, match="multiple of 32"):
         FakeQuantLinear.from_linear(torch.nn.Linear(48, 4), "int4g32")
+
+
+# ------------------------------------------------------------------------------ static int8
+def static_layer(bits="int4", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(96, 24, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(weights(seed))
+        if bias:
+            lin.bias.copy_(torch.randn(24, generator=g))
+    m = FakeQuantLinear.from_linear(lin, bits, act="static")
+    x = torch.randn(5, 96, generator=g) * 2
+    return m, x
+
+
+def test_static_linear_is_the_integer_formula():
+    m, x = static_layer()
+    s_in, s_out = torch.tensor(0.03125), torch.tensor(0.23)  # a power of two: exact ties below
+    codes, sw = mobile.quantize_weight(m.weight, m.spec, m.scale)
+    x[0, :8] = (torch.arange(8) - 3.5) * s_in  # exact ties of the input grid
+    got = mobile.static_linear(x, codes, sw.float()[:, 0], m.bias, s_in, s_out)
+    # the same arithmetic written out element by element, in float64 where it is exact
+    xq = torch.clamp(torch.round(x * (torch.tensor(1.0) / s_in)), -128, 127)
+    assert xq[0, :8].tolist() == [-4.0, -2.0, -2.0, -0.0, 0.0, 2.0, 2.0, 4.0]  # half to even
+    acc = xq.double() @ codes.double().T + torch.round(m.bias.detach() * (torch.tensor(1.0) / (sw.float()[:, 0] * s_in))).double()
+    r = (s_in * sw.float()[:, 0]) / s_out
+    want = torch.clamp(torch.round(acc.float() * r), -128, 127) * s_out
+    assert torch.equal(got, want)
+    assert (got / s_out).abs().max() <= 128 and len(set((got / s_out).round().flatten().tolist())) > 20
+
+
+def test_static_fake_quant_needs_calibration_then_is_exact_with_lsq_gradients():
+    from qatkit import QatkitError
+
+    m, x = static_layer("int2", bias=False)
+    with pytest.raises(QatkitError, match="not calibrated"):
+        m(x)
+    with torch.no_grad():
+        m.act_log_scale.copy_(torch.tensor([0.04, 0.3]).log())
+    x.requires_grad_(True)
+    y = m(x)
+    s_in, s_out = m.act_scales()
+    codes, sw = mobile.quantize_weight(m.weight, m.spec, m.scale)
+    assert torch.equal(y.detach(), mobile.static_linear(x, codes, sw.float()[:, 0], None, s_in, s_out))
+    y.pow(2).sum().backward()
+    assert m.act_log_scale.grad is not None and bool((m.act_log_scale.grad != 0).all())
+    assert m.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+    # d/ds of the straight-through fake-quant: q - v inside the grid, the clipped code outside
+    v = torch.tensor([0.5, 1.26, -7.0, 300.0])
+    s = torch.tensor(0.5, requires_grad=True)
+    mobile.learned_fake_quant_static(v, s).sum().backward()
+    q = torch.clamp(torch.round(v / 0.5), -128, 127)
+    assert torch.allclose(s.grad, (q - v / 0.5)[:3].sum() + q[3], atol=1e-6)
+
+
+def test_static_scale_search_and_refusals():
+    from qatkit import QatkitError
+    from qatkit.prepare import QATConfig
+
+    v = torch.cat([torch.randn(10000), torch.tensor([60.0])])  # one outlier: clipping it pays
+    s = mobile.static_scale(v)
+    err = lambda s: float(((mobile.static_codes(v, s) * s - v) ** 2).sum())  # noqa: E731
+    assert err(s) < err(torch.tensor(60.0 / 127)) and s < 60.0 / 127
+    assert float(mobile.static_scale(torch.zeros(4))) == 1.0
+    with pytest.raises(QatkitError, match="per-channel"):
+        QATConfig(fmt="mobile", mobile_weights="int4g32", activations="static")
+    with pytest.raises(QatkitError, match="mobile"):
+        QATConfig(fmt="q4_0", activations="static")
+    with pytest.raises(ValueError, match="per-channel"):
+        FakeQuantLinear.from_linear(torch.nn.Linear(64, 8), "int4g32", act="static")

@@ -96,3 +96,49 @@ def test_grad_checkpointing_changes_nothing_but_memory(tmp_path):
     # each layer runs twice per training step (forward, then again in backward), once per evaluation
     n_layers, evals = len(b.model.layers), 2 * len(held)
     assert len(calls) == n_layers * (2 * cfg.steps + evals), len(calls)
+
+
+def test_faithful_training_rounds_like_llama_cpp(tmp_path, monkeypatch):
+    """--faithful: the student's forward in the loss is the llama.cpp-rounded one (not the plain
+    one), gradients pass straight through, and the run trains."""
+    from qatkit.eval.faithful import llamacpp_faithful
+    from qatkit.prepare import linear_weight_types, model_plan
+
+    teacher, student, tr, held = setup()
+    arch = arch_for_config(teacher.config)
+    types = linear_weight_types(student, arch, model_plan(student, arch, "q4_0"))
+    assert types["model.layers.0.mlp.down_proj"] == "q4_0" and set(types) >= {"lm_head"}
+    x, pos = tr[:2], torch.arange(31)
+    cfg = TrainConfig(seq_len=32, kl_positions=1.0, faithful=True)
+    ctx = lambda: llamacpp_faithful(student, types, exact=False)  # noqa: E731
+    loss, _ = loop.distill_loss(student, teacher, x, pos, cfg, student_context=ctx)
+    plain, _ = loop.distill_loss(student, teacher, x, pos, cfg)
+    with torch.no_grad():
+        t = torch.log_softmax(loop._head(teacher, teacher.model(x).last_hidden_state[:, pos]), -1)
+        with llamacpp_faithful(student, types, exact=False):
+            s = torch.log_softmax(loop._head(student, student.model(x).last_hidden_state[:, pos]), -1)
+    assert torch.allclose(loss, loop.kl_per_position(t, s).mean(), rtol=1e-6)
+    assert not torch.equal(loss, plain)
+    loss.backward()
+    g = student.model.layers[0].mlp.down_proj.weight.grad
+    assert g is not None and torch.isfinite(g).all() and g.abs().sum() > 0
+
+    entered = []
+    real = loop.partial
+
+    def counting(fn, *a, **k):
+        def make():
+            entered.append(1)
+            return fn(*a, **k)
+        return make
+
+    monkeypatch.setattr(loop, "partial", counting)
+    teacher, student, tr, held = setup()
+    cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, grad_accum=2, faithful=True, eval_every=100)
+    rows = train(student, teacher, tr, None, cfg, tmp_path, progress=False, weight_types=types)
+    assert len(entered) == 6 and all(r["kl"] > 0 for r in rows)
+    monkeypatch.setattr(loop, "partial", real)
+    with pytest.raises(QatkitError, match="weight type"):
+        train(student, teacher, tr, None, cfg, tmp_path / "b", progress=False)
+    with pytest.raises(QatkitError, match="grad checkpointing"):
+        TrainConfig(faithful=True, grad_checkpointing=True)

@@ -3,7 +3,9 @@
 What is written is what was trained: every Linear's int8 codes and bf16 scales come from
 `qatkit.formats.mobile.quantize_weight` (the function the student's fake-quant calls) and are
 handed to torchao's `IntxUnpackedToInt8Tensor` as they are, never re-derived; XNNPACK's dynamic
-int8 activation quantization is the one the student simulated (`mobile.act_qparams`).
+int8 activation quantization is the one the student simulated (`mobile.act_qparams`). With
+static activations each Linear becomes a `StaticInt8Linear` carrying the student's learned
+scales as constants (`mobile.static_linear` is what XNNPACK computes from it).
 
 Runtime facts this module is built on (measured with executorch 1.5.1, torchao 0.18, x86):
 - int4 (and int2, carried in int4 codes: XNNPACK has no 2-bit kernel) takes bf16 scales; int8
@@ -38,6 +40,7 @@ from .. import QatkitError
 log = logging.getLogger(__name__)
 
 MOBILE_INSTALL = "pip install 'qatkit[mobile]' (ExecuTorch and torchao)"
+MUST_BE_DELEGATED = ("aten.mm", "aten.addmm", "aten.bmm", "aten.linear", "dequantize_per_channel", "quantize_per_tensor")
 
 
 def require_executorch() -> None:
@@ -87,6 +90,42 @@ def _quantized_tensor(codes: torch.Tensor, scale: torch.Tensor, spec, activation
     )
 
 
+class StaticInt8Linear(nn.Module):
+    """A Linear with static int8 input and output (`mobile.static_linear`), in the graph pattern
+    XNNPACK lowers to one qs8 fully-connected operator: quantize/dequantize_per_tensor with
+    constant scales around the input and the output, the weight as dequantize_per_channel of int8
+    codes (declared -8..7 for int4 and int2 codes, which makes it 4-bit) with float32 scales.
+    Without the output pair the Linear silently leaves the delegate (and computes wrongly)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, bias: torch.Tensor | None, s_in: float, s_out: float):
+        super().__init__()
+        import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers quantized_decomposed)
+
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("w_scale", scale.float().reshape(-1).contiguous())
+        self.register_buffer("w_zero", torch.zeros(codes.shape[0], dtype=torch.int64))
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float().clone(), requires_grad=False)
+        self.qmin, self.qmax = (-8, 7) if bits <= 4 else (-128, 127)
+        self.s_in, self.s_out = float(s_in), float(s_out)  # Python floats: constants in the graph
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        x = qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(x, self.s_in, 0, -128, 127, torch.int8), self.s_in, 0, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel.default(self.codes, self.w_scale, self.w_zero, 0, self.qmin, self.qmax, torch.int8)
+        y = nn.functional.linear(x, w, self.bias)
+        return qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(y, self.s_out, 0, -128, 127, torch.int8), self.s_out, 0, -128, 127, torch.int8)
+
+
+def _static_linear(name: str, old: nn.Module, codes: torch.Tensor, scale: torch.Tensor, spec) -> StaticInt8Linear:
+    from ..formats import mobile
+
+    s_in, s_out = (float(s.detach()) for s in old.act_scales())
+    r = (torch.tensor(s_in) * scale.float().reshape(-1)) / torch.tensor(s_out)
+    if float(r.max()) >= mobile.STATIC_MAX_REQUANT:
+        raise QatkitError(f"{name}: input scale x weight scale / output scale reaches {float(r.max()):.0f}; XNNPACK needs < {mobile.STATIC_MAX_REQUANT:.0f} (output scale too small)")
+    return StaticInt8Linear(codes, scale, spec.bits, old.bias, s_in, s_out)
+
+
 def runtime_model(student: nn.Module) -> nn.Module:
     """A copy of the mobile student whose Linears and embedding hold the exported integer codes
     (torchao tensors), with the tied head untied and Gemma's tanh GELU spelled out."""
@@ -106,6 +145,9 @@ def runtime_model(student: nn.Module) -> nn.Module:
     memo: dict[int, object] = {}
     for name, (codes, scale, spec) in weights.items():
         old = student.get_submodule(name)
+        if getattr(old, "act", "dynamic") == "static":
+            memo[id(old)] = _static_linear(name, old, codes, scale, spec)
+            continue
         lin = nn.Linear(old.in_features, old.out_features, bias=old.bias is not None, device="meta")
         lin.weight = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=True), requires_grad=False)
         if old.bias is not None:
@@ -210,6 +252,12 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int) -> d
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     t2 = time.perf_counter()
     et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True))
+    graph = edge.exported_program().graph
+    delegates = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
+    outside = sorted({str(n.target) for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)})
+    stray = [op for op in outside if any(k in op for k in MUST_BE_DELEGATED)]
+    if stray:  # e.g. a static Linear without its output quantize pair: portable kernels, other numbers
+        raise QatkitError(f"matrix products left outside the XNNPACK delegate ({', '.join(stray)}): the program would not compute what was trained")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     try:
@@ -222,9 +270,7 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int) -> d
     finally:
         for t in (tmp, tokenizer_path(out).with_name(tokenizer_path(out).name + ".tmp")):
             t.unlink(missing_ok=True)
-    graph = edge.exported_program().graph
-    delegates = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
     info = {"path": str(out), "file_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
-            "xnnpack_partitions": delegates, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
+            "xnnpack_partitions": delegates, "outside_xnnpack": outside, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
     log.info("wrote %s (%.1f MB, %d XNNPACK partitions) in %.0f s", out, info["file_bytes"] / 1e6, delegates, info["seconds"])
     return info

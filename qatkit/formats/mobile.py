@@ -212,3 +212,90 @@ def dequantize_act(q: torch.Tensor, m: torch.Tensor, zp: torch.Tensor) -> torch.
 def fake_quant_act(x: torch.Tensor) -> torch.Tensor:
     """What the runtime's int8 dynamic quantization leaves of x, straight-through gradient."""
     return straight_through(x, dequantize_act(*quantize_act(x)).to(x.dtype))
+
+
+# ----------------------------------------------------------------- static activations (int8)
+# The second activation mode: a fixed, learned int8 scale per tensor on the input *and* the
+# output of each Linear (zero point 0), the full-integer pattern NPUs need. XNNPACK runs it as one
+# qs8 fully-connected operator (input qint8, weights qcint8 / qcint4 per channel, output qint8);
+# it takes per-channel weights only, not groups. Measured against the .pte (executorch 1.5.1,
+# x86), these are its numbers bit for bit, all float32:
+#
+#     x_q  = clamp(round_half_even(x * (1 / s_x)), -128, 127)          (times the reciprocal)
+#     b_q  = round_half_even(b * (1 / (s_w[c] * s_x)))                 (int32 bias, at lowering)
+#     acc  = sum_k x_q * w_q[c, k] + b_q[c]                            (exact integers)
+#     r_c  = (s_x * s_w[c]) / s_y                                      (in this order)
+#     y_q  = clamp(round_half_even(acc * r_c), -128, 127)
+#     y    = y_q * s_y
+#
+# XNNPACK refuses r_c >= 256 when the program loads (`STATIC_MAX_REQUANT`).
+
+STATIC_QMAX = 127
+STATIC_MAX_REQUANT = 256.0
+
+
+def _recip(s: torch.Tensor) -> torch.Tensor:
+    return torch.ones_like(s) / s  # one IEEE division (torch's 1.0 / t is two roundings)
+
+
+def static_codes(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """Float codes of x under a static int8 scale s (a float32 scalar tensor)."""
+    return torch.clamp(torch.round(x.float() * _recip(s.float())), -128, STATIC_QMAX)
+
+
+def static_linear(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+                  s_in: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
+    """What the runtime's static int8 Linear returns (see above). codes: int (out, in);
+    w_scale: float32 (out,) per channel; s_in, s_out: float32 scalars."""
+    s_in, s_out, sw = s_in.detach().float(), s_out.detach().float(), w_scale.detach().float()
+    xq = static_codes(x.detach(), s_in)
+    wq = codes.float()
+    # integer sums are exact in float32 below 2^24 whatever the order; int8 weights can pass it
+    exact32 = 128 * float(wq.abs().max()) * wq.shape[1] < 2**24
+    acc = torch.nn.functional.linear(xq, wq) if exact32 else torch.nn.functional.linear(xq.double(), wq.double()).float()
+    if bias is not None:
+        acc = acc + torch.round(bias.detach().float() * _recip(sw * s_in))
+    r = (s_in * sw) / s_out
+    return torch.clamp(torch.round(acc * r), -128, STATIC_QMAX) * s_out
+
+
+def learned_fake_quant_static(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """x_q * s with LSQ gradients for the learned scalar scale s (straight-through for x inside
+    the grid): the float path whose gradients train a static Linear."""
+    return _StaticLSQ.apply(x, s)
+
+
+class _StaticLSQ(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, s):
+        s32 = s.detach().float()
+        q = static_codes(x.detach(), s32)
+        ctx.save_for_backward(x, s32)
+        return (q * s32).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, s32 = ctx.saved_tensors
+        v = x.float() * _recip(s32)
+        q = torch.clamp(torch.round(v), -128, STATIC_QMAX)
+        inside = (v >= -128.5) & (v <= STATIC_QMAX + 0.5)
+        g = grad.float()
+        grad_x = torch.where(inside, g, torch.zeros_like(g)).to(grad.dtype)
+        grad_s = (g * torch.where(inside, q - v, q)).sum().reshape(s32.shape)
+        return grad_x, grad_s
+
+
+def static_scale(samples: torch.Tensor) -> torch.Tensor:
+    """The float32 scale that minimises the squared int8 error of `samples` (a 1-D sample of a
+    tensor's values) over a grid of clipping ratios of its absolute maximum."""
+    v = samples.detach().float().flatten()
+    amax = float(v.abs().max()) if v.numel() else 0.0
+    if amax == 0.0:
+        return torch.tensor(1.0)
+    best, best_err = None, float("inf")
+    for f in torch.linspace(0.05, 1.0, 40).tolist():
+        s = torch.tensor(amax * f / STATIC_QMAX, dtype=torch.float32)
+        err = float(((static_codes(v, s) * s - v) ** 2).sum())
+        if err < best_err:
+            best, best_err = s, err
+    return best

@@ -20,8 +20,11 @@ import logging
 import math
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +33,7 @@ from tqdm.auto import tqdm
 from .. import QatkitError
 from ..nn import FakeQuantLinear
 from .data import Batches
+from .teacher_cache import TeacherCache, topk_kl
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +46,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-5
     scale_lr: float = 1e-5  # learned Q4_0 scales
+    act_scale_lr: float = 1e-3  # static int8 activation scales (learned as logarithms: relative steps)
     warmup_steps: int = 5
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
     weight_decay: float = 0.0
@@ -54,6 +59,9 @@ class TrainConfig:
     ckpt_every: int = 25
     seed: int = 0
     grad_checkpointing: bool = False
+    teacher_topk: int = 0  # > 0: the teacher's top-k log-probs from a disk cache (teacher_cache.py)
+    teacher_cache_dir: str = ""  # where that cache lives ("" = ~/.cache/qatkit/teacher-topk)
+    faithful: bool = False  # the student rounds activations as llama.cpp's CPU backend (eval/faithful.py)
 
     @property
     def tokens_per_step(self) -> int:
@@ -67,6 +75,10 @@ class TrainConfig:
             raise QatkitError(f"kl_positions is a fraction in (0, 1], got {self.kl_positions}")
         if self.temperature <= 0 or self.lr <= 0:
             raise QatkitError("temperature and lr must be > 0")
+        if self.teacher_topk < 0:
+            raise QatkitError(f"teacher_topk must be >= 0 (0: no cache), got {self.teacher_topk}")
+        if self.faithful and self.grad_checkpointing:
+            raise QatkitError("the llama.cpp-faithful student cannot recompute its forward in backward: drop grad checkpointing or faithful")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -95,20 +107,30 @@ def kl_per_position(t_logp: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
     return (t_logp.exp() * (t_logp - s_logp)).sum(-1)
 
 
-def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict]:
-    """KL(teacher || student) at temperature T on positions `pos` (x: (B, L) token ids)."""
-    with torch.no_grad():
-        t_logits = _head(teacher, teacher.model(x).last_hidden_state[:, pos])
-    s_logits = _head(student, student.model(x).last_hidden_state[:, pos])
+def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: TrainConfig, cache: TeacherCache | None = None,
+                 student_context: Callable[[], ContextManager] = nullcontext) -> tuple[torch.Tensor, dict]:
+    """KL(teacher || student) at temperature T on positions `pos` (x: (B, L) token ids). With a
+    `cache`, the teacher's side is its stored top-k (the KL over k + 1 outcomes, at T); the
+    student's forward runs inside `student_context()` (the llama.cpp-faithful rounding)."""
     T = cfg.temperature
-    t_logp = F.log_softmax(t_logits / T, -1)
-    s_logp = F.log_softmax(s_logits / T, -1)
-    kl = kl_per_position(t_logp, s_logp).mean()
-    loss = kl * T * T  # T^2 keeps gradient sizes comparable across temperatures
-    if T != 1:  # report the KL at T=1, the one evaluation measures
+    if cache is None:
         with torch.no_grad():
-            t1, s1 = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
-            kl = kl_per_position(t1, s1).mean()
+            t_logits = _head(teacher, teacher.model(x).last_hidden_state[:, pos])
+    with student_context():
+        s_logits = _head(student, student.model(x).last_hidden_state[:, pos])
+    s_logp = F.log_softmax(s_logits / T, -1)
+    if cache is not None:
+        t_top, t_ids = cache.lookup(x, pos)
+        kl = topk_kl(t_top, t_ids, s_logp).mean()
+        loss = kl * T * T
+    else:
+        t_logp = F.log_softmax(t_logits / T, -1)
+        kl = kl_per_position(t_logp, s_logp).mean()
+        loss = kl * T * T  # T^2 keeps gradient sizes comparable across temperatures
+        if T != 1:  # report the KL at T=1, the one evaluation measures
+            with torch.no_grad():
+                t1, s1 = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
+                kl = kl_per_position(t1, s1).mean()
     stats = {"kl": float(kl.detach())}
     if cfg.ce_weight:
         ce = F.cross_entropy(s_logits.flatten(0, 1), x[:, pos + 1].flatten())
@@ -137,10 +159,13 @@ def _trainable(student) -> dict[str, torch.nn.Parameter]:
 def make_optimizer(student, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = _trainable(student)
     scales = [p for n, p in params.items() if n.endswith(".scale")]
-    weights = [p for n, p in params.items() if not n.endswith(".scale")]
+    act_scales = [p for n, p in params.items() if n.endswith(".act_log_scale")]
+    weights = [p for n, p in params.items() if not n.endswith((".scale", ".act_log_scale"))]
     groups = [{"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay, "base_lr": cfg.lr}]
     if scales:
         groups.append({"params": scales, "lr": cfg.scale_lr, "weight_decay": 0.0, "base_lr": cfg.scale_lr})
+    if act_scales:
+        groups.append({"params": act_scales, "lr": cfg.act_scale_lr, "weight_decay": 0.0, "base_lr": cfg.act_scale_lr})
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
@@ -188,20 +213,29 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, device: torch.device | None = None) -> list[dict]:
+def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, device: torch.device | None = None,
+          weight_types: dict[str, str] | None = None) -> list[dict]:
     """Train `student` in place on `device` (default: CUDA when present); returns the metrics rows
-    (also appended to run_dir/metrics.jsonl). Both models are back on the CPU afterwards."""
+    (also appended to run_dir/metrics.jsonl). Both models are back on the CPU afterwards.
+    weight_types: {Linear module name: GGUF format}, which `cfg.faithful` needs."""
     device = device or default_device()
     student.to(device)
     teacher.to(device)
     try:
-        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device)
+        student_context = nullcontext
+        if cfg.faithful:
+            if not weight_types:
+                raise QatkitError("faithful training needs the GGUF weight type of each Linear")
+            from ..eval.faithful import llamacpp_faithful
+
+            student_context = partial(llamacpp_faithful, student, weight_types, exact=False)
+        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context)
     finally:
         student.cpu()
         teacher.cpu()
 
 
-def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device) -> list[dict]:
+def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, student_context) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     teacher.eval().requires_grad_(False)
@@ -210,6 +244,9 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
         (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
     opt = make_optimizer(student, cfg)
     batches = Batches(train_seqs, cfg.batch_size, cfg.seed)
+    cache = None
+    if cfg.teacher_topk:
+        cache = TeacherCache(teacher, _head, train_seqs, cfg.teacher_topk, cfg.temperature, Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else None)
     start = 0
     if resume and ckpt.exists():
         start = load_checkpoint(ckpt, student, opt, batches)
@@ -227,7 +264,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     try:
         for step in bar:
             data_at_step = batches.state_dict()
-            row = _step(student, teacher, opt, batches, step, cfg, device)
+            row = _step(student, teacher, opt, batches, step, cfg, device, cache, student_context)
             updating = True
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -255,11 +292,13 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
         raise
     finally:
         bar.close()
+        if cache is not None:
+            log.info("teacher cache: %d sequences read, %d computed and stored", cache.hits, cache.misses)
     student.eval()
     return rows
 
 
-def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, device: torch.device) -> dict:
+def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, device: torch.device, cache=None, student_context=nullcontext) -> dict:
     """Forward and backward of one optimizer step (all micro-batches); returns its metrics row."""
     lr_scale = lr_at(step, cfg) / cfg.lr
     for g in opt.param_groups:
@@ -269,7 +308,7 @@ def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, 
     stats_sum: dict[str, float] = {}
     for _ in range(cfg.grad_accum):
         x = next(batches).to(device)
-        loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen).to(device), cfg)
+        loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen).to(device), cfg, cache, student_context)
         (loss / cfg.grad_accum).backward()
         stats["loss"] = float(loss.detach())
         for k, v in stats.items():

@@ -22,11 +22,13 @@ import torch
 from .. import QatkitError
 from ..export.model import export_model
 from ..models.load import load, resolve
-from ..prepare import QATConfig, convert, prepare
+from ..prepare import QATConfig, calibrate_static, convert, linear_weight_types, prepare
 from .data import default_train_texts, pack, read_texts, sample_from_model, split
 from .loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
+
+CALIBRATION_SEQS = 8  # training sequences that set the static int8 activation scales
 
 
 @dataclass
@@ -86,10 +88,16 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     log.info("data: %d training sequences of %d tokens, %d held out", len(train_seqs), cfg.train.seq_len, len(held))
     student = copy.deepcopy(teacher)
     plan = prepare(student, source.arch, cfg.qat)
+    calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
     tmp = run_dir / "config.json.tmp"
     tmp.write_text(cfg.to_json())
     os.replace(tmp, run_dir / "config.json")
-    rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress)
+    types = None
+    if cfg.train.faithful:
+        if cfg.qat.fmt == "mobile":
+            raise QatkitError("faithful training rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
+        types = linear_weight_types(student, source.arch, plan)
+    rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress, weight_types=types)
     result = {"run_dir": str(run_dir), "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step, "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan}
     if export and cfg.qat.fmt == "mobile":
         from ..export.executorch import export_pte
