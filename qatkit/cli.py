@@ -63,6 +63,8 @@ def _add_mobile_knobs(p) -> None:
     g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations)")
     g.add_argument("--weights", default="int4", choices=["int4", "int4g32", "int8"], help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel")
     g.add_argument("--int2", nargs="+", default=[], metavar="GLOB", help="Linears to store in int2 (carried in int4 codes by XNNPACK), by module-name pattern, e.g. '*.mlp.down_proj' 'model.layers.1[0-7].*'")
+    g.add_argument("--int8", nargs="+", default=[], metavar="GLOB", help="Linears to store in int8 per channel (wins over --int2)")
+    g.add_argument("--keep", nargs="+", default=[], metavar="GLOB", help="Linears to leave in float32 (wins over --int8 and --int2)")
     g.add_argument("--embedding", default="int8", choices=["int8", "int4"], help="token embedding per row, weight-only; a tied head uses the same codes")
     g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte")
     g.add_argument("--activations", default="dynamic", choices=["dynamic", "static"], help="int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs need; per-channel weights only)")
@@ -168,7 +170,7 @@ def _run_config(args) -> "RunConfig":
         act_scale_lr=args.act_scale_lr, teacher_topk=args.teacher_topk, teacher_cache_dir=args.teacher_cache or "", faithful=args.faithful,
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
-    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations} if hasattr(args, "int2") else {}
+    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "int8": tuple(args.int8), "keep": tuple(args.keep), "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations} if hasattr(args, "int2") else {}
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
 
@@ -241,12 +243,12 @@ def _export_mobile(args) -> int:
     t0 = time.time()
     source = resolve(args.model)
     model, tokenizer = load(source)
-    prepare(model, source.arch, QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding, activations=args.activations))
+    prepare(model, source.arch, QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), int8=tuple(args.int8), keep=tuple(args.keep), embedding=args.embedding, activations=args.activations))
     if args.activations == "static":  # PTQ: the scales from the default training text
         seqs = pack(tokenizer, default_train_texts(), 256, vocab_size=model.config.vocab_size)
         calibrate_static(model, seqs[:CALIBRATION_SEQS])
     info = export_pte(model, tokenizer, args.out, max_context=args.max_context)
-    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 patterns, embedding {args.embedding}, {args.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 / {len(args.int8)} int8 / {len(args.keep)} float patterns, embedding {args.embedding}, {args.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0
 
 

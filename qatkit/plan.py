@@ -57,15 +57,17 @@ MOBILE_WEIGHTS = ("int4", "int4g32", "int8")
 MOBILE_EMBEDDINGS = ("int8", "int4")
 
 
-def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2: tuple[str, ...] = (), embedding: str = "int8") -> dict[str, str]:
+def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2: tuple[str, ...] = (), embedding: str = "int8",
+                int8: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> dict[str, str]:
     """The mobile format's per-module plan {transformers module name: scheme}.
 
     linears: module name -> (out, in) of every nn.Linear except a head tied to the embedding.
     - every decoder Linear: `weights` (int4 per channel by default; int4g32; int8);
-    - Linears matching one of the `int2` glob patterns (e.g. '*.mlp.down_proj',
-      'model.layers.1[0-7].*'): int2 per channel (int2g32 under int4g32);
+    - Linears matching one of the glob patterns (e.g. '*.mlp.down_proj', 'model.layers.1[0-7].*')
+      of `keep`: left in float32 ("keep"); else of `int8`: int8 per channel; else of `int2`: int2
+      per channel (int2g32 under int4g32) -- the first list that matches wins;
     - 'model.embed_tokens' (weight-only, per row) and a tied head: `embedding` (int8 or int4),
-      sharing one set of codes; an untied 'lm_head' gets int8.
+      sharing one set of codes; an untied 'lm_head' gets int8 (or "keep").
     A pattern that matches nothing, or a row width the scheme cannot take, is refused."""
     from fnmatch import fnmatchcase
 
@@ -75,14 +77,21 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
         raise QatkitError(f"mobile embedding {embedding!r}: choose from {', '.join(MOBILE_EMBEDDINGS)}")
     group = weights[len("int4"):] if weights.startswith("int4") else ""
     plan: dict[str, str] = {"model.embed_tokens": embedding}
-    for pattern in int2:
-        if not any(fnmatchcase(n, pattern) for n in linears if n != "lm_head"):
-            raise QatkitError(f"--int2 {pattern!r} matches no Linear (names look like {next(iter(linears))!r})")
+    for flag, patterns in (("--keep", keep), ("--int8", int8), ("--int2", int2)):
+        for pattern in patterns:
+            if not any(fnmatchcase(n, pattern) for n in linears if n != "lm_head" or flag == "--keep"):
+                raise QatkitError(f"{flag} {pattern!r} matches no Linear (names look like {next(iter(linears))!r})")
     for name, (_, width) in linears.items():
-        scheme = "int8" if name == "lm_head" else weights
-        if name != "lm_head" and any(fnmatchcase(name, p) for p in int2):
+        def matches(patterns):
+            return any(fnmatchcase(name, p) for p in patterns)
+
+        if matches(keep):
+            plan[name] = "keep"
+            continue
+        scheme = "int8" if name == "lm_head" or matches(int8) else weights
+        if name != "lm_head" and scheme == weights and matches(int2):
             scheme = "int2" + group
-        if group and width % int(group[1:]):
+        if "g" in scheme and width % int(group[1:]):
             raise QatkitError(f"{name}: row width {width} is not a multiple of {group[1:]}, so {scheme} cannot store it (use per-channel int4)")
         plan[name] = scheme
     return plan

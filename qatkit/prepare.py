@@ -41,6 +41,8 @@ class QATConfig:
     # the mobile format's plan (qatkit.plan.mobile_plan)
     mobile_weights: str = "int4"
     int2: tuple[str, ...] = ()
+    int8: tuple[str, ...] = ()  # Linears in int8 per channel (glob patterns)
+    keep: tuple[str, ...] = ()  # Linears left in float32 (glob patterns)
     embedding: str = "int8"
     max_context: int = 512  # the exported .pte's KV-cache length
     activations: str = "dynamic"  # int8 per token ("dynamic") or learned per-tensor scales ("static")
@@ -50,7 +52,7 @@ class QATConfig:
             raise QatkitError(f"QAT format {self.fmt!r}: choose q4_0, q8_0 or mobile")
         if self.learn_scales and self.fmt == "q8_0":
             raise QatkitError("learned scales are for --format q4_0 and mobile")
-        self.int2 = tuple(self.int2)
+        self.int2, self.int8, self.keep = tuple(self.int2), tuple(self.int8), tuple(self.keep)
         if self.activations not in ("dynamic", "static"):
             raise QatkitError(f"activations {self.activations!r}: choose dynamic or static")
         if self.activations == "static" and (self.fmt != "mobile" or "g" in self.mobile_weights):
@@ -122,7 +124,7 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     lins = {n: (m.out_features, m.in_features) for n, m in _linears(model).items() if not (n == "lm_head" and tied)}
-    plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding)
+    plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding, config.int8, config.keep)
     if not config.freeze_embedding:
         raise QatkitError("the mobile format keeps the embedding frozen at its per-row values")
     emb = model.get_input_embeddings()
@@ -134,6 +136,8 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
     emb.register_buffer("mobile_scale", emb_scale.float())  # what the exporter writes with
     emb.mobile_spec = spec
     for name, lin in _linears(model).items():
+        if plan.get(name) == "keep":
+            continue  # float32: XNNPACK's f32 kernels
         parent, child = _parent(model, name)
         if name == "lm_head" and tied:  # the embedding's own codes and scales
             setattr(parent, child, FakeQuantLinear.from_linear(lin, plan["model.embed_tokens"], scale=emb_scale))
@@ -143,8 +147,9 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
         setattr(parent, child, FakeQuantLinear.from_linear(lin, plan[name], config.learn_scales and name != "lm_head", act=act))
         if name == "lm_head":
             lin.weight.requires_grad_(False)
-    n2 = sum(v.startswith("int2") for v in plan.values())
-    log.info("prepared %d linears for the mobile format (%s, %d int2; embedding %s; %s int8 activations)%s", len(plan) - 1, config.mobile_weights, n2, config.embedding, config.activations, " with learned scales" if config.learn_scales else "")
+    decoder = [v for n, v in plan.items() if n not in ("model.embed_tokens", "lm_head")]
+    count = {k: sum(v.startswith(k) for v in decoder) for k in ("int2", "int8", "keep")}
+    log.info("prepared the mobile format: %d decoder linears (%s; %d int2, %d int8, %d kept float), embedding %s, %s int8 activations%s", len(decoder), config.mobile_weights, count["int2"], count["int8"], count["keep"], config.embedding, config.activations, ", learned scales" if config.learn_scales else "")
     return plan
 
 

@@ -24,7 +24,8 @@ from tiny_models import TEXT, tiny_model, tiny_tokenizer  # noqa: E402
 # "static" has learned per-tensor int8 scales on every Linear's input and output
 CASES = {
     "gemma3": ("gemma3", dict(int2=("*.mlp.down_proj",))),
-    "llama": ("llama", dict(mobile_weights="int4g32", int2=("model.layers.1.*",), embedding="int4")),
+    "llama": ("llama", dict(mobile_weights="int4g32", int2=("model.layers.1.*",), embedding="int4",
+                            int8=("model.layers.1.mlp.up_proj",), keep=("model.layers.0.self_attn.o_proj",))),
     "static": ("gemma3", dict(activations="static", int2=("model.layers.0.mlp.down_proj",))),
 }
 BOUND = 2e-6  # |pte - student| / max |student logit| at a position; measured 3e-7 to 1e-6
@@ -87,8 +88,13 @@ def test_pte_computes_what_the_student_computes(exported):
     pte = PteModel(out)
     got = pte.logits(ids)  # 90 tokens: one prefill call of 90 (max_seq_len 95)
     per_pos = (got - want).abs().amax(-1) / want.abs().amax()
-    assert float((per_pos <= BOUND).float().mean()) >= 0.8, (family, per_pos)
+    # a float32 Linear (llama's kept o_proj) is summed in another order by XNNPACK: ulps on every
+    # output, so many more int8 codes downstream flip, and only the mean KL bound applies there
+    assert float((per_pos <= BOUND).float().mean()) >= (0.3 if family == "llama" else 0.8), (family, per_pos)
     assert kl(want, got) <= KL_BOUND, (family, kl(want, got))
+    if family == "llama":  # the per-tensor choices the plan made are what ran
+        assert plan["model.layers.1.mlp.up_proj"] == "int8" and plan["model.layers.1.mlp.down_proj"] == "int2g32"
+        assert plan["model.layers.0.self_attn.o_proj"] == "keep" and type(m.get_submodule("model.layers.0.self_attn.o_proj")) is torch.nn.Linear
     if family == "static":  # no per-token range to move: every position within float noise (measured 4e-7)
         assert float(per_pos.max()) <= BOUND and kl(want, got) <= 1e-12, (per_pos.max(), kl(want, got))
         assert all(m.get_submodule(n).act == "static" for n, v in plan.items() if n not in ("lm_head", "model.embed_tokens"))

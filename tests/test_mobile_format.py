@@ -200,3 +200,17 @@ def test_static_scale_search_and_refusals():
         QATConfig(fmt="q4_0", activations="static")
     with pytest.raises(ValueError, match="per-channel"):
         FakeQuantLinear.from_linear(torch.nn.Linear(64, 8), "int4g32", act="static")
+
+
+def test_plan_per_tensor_choices():
+    from qatkit import QatkitError
+    from qatkit.plan import mobile_plan
+
+    lins = {f"model.layers.{i}.{n}": (64, 64) for i in range(2) for n in ("self_attn.q_proj", "mlp.down_proj")}
+    lins["lm_head"] = (320, 64)
+    plan = mobile_plan(lins, int2=("*.down_proj",), int8=("model.layers.1.*",), keep=("model.layers.1.mlp.*", "lm_head"))
+    assert plan == {"model.embed_tokens": "int8", "model.layers.0.self_attn.q_proj": "int4", "model.layers.0.mlp.down_proj": "int2",
+                    "model.layers.1.self_attn.q_proj": "int8", "model.layers.1.mlp.down_proj": "keep", "lm_head": "keep"}
+    for kw in (dict(keep=("*.nothing",)), dict(int8=("lm_head",))):  # the head is int8 already: only keep moves it
+        with pytest.raises(QatkitError, match="matches no Linear"):
+            mobile_plan(lins, **kw)
