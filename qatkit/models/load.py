@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .. import QatkitError
-from . import gguf_meta
+from . import gguf_meta, text_only
 from .arch import Arch, arch_by_name, arch_for_config
 
 log = logging.getLogger(__name__)
@@ -83,7 +83,15 @@ def resolve(spec: str | os.PathLike) -> Source:
             raise QatkitError(f"{path}: a model directory needs config.json (a Hugging Face model)")
         from transformers import AutoConfig
 
-        return Source(spec, path, arch_for_config(AutoConfig.from_pretrained(path)))
+        config = AutoConfig.from_pretrained(path)
+        if text_only.is_multimodal(config.model_type):
+            arch = arch_for_config(config.get_text_config())
+            dest = cache_root() / "models" / f"{path.name}-{_file_key(path / 'config.json')}" / "text-only"
+            if not (dest / "config.json").exists():
+                log.info("%s is a multimodal %s checkpoint: writing its language model alone (once; cached in %s)", path, config.model_type, dest)
+                text_only.strip_text_only(path, dest)
+            return Source(spec, dest, arch)
+        return Source(spec, path, arch_for_config(config))
     if not path.is_file():
         raise QatkitError(f"MODEL {spec!r} not found: give a GGUF file, a Hugging Face directory, or {DEFAULT_MODEL!r}")
     with open(path, "rb") as f:
