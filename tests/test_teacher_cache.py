@@ -84,3 +84,15 @@ def test_cache_refuses_other_data_and_garbage(tmp_path):
         TeacherCache(teacher, _head, tr, 4, root=tmp_path)
     with pytest.raises(QatkitError, match="top-k"):
         TeacherCache(teacher, _head, tr, 0, root=tmp_path)
+
+
+def test_fingerprint_sees_every_tensor_including_scalars():
+    from qatkit.train.teacher_cache import fingerprint
+    from tiny_models import tiny_model
+
+    m = tiny_model("gemma3")  # holds 0-dim buffers (the embedding scale)
+    assert any(b.dim() == 0 for b in m.buffers())
+    a = fingerprint(m)
+    with torch.no_grad():
+        m.model.layers[1].mlp.down_proj.weight[3, 5] += 1e-3
+    assert fingerprint(m) != a

@@ -54,7 +54,7 @@ def fingerprint(teacher: torch.nn.Module) -> str:
             continue
         seen.add(t.data_ptr())
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
