@@ -100,13 +100,14 @@ def _add_run(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0"])
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "mobile"], help="mobile: the ExecuTorch program instead of a GGUF, PTQ and QAT scored in the ExecuTorch runtime (add --learn-scales; the mobile options below choose the plan)")
     p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="training text: files, folders, .jsonl, or 'pydoc' / 'shakespeare' (default: pydoc, the part of CPython's reference prose that is not scored)")
     p.add_argument("--text", type=Path, default=None, help="held-out evaluation text (default: CPython's own English reference prose)")
     p.add_argument("--chunks", type=int, default=8, help="512-token chunks of held-out text to score")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the training in OUT/train")
     p.add_argument("--quick", action="store_true", help="a short run for trying it out (20 steps, 2 chunks)")
+    _add_mobile_knobs(p)
     _add_train_knobs(p)
     p.set_defaults(steps=RUN_STEPS)
 
@@ -303,12 +304,23 @@ def _read_text(path: Path) -> str:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run
+    from .pipeline import run, run_mobile
 
     if args.quick:
         args.steps, args.chunks = min(args.steps, 20), min(args.chunks, 2)
     text = _eval_text(args.text)
     cfg = _run_config(args)
+    if args.format == "mobile":
+        report = run_mobile(cfg, args.out, text, args.chunks, resume=args.resume)
+        f, gap = report["files"], report["export_gap"]
+        for key, label in (("teacher", "float teacher (torch)"), ("ptq", "PTQ .pte"), ("qat", "QAT .pte")):
+            size = f"{f[key]['file_bytes'] / 1e6:7.1f} MB" if "file_bytes" in f[key] else "      -   "
+            print(f"{label:<22} PPL {f[key]['ppl']:9.3f}  KLD {f[key]['kld']:.4f}  same top {f[key]['same_top']:6.2f}%  {size}")
+        if report["gap_closure"] is not None:
+            print(f"\ngap closure (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): {report['gap_closure']:.1%}")
+        print(f"export gap, ExecuTorch vs the trained student: mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
+        print(f"report: {args.out / 'report.md'}")
+        return 0
     report = run(cfg, args.out, text, args.chunks, resume=args.resume)
     print(format_table([{**report["files"][k], "path": f"{k}: {Path(report['files'][k]['path']).name}"} for k in report["files"]]))
     closure = report["gap_closure"]

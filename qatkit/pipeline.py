@@ -87,3 +87,77 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
     tmp.write_text(json.dumps(report, indent=2))
     os.replace(tmp, out / "report.json")
     return report
+
+
+def _ptq_pte_path(source, qat) -> Path:
+    """Where the untrained (PTQ) program of a mobile plan is cached beside the model."""
+    import hashlib
+
+    plan = json.dumps({k: getattr(qat, k) for k in ("mobile_weights", "int2", "int8", "keep", "embedding", "activations", "max_context")}, sort_keys=True, default=list)
+    return source.cache_dir / f"ptq-mobile-{hashlib.sha256(plan.encode()).hexdigest()[:12]}.pte"
+
+
+def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False) -> dict:
+    """`qatkit run --format mobile`: the same job for the ExecuTorch program, measured in the
+    ExecuTorch runtime: the untrained plan (PTQ) and the trained one (QAT) as .pte files, their
+    perplexity, KL to the float teacher (torch, same chunks), size and runner speed, the export
+    gap of the trained file, report.json / report.md / plots."""
+    import copy
+
+    from .eval.executorch import PteModel, generate, score_ids, text_tokens, torch_logits
+    from .export.executorch import export_pte, require_executorch
+    from .prepare import calibrate_static, prepare
+    from .report import write_mobile_report
+    from .train.data import default_train_texts, pack
+    from .train.run import CALIBRATION_SEQS
+
+    require_executorch()
+    t0 = time.time()
+    out.mkdir(parents=True, exist_ok=True)
+    log.info("[1/5] loading %s", cfg.model)
+    source = resolve(cfg.model)
+    teacher, tokenizer = load(source)
+    ptq_path = _ptq_pte_path(source, cfg.qat)
+    log.info("[2/5] PTQ baseline: the same plan, untrained, as an ExecuTorch program")
+    if not ptq_path.exists():
+        ptq = copy.deepcopy(teacher)
+        prepare(ptq, source.arch, cfg.qat)
+        calibrate_static(ptq, pack(tokenizer, default_train_texts(), cfg.train.seq_len, vocab_size=teacher.config.vocab_size)[:CALIBRATION_SEQS])
+        export_pte(ptq, tokenizer, ptq_path, max_context=cfg.qat.max_context)
+        del ptq
+    log.info("[3/5] quantization-aware training, %d steps, and the trained program", cfg.train.steps)
+    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer))
+    student = trained.pop("student").eval()
+    paths = {"ptq": ptq_path, "qat": Path(trained["pte"])}
+    log.info("[4/5] scoring in ExecuTorch (%d chunks of held-out text; the teacher in torch), speed", chunks)
+    ids = text_tokens(paths["qat"], text)
+    bos = tokenizer.bos_token_id
+    ref = torch_logits(teacher)
+    files = {"teacher": {**score_ids(ref, ids, bos, max_chunks=chunks, label="teacher"), "kld": 0.0, "same_top": 100.0}}
+    for key, path in paths.items():
+        pte = PteModel(path)
+        files[key] = {"path": str(path), "file_bytes": path.stat().st_size, **score_ids(pte.logits, ids, pte.bos, max_chunks=chunks, ref_logits=ref, label=str(path))}
+        speed = generate(path, "The capital of France is", n_tokens=64)
+        files[key].update(prefill_tps=speed.get("prefill_token_per_sec"), decode_tps=speed.get("decode_token_per_sec"))
+    log.info("[5/5] export gap of the trained program (ExecuTorch vs the student's own forward)")
+    gap = score_ids(PteModel(paths["qat"]).logits, ids, bos, max_chunks=min(2, chunks), ref_logits=torch_logits(student), label="export gap")
+    p_t, p_p, p_q = (files[k]["ppl"] for k in ("teacher", "ptq", "qat"))
+    report = {
+        "model": cfg.model,
+        "format": "mobile",
+        "plan": {k: getattr(cfg.qat, k) for k in ("mobile_weights", "int2", "int8", "keep", "embedding", "activations")},
+        "files": files,
+        "gap_closure": (p_p - p_q) / (p_p - p_t) if p_p != p_t else None,
+        "export_gap": {"kld": gap["kld"], "same_top": gap["same_top"], "tokens": gap["tokens"]},
+        "steps": cfg.train.steps,
+        "tokens_seen": trained["tokens_seen"],
+        "train_seconds": trained["train_seconds"],
+        "wall_s": round(time.time() - t0, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "config": json.loads(cfg.to_json()),
+    }
+    write_mobile_report(report, trained["metrics"], out)
+    tmp = out / "report.json.tmp"
+    tmp.write_text(json.dumps(report, indent=2, default=list))
+    os.replace(tmp, out / "report.json")
+    return report

@@ -75,12 +75,15 @@ def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
     _finish(fig, ax2, path, "quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)", "QAT / PTQ", "")
 
 
-def plot_size_ppl(files: dict[str, dict], path: Path) -> None:
+def plot_size_ppl(files: dict[str, dict], path: Path, labels: dict[str, str] = LABELS, kind: str = "GGUF", runtime: str = "llama.cpp") -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for key, f in files.items():
-        ax.scatter(f["file_bytes"] / 1e6, f["ppl"], s=70, color=COLORS[key], label=f"{LABELS[key]}: PPL {f['ppl']:.2f}", zorder=3)
+        if "file_bytes" in f:
+            ax.scatter(f["file_bytes"] / 1e6, f["ppl"], s=70, color=COLORS[key], label=f"{labels[key]}: PPL {f['ppl']:.2f}", zorder=3)
+        else:  # no file: a level
+            ax.axhline(f["ppl"], color=COLORS[key], ls="--", lw=1.5, label=f"{labels[key]}: PPL {f['ppl']:.2f}")
     ax.set_xscale("log")
-    _finish(fig, ax, path, "GGUF file size, MB (log scale)", "perplexity in llama.cpp (held-out text)", "Size vs quality", grid_which="both")
+    _finish(fig, ax, path, f"{kind} file size, MB (log scale)", f"perplexity in {runtime} (held-out text)", "Size vs quality", grid_which="both")
 
 
 def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_which: str = "major") -> None:
@@ -131,3 +134,43 @@ def write_report(report: dict, rows: list[dict], errors: dict | None, out: Path)
         plot_layers(errors, out / "layers.png")
     plot_size_ppl(report["files"], out / "size_ppl.png")
     write_markdown(report, out)
+
+
+MOBILE_LABELS = {"teacher": "float teacher (torch)", "ptq": "PTQ .pte", "qat": "qatkit QAT .pte"}
+
+
+def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
+    """report.md and plots of `qatkit run --format mobile` (figures measured in ExecuTorch)."""
+    plot_training(rows, out / "training.png")
+    plot_size_ppl(report["files"], out / "size_ppl.png", MOBILE_LABELS, kind=".pte", runtime="ExecuTorch (XNNPACK)")
+    f, plan = report["files"], report["plan"]
+    int_lists = ", ".join(f"{k} {' '.join(v)}" for k, v in plan.items() if k in ("int2", "int8", "keep") and v) or "no per-tensor exceptions"
+    lines = [
+        f"# qatkit run: {report['model']}, mobile format (ExecuTorch / XNNPACK)",
+        "",
+        f"Plan: {plan['mobile_weights']} Linears ({int_lists}), embedding {plan['embedding']} per row, {plan['activations']} int8 activations.",
+        f"Trained {report['steps']} steps ({report['tokens_seen']:,} tokens) in {report['train_seconds']:.0f} s; whole run {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB.",
+        f"Perplexity of the .pte files measured in the ExecuTorch runtime on {f['teacher']['tokens']} held-out tokens; the teacher and the KL reference in torch on the same chunks.",
+        "",
+        "| file | PPL | KLD to teacher | same top token | size MB | prefill tok/s | decode tok/s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for key in ("teacher", "ptq", "qat"):
+        r = f[key]
+        size = f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "-"
+        speed = [f"{r[k]:.1f}" if r.get(k) else "-" for k in ("prefill_tps", "decode_tps")]
+        lines.append(f"| {MOBILE_LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {size} | {speed[0]} | {speed[1]} |")
+    closure = report.get("gap_closure")
+    g = report["export_gap"]
+    lines += [
+        "",
+        f"**Gap closure** (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): **{closure:.1%}**" if closure is not None else "",
+        "",
+        f"**Export gap** (ExecuTorch on the QAT program vs the trained student, {g['tokens']} tokens): mean KLD {g['kld']:.2e}, same top token {g['same_top']:.2f}%.",
+        "",
+        "![training curves](training.png)",
+        "",
+        "![size vs perplexity](size_ppl.png)",
+        "",
+    ]
+    (out / "report.md").write_text("\n".join(lines))

@@ -79,3 +79,28 @@ def test_run_interrupted_then_resumed(tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [-1, 0, 1, 2, 3, 4, 5]
     assert json.loads((out / "report.json").read_text())["steps"] == 6
+
+
+def test_run_mobile_report_agrees_with_eval(tmp_path, capsys):
+    """`qatkit run --format mobile`: PTQ and QAT programs scored in ExecuTorch; the report's
+    figures are what `qatkit eval` says of the same .pte files."""
+    pytest.importorskip("executorch", reason="the mobile extra is not installed")
+    out = tmp_path / "run"
+    args = run_args(tmp_path, out, "--lr", "3e-4", "--format", "mobile", "--learn-scales", "--activations", "static", "--int2", "*.down_proj")
+    assert main(args) == 0
+    assert "gap closure" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    f = report["files"]
+    assert set(f) == {"teacher", "ptq", "qat"} and report["plan"]["activations"] == "static"
+    assert f["ptq"]["path"].endswith(".pte") and f["qat"]["path"] == str(out / "train" / "qat-mobile.pte")
+    assert f["ptq"]["file_bytes"] == f["qat"]["file_bytes"] or abs(f["ptq"]["file_bytes"] - f["qat"]["file_bytes"]) < 2000
+    assert report["export_gap"]["kld"] < 1e-6 and "decode_tps" in f["qat"]  # a random tiny model may stop at once
+    for name in ("report.md", "training.png", "size_ppl.png"):
+        assert (out / name).stat().st_size > 500, name
+    capsys.readouterr()
+    assert main(["eval", f["ptq"]["path"], f["qat"]["path"], "--text", str(tmp_path / "held.txt"), "--chunks", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    for row, key in zip(rows, ("ptq", "qat")):
+        assert row["ppl"] == f[key]["ppl"], (row, f[key])
+    assert main(args + ["--resume"]) == 0  # the cached PTQ program and the finished training are reused
+    assert json.loads((out / "report.json").read_text())["files"]["ptq"]["ppl"] == f["ptq"]["ppl"]
