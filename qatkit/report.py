@@ -97,12 +97,24 @@ def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_whic
     plt.close(fig)
 
 
+def _intro(report: dict, title: str, *about: str) -> list[str]:
+    return [
+        f"# qatkit run: {report['model']}, {title}",
+        "",
+        *about,
+        f"Trained {report['steps']} steps ({report['tokens_seen']:,} tokens) in {report['train_seconds']:.0f} s; whole run {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB.",
+    ]
+
+
+def _closure(report: dict) -> str:
+    closure = report.get("gap_closure")
+    return f"**Gap closure** (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): **{closure:.1%}**" if closure is not None else ""
+
+
 def write_markdown(report: dict, out: Path) -> None:
     f = report["files"]
     lines = [
-        f"# qatkit run: {report['model']}, {report['format'].upper()}",
-        "",
-        f"Trained {report['steps']} steps ({report['tokens_seen']:,} tokens) in {report['train_seconds']:.0f} s; whole run {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB.",
+        *_intro(report, report["format"].upper()),
         f"All quality figures measured in llama.cpp on {f['teacher']['tokens']} held-out tokens (perplexity as llama-perplexity computes it).",
         "",
         "| file | PPL | KLD to teacher | same top token | size MB | bits/weight | decode tok/s | load RSS MB |",
@@ -111,8 +123,7 @@ def write_markdown(report: dict, out: Path) -> None:
     for key in ("teacher", "ptq", "qat"):
         r = f[key]
         lines.append(f"| {LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {r['file_bytes'] / 1e6:.1f} | {r.get('bits_per_weight', float('nan')):.2f} | {r.get('decode_tps', float('nan')):.1f} | {r.get('load_rss_mb', float('nan')):.0f} |")
-    closure = report.get("gap_closure")
-    lines += ["", f"**Gap closure** (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): **{closure:.1%}**" if closure is not None else ""]
+    lines += ["", _closure(report)]
     g = report["export_gap"]
     lines += [
         "",
@@ -146,10 +157,7 @@ def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
     f, plan = report["files"], report["plan"]
     int_lists = ", ".join(f"{k} {' '.join(v)}" for k, v in plan.items() if k in ("int2", "int8", "keep") and v) or "no per-tensor exceptions"
     lines = [
-        f"# qatkit run: {report['model']}, mobile format (ExecuTorch / XNNPACK)",
-        "",
-        f"Plan: {plan['mobile_weights']} Linears ({int_lists}), embedding {plan['embedding']} per row, {plan['activations']} int8 activations.",
-        f"Trained {report['steps']} steps ({report['tokens_seen']:,} tokens) in {report['train_seconds']:.0f} s; whole run {report['wall_s']:.0f} s, peak RSS {report['peak_rss_mb']:.0f} MB.",
+        *_intro(report, "mobile format (ExecuTorch / XNNPACK)", f"Plan: {plan['mobile_weights']} Linears ({int_lists}), embedding {plan['embedding']} per row, {plan['activations']} int8 activations."),
         f"Perplexity of the .pte files measured in the ExecuTorch runtime on {f['teacher']['tokens']} held-out tokens; the teacher and the KL reference in torch on the same chunks.",
         "",
         "| file | PPL | KLD to teacher | same top token | size MB | prefill tok/s | decode tok/s |",
@@ -160,11 +168,10 @@ def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
         size = f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "-"
         speed = [f"{r[k]:.1f}" if r.get(k) else "-" for k in ("prefill_tps", "decode_tps")]
         lines.append(f"| {MOBILE_LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {size} | {speed[0]} | {speed[1]} |")
-    closure = report.get("gap_closure")
     g = report["export_gap"]
     lines += [
         "",
-        f"**Gap closure** (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): **{closure:.1%}**" if closure is not None else "",
+        _closure(report),
         "",
         f"**Export gap** (ExecuTorch on the QAT program vs the trained student, {g['tokens']} tokens): mean KLD {g['kld']:.2e}, same top token {g['same_top']:.2f}%.",
         "",
