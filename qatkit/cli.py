@@ -153,7 +153,7 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, one more forward pass of time")
     p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, metavar="K", help="read the teacher's top-K next-token log-probs from a disk cache filled on first use, instead of running the teacher every step (0: off); pays off from the second pass over the same data (more epochs, resumed runs, sweeps)")
+    p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, metavar="K", help="read the teacher's top-K next-token log-probs from a disk cache filled on first use, instead of running the teacher every step (0: off); pays off from the second pass over the same data (more epochs, resumed runs, sweeps); the logged kl is then that top-K + rest KL at --temperature")
     p.add_argument("--teacher-cache", default=d.teacher_cache_dir or None, metavar="DIR", help="root of that cache (default ~/.cache/qatkit/teacher-topk; keyed by teacher, data, K and temperature)")
     p.add_argument("--faithful", action="store_true", help="the student rounds activations where llama.cpp's CPU backend does (Q8_0 inputs, f16 KV, ggml's GELU table), straight-through in backward (GGUF formats only)")
 
@@ -173,6 +173,8 @@ def _run_config(args) -> "RunConfig":
     )
     mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "int8": tuple(args.int8), "keep": tuple(args.keep), "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations} if hasattr(args, "int2") else {}
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
+    if train.faithful and qat.fmt == "mobile":
+        raise QatkitError("--faithful rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
     return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
 
 

@@ -33,6 +33,14 @@ from .formats import mobile, q4_0, q8_0
 from .formats._ste import straight_through
 
 WEIGHT_FORMATS = ("q4_0", "q8_0")
+OBSERVE_PER_CALL = 1 << 15  # values of each input and output a calibrating forward keeps
+
+
+def _sample(t: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    flat = t.detach().flatten()
+    if flat.numel() > n:
+        flat = flat[torch.randint(flat.numel(), (n,), generator=gen).to(flat.device)]
+    return flat.float().cpu()
 
 
 def is_mobile(fmt: str) -> bool:
@@ -150,9 +158,10 @@ class FakeQuantLinear(nn.Linear):
 
     def _static_forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.quantized_weight()
-        if self.observed is not None:  # calibrating: float activations, recorded
+        if self.observed is not None:  # calibrating: float activations, a sample of them recorded
             y = F.linear(x, w, self.bias)
-            self.observed.append((x.detach(), y.detach()))
+            gen = torch.Generator().manual_seed(len(self.observed))
+            self.observed.append(tuple(_sample(t, OBSERVE_PER_CALL, gen) for t in (x, y)))
             return y
         s_in, s_out = self.act_scales()
         plain = mobile.learned_fake_quant_static(F.linear(mobile.learned_fake_quant_static(x, s_in), w, self.bias), s_out)

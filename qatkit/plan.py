@@ -88,9 +88,12 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
         if matches(keep):
             plan[name] = "keep"
             continue
-        scheme = "int8" if name == "lm_head" or matches(int8) else weights
-        if name != "lm_head" and scheme == weights and matches(int2):
+        if name == "lm_head" or matches(int8):
+            scheme = "int8"
+        elif matches(int2):
             scheme = "int2" + group
+        else:
+            scheme = weights
         if "g" in scheme and width % int(group[1:]):
             raise QatkitError(f"{name}: row width {width} is not a multiple of {group[1:]}, so {scheme} cannot store it (use per-channel int4)")
         plan[name] = scheme

@@ -55,8 +55,10 @@ class QATConfig:
         self.int2, self.int8, self.keep = tuple(self.int2), tuple(self.int8), tuple(self.keep)
         if self.activations not in ("dynamic", "static"):
             raise QatkitError(f"activations {self.activations!r}: choose dynamic or static")
-        if self.activations == "static" and (self.fmt != "mobile" or "g" in self.mobile_weights):
-            raise QatkitError(f"static int8 activations are for the mobile format with per-channel weights (int4, int8); XNNPACK cannot run {self.mobile_weights} with them")
+        if self.activations == "static" and self.fmt != "mobile":
+            raise QatkitError(f"static int8 activations are for the mobile format, not {self.fmt}")
+        if self.activations == "static" and "g" in self.mobile_weights:
+            raise QatkitError(f"static int8 activations take per-channel weights (int4, int8); XNNPACK cannot run {self.mobile_weights} with them")
 
 
 def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:
@@ -153,9 +155,6 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
     return plan
 
 
-SAMPLES_PER_TENSOR = 1 << 18
-
-
 @torch.no_grad()
 def calibrate_static(model: nn.Module, seqs: torch.Tensor) -> int:
     """Set the static int8 activation scales of a mobile student from its float activations on
@@ -171,16 +170,20 @@ def calibrate_static(model: nn.Module, seqs: torch.Tensor) -> int:
     for m in static:
         m.observed = []
     was_training = model.training
+    device = next(model.parameters()).device
     try:
         model.eval()
         for x in seqs:
-            model(x[None])
-        gen = torch.Generator().manual_seed(0)
-        for m in static:
-            ins = torch.cat([a.flatten() for a, _ in m.observed])
-            outs = torch.cat([b.flatten() for _, b in m.observed])
-            picked = [v[torch.randint(len(v), (SAMPLES_PER_TENSOR,), generator=gen)] if len(v) > SAMPLES_PER_TENSOR else v for v in (ins, outs)]
-            m.act_log_scale.copy_(torch.stack([mobile.static_scale(v) for v in picked]).log())
+            model(x[None].to(device))
+        for name, m in ((n, m) for n, m in model.named_modules() if m in static):
+            if not m.observed:
+                raise QatkitError(f"{name}: saw no activations while calibrating (is its fake-quant switched off?)")
+            s_in = mobile.static_scale(torch.cat([a for a, _ in m.observed]))
+            s_out = mobile.static_scale(torch.cat([b for _, b in m.observed]))
+            # XNNPACK refuses a requantization scale s_in * s_w / s_out >= 256: keep s_out above it
+            sw = m.scale.detach().to(mobile.SCALE_DTYPE).float().max()
+            s_out = torch.maximum(s_out, s_in * sw / (mobile.STATIC_MAX_REQUANT / 2))
+            m.act_log_scale.copy_(torch.stack([s_in, s_out]).log())
     finally:
         for m in static:
             m.observed = None

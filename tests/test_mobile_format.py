@@ -211,6 +211,8 @@ def test_plan_per_tensor_choices():
     plan = mobile_plan(lins, int2=("*.down_proj",), int8=("model.layers.1.*",), keep=("model.layers.1.mlp.*", "lm_head"))
     assert plan == {"model.embed_tokens": "int8", "model.layers.0.self_attn.q_proj": "int4", "model.layers.0.mlp.down_proj": "int2",
                     "model.layers.1.self_attn.q_proj": "int8", "model.layers.1.mlp.down_proj": "keep", "lm_head": "keep"}
+    both = mobile_plan(lins, weights="int8", int2=("*.down_proj",), int8=("model.layers.1.*",))  # int8 wins under int8 too
+    assert both["model.layers.1.mlp.down_proj"] == "int8" and both["model.layers.0.mlp.down_proj"] == "int2"
     for kw in (dict(keep=("*.nothing",)), dict(int8=("lm_head",))):  # the head is int8 already: only keep moves it
         with pytest.raises(QatkitError, match="matches no Linear"):
             mobile_plan(lins, **kw)

@@ -84,6 +84,12 @@ def test_cache_refuses_other_data_and_garbage(tmp_path):
         TeacherCache(teacher, _head, tr, 4, root=tmp_path)
     with pytest.raises(QatkitError, match="top-k"):
         TeacherCache(teacher, _head, tr, 0, root=tmp_path)
+    blocked = TeacherCache(teacher, _head, tr, 5, root=tmp_path / "other").dir
+    for f in blocked.iterdir():  # a directory without meta.json, and not empty: in the way
+        f.unlink() if f.name == "meta.json" else None
+    with pytest.raises(QatkitError, match="incomplete teacher cache"):
+        TeacherCache(teacher, _head, tr, 5, root=tmp_path / "other")
+    assert not [p for p in (tmp_path / "other").iterdir() if p != blocked]  # no temporary left
 
 
 def test_fingerprint_sees_every_tensor_including_scalars():

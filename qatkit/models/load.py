@@ -86,7 +86,8 @@ def resolve(spec: str | os.PathLike) -> Source:
         config = AutoConfig.from_pretrained(path)
         if text_only.is_multimodal(config.model_type):
             arch = arch_for_config(config.get_text_config())
-            dest = cache_root() / "models" / f"{path.name}-{_file_key(path / 'config.json')}" / "text-only"
+            key = hashlib.sha256("".join(_file_key(f) for f in [path / "config.json", *sorted(path.glob("*.safetensors"))]).encode()).hexdigest()[:16]
+            dest = cache_root() / "models" / f"{path.name}-{key}" / "text-only"
             if not (dest / "config.json").exists():
                 log.info("%s is a multimodal %s checkpoint: writing its language model alone (once; cached in %s)", path, config.model_type, dest)
                 text_only.strip_text_only(path, dest)

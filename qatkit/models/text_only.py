@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from .. import QatkitError
@@ -89,17 +90,19 @@ def strip_text_only(src: Path, dest: Path) -> dict:
             raise QatkitError(f"{file}: unreadable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     if not any(k.startswith("model.layers.") for k in kept):
         raise QatkitError(f"{src}: no language-model tensors found (looked for {', '.join(o for o, _ in _RENAMES)})")
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))  # private: runs at once never share it
     try:
-        tmp.mkdir(parents=True)
         (tmp / "config.json").write_text(json.dumps(text, indent=2))
         save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in src.iterdir():
             if f.is_file() and f.name != "config.json" and not any(f.match(p) for p in _WEIGHT_FILES):
                 shutil.copy2(f, tmp / f.name)  # tokenizer, generation config, chat template
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # another run wrote it first: keep theirs
+            if not (dest / "config.json").exists():
+                raise QatkitError(f"{dest}: an incomplete text-only copy is in the way; delete it") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("text-only: kept %d tensors (%.1f MB), dropped %d (%.1f MB: vision tower and projector) -> %s",

@@ -28,6 +28,8 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +44,9 @@ HEAD_CHUNK = 64  # positions per head product while filling: (64, 262k) float32 
 
 
 def default_root() -> Path:
-    return Path(os.environ.get("QATKIT_CACHE", Path.home() / ".cache" / "qatkit")) / "teacher-topk"
+    from ..models.load import cache_root
+
+    return cache_root() / "teacher-topk"
 
 
 def fingerprint(teacher: torch.nn.Module) -> str:
@@ -87,29 +91,20 @@ class TeacherCache:
 
     def _open(self, meta: dict) -> None:
         d, shape = self.dir, (meta["n_seqs"], meta["positions"], meta["k"])
-        d.mkdir(parents=True, exist_ok=True)
-        meta_path = d / "meta.json"
-        if meta_path.exists():
-            try:
-                old = json.loads(meta_path.read_text())
-                self.logp = np.load(d / "logp.npy", mmap_mode="r+")
-                self.ids = np.load(d / "ids.npy", mmap_mode="r+")
-                self.filled = np.load(d / "filled.npy", mmap_mode="r+")
-            except (OSError, ValueError) as e:
-                raise QatkitError(f"{d}: unreadable teacher cache ({e}); delete the directory to rebuild it") from e
-            if old != meta or self.logp.shape != shape or self.ids.shape != shape or self.filled.shape != shape[:1]:
-                raise QatkitError(f"{d}: teacher cache does not match this teacher and data; delete the directory to rebuild it")
-            log.info("teacher cache %s: %d of %d sequences filled", d, int(self.filled.sum()), shape[0])
-            return
-        self.logp = np.lib.format.open_memmap(d / "logp.npy", mode="w+", dtype=np.float32, shape=shape)
-        self.ids = np.lib.format.open_memmap(d / "ids.npy", mode="w+", dtype=np.int32, shape=shape)
-        self.filled = np.lib.format.open_memmap(d / "filled.npy", mode="w+", dtype=np.bool_, shape=shape[:1])
-        self.filled.flush()
-        tmp = d / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=2))
-        os.replace(tmp, meta_path)  # written last: a directory without it is rebuilt from scratch
-        log.info("teacher cache %s: new, %d sequences x %d positions x top-%d (%.0f MB when full)",
-                 d, shape[0], shape[1], shape[2], (self.logp.nbytes + self.ids.nbytes) / 1e6)
+        if not (d / "meta.json").exists():
+            _create(d, meta, shape)
+            log.info("teacher cache %s: new, %d sequences x %d positions x top-%d (%.0f MB when full)",
+                     d, shape[0], shape[1], shape[2], shape[0] * shape[1] * shape[2] * 8 / 1e6)
+        try:
+            old = json.loads((d / "meta.json").read_text())
+            self.logp = np.load(d / "logp.npy", mmap_mode="r+")
+            self.ids = np.load(d / "ids.npy", mmap_mode="r+")
+            self.filled = np.load(d / "filled.npy", mmap_mode="r+")
+        except (OSError, ValueError) as e:
+            raise QatkitError(f"{d}: unreadable teacher cache ({e}); delete the directory to rebuild it") from e
+        if old != meta or self.logp.shape != shape or self.ids.shape != shape or self.filled.shape != shape[:1]:
+            raise QatkitError(f"{d}: teacher cache does not match this teacher and data; delete the directory to rebuild it")
+        log.info("teacher cache %s: %d of %d sequences filled", d, int(self.filled.sum()), shape[0])
 
     @torch.no_grad()
     def _fill(self, slot: int, x: torch.Tensor) -> None:
@@ -143,6 +138,25 @@ class TeacherCache:
         logp = torch.from_numpy(np.stack([self.logp[s][p] for s in slots])).to(x.device)
         ids = torch.from_numpy(np.stack([self.ids[s][p] for s in slots])).to(device=x.device, dtype=torch.int64)
         return logp, ids
+
+
+def _create(d: Path, meta: dict, shape: tuple[int, int, int]) -> None:
+    """Empty arrays and meta.json, made under a private name and renamed into place: two runs
+    starting at once never truncate each other's arrays (the loser of the rename reads the
+    winner's)."""
+    d.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=d.name + ".", dir=d.parent))
+    try:
+        for name, dtype, shp in (("logp", np.float32, shape), ("ids", np.int32, shape), ("filled", np.bool_, shape[:1])):
+            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shp).flush()
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        try:
+            os.rename(tmp, d)  # fails if d exists and is not empty
+        except OSError:
+            if not (d / "meta.json").exists():
+                raise QatkitError(f"{d}: an incomplete teacher cache is in the way; delete the directory to rebuild it") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def topk_kl(t_logp: torch.Tensor, t_ids: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:
