@@ -25,7 +25,7 @@ from .export.model import float_reference, ptq_llama_cpp
 from .formats import q4_0, q8_0
 from .models.load import load, resolve
 from .report import layer_errors, write_report
-from .train.run import RunConfig, qat_run
+from .train.run import RunConfig, load_run_config, qat_run
 
 FAKE_QUANT = {"q4_0": q4_0.fake_quant, "q8_0": q8_0.fake_quant}
 
@@ -89,11 +89,12 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
     return report
 
 
-def _ptq_pte_path(source, qat) -> Path:
-    """Where the untrained (PTQ) program of a mobile plan is cached beside the model."""
+def _ptq_pte_path(source, qat, seq_len: int) -> Path:
+    """Where the untrained (PTQ) program of a mobile plan is cached beside the model (static
+    scales are calibrated on the default text in sequences of seq_len)."""
     import hashlib
 
-    plan = json.dumps({k: getattr(qat, k) for k in ("mobile_weights", "int2", "int8", "keep", "embedding", "activations", "max_context")}, sort_keys=True, default=list)
+    plan = json.dumps({**{k: getattr(qat, k) for k in ("mobile_weights", "int2", "int8", "keep", "embedding", "activations", "max_context")}, "calibration_seq_len": seq_len}, sort_keys=True, default=list)
     return source.cache_dir / f"ptq-mobile-{hashlib.sha256(plan.encode()).hexdigest()[:12]}.pte"
 
 
@@ -114,10 +115,12 @@ def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool =
     require_executorch()
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
+    if resume and (out / "train" / "config.json").exists():
+        cfg = load_run_config(out / "train")  # the run being continued decides the plan
     log.info("[1/5] loading %s", cfg.model)
     source = resolve(cfg.model)
     teacher, tokenizer = load(source)
-    ptq_path = _ptq_pte_path(source, cfg.qat)
+    ptq_path = _ptq_pte_path(source, cfg.qat, cfg.train.seq_len)
     log.info("[2/5] PTQ baseline: the same plan, untrained, as an ExecuTorch program")
     if not ptq_path.exists():
         ptq = copy.deepcopy(teacher)
