@@ -70,6 +70,16 @@ def _add_mobile_knobs(p) -> None:
     g.add_argument("--activations", default="dynamic", choices=["dynamic", "static"], help="int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs need; per-channel weights only)")
 
 
+MOBILE_DEFAULTS = {"weights": "int4", "int2": [], "int8": [], "keep": [], "embedding": "int8", "activations": "dynamic"}
+
+
+def _check_mobile_knobs(args) -> None:
+    """The mobile plan's options mean nothing to a GGUF format: refuse them rather than ignore them."""
+    given = [k for k, v in MOBILE_DEFAULTS.items() if getattr(args, k, v) != v]
+    if given and args.format != "mobile":
+        raise QatkitError(f"--{given[0].replace('_', '-')} is a mobile-format option; add --format mobile (got --format {args.format})")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -171,6 +181,7 @@ def _run_config(args) -> "RunConfig":
         act_scale_lr=args.act_scale_lr, teacher_topk=args.teacher_topk, teacher_cache_dir=args.teacher_cache or "", faithful=args.faithful,
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
+    _check_mobile_knobs(args)
     mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "int8": tuple(args.int8), "keep": tuple(args.keep), "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations} if hasattr(args, "int2") else {}
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     if train.faithful and qat.fmt == "mobile":
@@ -212,6 +223,7 @@ def cmd_export(args) -> int:
     from .export.model import export_model, ptq_llama_cpp
     from .models.load import load, resolve
 
+    _check_mobile_knobs(args)
     to = args.to or ("executorch" if args.format == "mobile" else "gguf")
     if (to == "executorch") != (args.format == "mobile"):
         raise QatkitError("--to executorch goes with --format mobile (GGUF formats go --to gguf)")

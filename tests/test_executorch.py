@@ -183,7 +183,7 @@ def test_cli_train_mobile_export_and_eval(tmp_path, capsys, monkeypatch):
     assert row["tokens"] == 64 and 1 < row["ppl"] < 1e4
 
 
-@pytest.mark.parametrize("case", ["width", "to", "suffix", "static-groups"])
+@pytest.mark.parametrize("case", ["width", "to", "suffix", "static-groups", "gguf-with-mobile-knob"])
 def test_cli_export_mobile_bad_input(tmp_path, capsys, case):
     from qatkit.cli import main
 
@@ -192,7 +192,8 @@ def test_cli_export_mobile_bad_input(tmp_path, capsys, case):
     tiny_tokenizer().save_pretrained(src)
     out = tmp_path / ("x.gguf" if case == "suffix" else "x.pte")
     args = {"width": ["--format", "mobile", "--weights", "int4g32"], "to": ["--format", "q4_0", "--to", "executorch"], "suffix": ["--format", "mobile"],
-            "static-groups": ["--format", "mobile", "--weights", "int4g32", "--activations", "static"]}[case]
+            "static-groups": ["--format", "mobile", "--weights", "int4g32", "--activations", "static"],
+            "gguf-with-mobile-knob": ["--format", "q4_0", "--int2", "*.down_proj"]}[case]
     capsys.readouterr()
     assert main(["export", str(src), *args, "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
