@@ -70,12 +70,18 @@ def _add_mobile_knobs(p) -> None:
     g.add_argument("--activations", default="dynamic", choices=["dynamic", "static"], help="int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs need; per-channel weights only)")
 
 
-MOBILE_DEFAULTS = {"weights": "int4", "int2": [], "int8": [], "keep": [], "embedding": "int8", "activations": "dynamic"}
+def _mobile_fields(args) -> dict:
+    """The mobile plan's options as QATConfig fields."""
+    return {"mobile_weights": args.weights, "int2": tuple(args.int2), "int8": tuple(args.int8), "keep": tuple(args.keep),
+            "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations}
 
 
 def _check_mobile_knobs(args) -> None:
     """The mobile plan's options mean nothing to a GGUF format: refuse them rather than ignore them."""
-    given = [k for k, v in MOBILE_DEFAULTS.items() if getattr(args, k, v) != v]
+    knobs = argparse.ArgumentParser(add_help=False)
+    _add_mobile_knobs(knobs)
+    defaults = {k: v for k, v in vars(knobs.parse_args([])).items() if k != "max_context"}
+    given = [k for k, v in defaults.items() if getattr(args, k, v) != v]
     if given and args.format != "mobile":
         raise QatkitError(f"--{given[0].replace('_', '-')} is a mobile-format option; add --format mobile (got --format {args.format})")
 
@@ -182,7 +188,7 @@ def _run_config(args) -> "RunConfig":
         warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
     )
     _check_mobile_knobs(args)
-    mobile = {"mobile_weights": args.weights, "int2": tuple(args.int2), "int8": tuple(args.int8), "keep": tuple(args.keep), "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations} if hasattr(args, "int2") else {}
+    mobile = _mobile_fields(args) if hasattr(args, "int2") else {}
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     if train.faithful and qat.fmt == "mobile":
         raise QatkitError("--faithful rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
@@ -246,9 +252,8 @@ def cmd_export(args) -> int:
 def _export_mobile(args) -> int:
     from .export.executorch import export_pte, require_executorch
     from .models.load import load, resolve
-    from .prepare import QATConfig, calibrate_static, prepare
-    from .train.data import default_train_texts, pack
-    from .train.run import CALIBRATION_SEQS
+    from .prepare import QATConfig, prepare
+    from .train.run import calibrate_on_default_text
 
     if args.out.suffix != ".pte":
         raise QatkitError(f"--out {args.out}: an ExecuTorch program's name must end in .pte")
@@ -258,10 +263,8 @@ def _export_mobile(args) -> int:
     t0 = time.time()
     source = resolve(args.model)
     model, tokenizer = load(source)
-    prepare(model, source.arch, QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), int8=tuple(args.int8), keep=tuple(args.keep), embedding=args.embedding, activations=args.activations))
-    if args.activations == "static":  # PTQ: the scales from the default training text
-        seqs = pack(tokenizer, default_train_texts(), 256, vocab_size=model.config.vocab_size)
-        calibrate_static(model, seqs[:CALIBRATION_SEQS])
+    prepare(model, source.arch, QATConfig(fmt="mobile", **_mobile_fields(args)))
+    calibrate_on_default_text(model, tokenizer)  # static scales (PTQ: from the default training text)
     info = export_pte(model, tokenizer, args.out, max_context=args.max_context)
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 / {len(args.int8)} int8 / {len(args.keep)} float patterns, embedding {args.embedding}, {args.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0

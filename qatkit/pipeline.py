@@ -83,10 +83,14 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
         "config": json.loads(cfg.to_json()),
     }
     write_report(report, trained["metrics"], errors, out)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out / "report.json")
+    _write_json(out / "report.json", report)
     return report
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=list))  # tuples of the plan as lists
+    os.replace(tmp, path)
 
 
 def _ptq_pte_path(source, qat, seq_len: int) -> Path:
@@ -107,10 +111,9 @@ def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool =
 
     from .eval.executorch import PteModel, generate, score_ids, text_tokens, torch_logits
     from .export.executorch import export_pte, require_executorch
-    from .prepare import calibrate_static, prepare
+    from .prepare import prepare
     from .report import write_mobile_report
-    from .train.data import default_train_texts, pack
-    from .train.run import CALIBRATION_SEQS
+    from .train.run import calibrate_on_default_text
 
     require_executorch()
     t0 = time.time()
@@ -125,7 +128,7 @@ def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool =
     if not ptq_path.exists():
         ptq = copy.deepcopy(teacher)
         prepare(ptq, source.arch, cfg.qat)
-        calibrate_static(ptq, pack(tokenizer, default_train_texts(), cfg.train.seq_len, vocab_size=teacher.config.vocab_size)[:CALIBRATION_SEQS])
+        calibrate_on_default_text(ptq, tokenizer, cfg.train.seq_len)
         export_pte(ptq, tokenizer, ptq_path, max_context=cfg.qat.max_context)
         del ptq
     log.info("[3/5] quantization-aware training, %d steps, and the trained program", cfg.train.steps)
@@ -160,7 +163,5 @@ def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool =
         "config": json.loads(cfg.to_json()),
     }
     write_mobile_report(report, trained["metrics"], out)
-    tmp = out / "report.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, default=list))
-    os.replace(tmp, out / "report.json")
+    _write_json(out / "report.json", report)
     return report

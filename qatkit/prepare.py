@@ -162,12 +162,12 @@ def calibrate_static(model: nn.Module, seqs: torch.Tensor) -> int:
     sample of the values it saw. Returns the number of Linears calibrated (0: none is static)."""
     from .formats import mobile
 
-    static = [m for m in model.modules() if isinstance(m, FakeQuantLinear) and m.act == "static"]
+    static = {n: m for n, m in model.named_modules() if isinstance(m, FakeQuantLinear) and m.act == "static"}
     if not static:
         return 0
     if len(seqs) == 0:
         raise QatkitError("calibrating static activation scales needs at least one sequence")
-    for m in static:
+    for m in static.values():
         m.observed = []
     was_training = model.training
     device = next(model.parameters()).device
@@ -175,7 +175,7 @@ def calibrate_static(model: nn.Module, seqs: torch.Tensor) -> int:
         model.eval()
         for x in seqs:
             model(x[None].to(device))
-        for name, m in ((n, m) for n, m in model.named_modules() if m in static):
+        for name, m in static.items():
             if not m.observed:
                 raise QatkitError(f"{name}: saw no activations while calibrating (is its fake-quant switched off?)")
             s_in = mobile.static_scale(torch.cat([a for a, _ in m.observed]))
@@ -185,7 +185,7 @@ def calibrate_static(model: nn.Module, seqs: torch.Tensor) -> int:
             s_out = torch.maximum(s_out, s_in * sw / (mobile.STATIC_MAX_REQUANT / 2))
             m.act_log_scale.copy_(torch.stack([s_in, s_out]).log())
     finally:
-        for m in static:
+        for m in static.values():
             m.observed = None
         model.train(was_training)
     log.info("calibrated the static int8 scales of %d linears on %d sequences", len(static), len(seqs))

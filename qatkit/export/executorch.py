@@ -119,11 +119,11 @@ class StaticInt8Linear(nn.Module):
 def _static_linear(name: str, old: nn.Module, codes: torch.Tensor, scale: torch.Tensor, spec) -> StaticInt8Linear:
     from ..formats import mobile
 
-    s_in, s_out = (float(s.detach()) for s in old.act_scales())
-    r = (torch.tensor(s_in) * scale.float().reshape(-1)) / torch.tensor(s_out)
-    if float(r.max()) >= mobile.STATIC_MAX_REQUANT:
-        raise QatkitError(f"{name}: input scale x weight scale / output scale reaches {float(r.max()):.0f}; XNNPACK needs < {mobile.STATIC_MAX_REQUANT:.0f} (output scale too small)")
-    return StaticInt8Linear(codes, scale, spec.bits, old.bias, s_in, s_out)
+    s_in, s_out = (s.detach() for s in old.act_scales())
+    r = float(mobile.requant_scale(s_in, scale.reshape(-1), s_out).max())
+    if r >= mobile.STATIC_MAX_REQUANT:
+        raise QatkitError(f"{name}: input scale x weight scale / output scale reaches {r:.0f}; XNNPACK needs < {mobile.STATIC_MAX_REQUANT:.0f} (output scale too small)")
+    return StaticInt8Linear(codes, scale, spec.bits, old.bias, float(s_in), float(s_out))
 
 
 def runtime_model(student: nn.Module) -> nn.Module:

@@ -243,6 +243,11 @@ def static_codes(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch.clamp(torch.round(x.float() * _recip(s.float())), -128, STATIC_QMAX)
 
 
+def requant_scale(s_in: torch.Tensor, w_scale: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
+    """r_c = (s_x * s_w[c]) / s_y in float32, in the runtime's order (must stay < 256)."""
+    return (s_in.float() * w_scale.float()) / s_out.float()
+
+
 def static_linear(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
                   s_in: torch.Tensor, s_out: torch.Tensor) -> torch.Tensor:
     """What the runtime's static int8 Linear returns (see above). codes: int (out, in);
@@ -255,8 +260,7 @@ def static_linear(x: torch.Tensor, codes: torch.Tensor, w_scale: torch.Tensor, b
     acc = torch.nn.functional.linear(xq, wq) if exact32 else torch.nn.functional.linear(xq.double(), wq.double()).float()
     if bias is not None:
         acc = acc + torch.round(bias.detach().float() * _recip(sw * s_in))
-    r = (s_in * sw) / s_out
-    return torch.clamp(torch.round(acc * r), -128, STATIC_QMAX) * s_out
+    return torch.clamp(torch.round(acc * requant_scale(s_in, sw, s_out)), -128, STATIC_QMAX) * s_out
 
 
 def learned_fake_quant_static(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:

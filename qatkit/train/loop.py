@@ -120,17 +120,13 @@ def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: Trai
         s_logits = _head(student, student.model(x).last_hidden_state[:, pos])
     s_logp = F.log_softmax(s_logits / T, -1)
     if cache is not None:
-        t_top, t_ids = cache.lookup(x, pos)
-        kl = topk_kl(t_top, t_ids, s_logp).mean()
-        loss = kl * T * T
+        kl = topk_kl(*cache.lookup(x, pos), s_logp).mean()
     else:
-        t_logp = F.log_softmax(t_logits / T, -1)
-        kl = kl_per_position(t_logp, s_logp).mean()
-        loss = kl * T * T  # T^2 keeps gradient sizes comparable across temperatures
-        if T != 1:  # report the KL at T=1, the one evaluation measures
-            with torch.no_grad():
-                t1, s1 = F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)
-                kl = kl_per_position(t1, s1).mean()
+        kl = kl_per_position(F.log_softmax(t_logits / T, -1), s_logp).mean()
+    loss = kl * T * T  # T^2 keeps gradient sizes comparable across temperatures
+    if cache is None and T != 1:  # report the KL at T=1, the one evaluation measures
+        with torch.no_grad():
+            kl = kl_per_position(F.log_softmax(t_logits, -1), F.log_softmax(s_logits, -1)).mean()
     stats = {"kl": float(kl.detach())}
     if cfg.ce_weight:
         ce = F.cross_entropy(s_logits.flatten(0, 1), x[:, pos + 1].flatten())

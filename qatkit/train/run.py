@@ -49,6 +49,15 @@ class RunConfig:
         return cls(model=d["model"], data=d["data"], data_free=d.get("data_free", 0), held_out=d["held_out"], qat=QATConfig(**d["qat"]), train=TrainConfig(**d["train"]))
 
 
+def calibrate_on_default_text(model, tokenizer, seq_len: int = 256) -> int:
+    """Static int8 activation scales of an untrained (PTQ) mobile model from the first
+    CALIBRATION_SEQS sequences of the default training text; 0 when none is static."""
+    if not any(getattr(m, "act", "dynamic") == "static" for m in model.modules()):
+        return 0
+    seqs = pack(tokenizer, default_train_texts(), seq_len, vocab_size=model.config.vocab_size)
+    return calibrate_static(model, seqs[:CALIBRATION_SEQS])
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.exists():
