@@ -154,3 +154,17 @@ def test_generate_and_speed_run(f32):
     assert isinstance(out, str)
     s = L.decode_speed(f32, n_tokens=8, n_prompt=16)
     assert s["prompt_tps"] > 0 and s["decode_tps"] > 0
+
+
+def test_score_files_equals_one_score_per_file(f32, q8, tmp_path):
+    """Several files on one text share the reference's forward per chunk; every number is what a
+    separate `score` call gives, and the reference listed among the files scores KLD 0."""
+    q4 = llama_quantize(f32, tmp_path / "tiny-q4_0.gguf", "q4_0", pure=True)
+    together = L.score_files([f32, q8, q4], TEXT, ref_path=f32, n_ctx=N_CTX, max_chunks=3)
+    for path, row in zip((q8, q4), together[1:]):
+        alone = L.score(path, TEXT, ref_path=f32, n_ctx=N_CTX, max_chunks=3)
+        for key in ("ppl", "nll", "kld", "same_top", "tokens", "chunks", "file_bytes"):
+            assert row[key] == alone[key], (path, key)
+    assert together[0]["kld"] == 0.0 and together[0]["same_top"] == 100.0
+    assert together[0]["ppl"] == L.score(f32, TEXT, n_ctx=N_CTX, max_chunks=3)["ppl"]
+    assert together[2]["kld"] > together[1]["kld"] > 0

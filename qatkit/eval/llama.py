@@ -155,42 +155,64 @@ def _log_softmax(logits: np.ndarray) -> np.ndarray:
 def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | None = None,
           n_threads: int | None = None) -> dict:
     """Perplexity of `path` on `text` as llama-perplexity computes it; with `ref_path`, also mean
-    KL(ref || model) and the same-top-token rate (%) over the same scored positions.
+    KL(ref || model) and the same-top-token rate (%) over the same scored positions."""
+    return score_files([path], text, ref_path, n_ctx, max_chunks, n_threads)[0]
 
-    Both models stay loaded and run one chunk at a time. Memory beyond the weights: llama.cpp's
+
+def score_files(paths, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | None = None,
+                n_threads: int | None = None) -> list[dict]:
+    """`score` for several files on one text: the reference runs once per chunk for all of them
+    (the numbers are the same as one `score` call per file). The reference may be one of the
+    files (its own KLD is then 0 and same top 100%).
+
+    All models stay loaded and run one chunk at a time. Memory beyond the weights: llama.cpp's
     logits for the scored half of one chunk per model (n_ctx/2 x n_vocab float32: 256 MB for a
     262k vocab), read in place, plus float64 work arrays of ~32 MB each.
     """
-    path = os.fspath(path)
+    paths = [os.fspath(p) for p in paths]
     if n_ctx < 4:
-        raise QatkitError(f"{path}: n_ctx={n_ctx} is too small to score (needs at least 4)")
+        raise QatkitError(f"{paths[0]}: n_ctx={n_ctx} is too small to score (needs at least 4)")
     t0 = time.perf_counter()
     # logits_all=False: _decode reads llama.cpp's buffer directly, so llama-cpp-python's own
     # n_ctx x n_vocab copy (512 MB for a 262k vocab) is not needed.
-    llm = open_model(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
+    llms: list[llama_cpp.Llama] = []
     ref = None
     try:
-        tokens = _text_tokens(llm, text)
+        for path in paths:
+            llms.append(open_model(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False))
+        tokens = _text_tokens(llms[0], text)
         n_chunks = len(tokens) // n_ctx
         if n_chunks < 1:
-            raise QatkitError(f"{path}: the text has {len(tokens)} tokens (BOS included), "
+            raise QatkitError(f"{paths[0]}: the text has {len(tokens)} tokens (BOS included), "
                               f"scoring with n_ctx={n_ctx} needs at least {n_ctx}")
         if max_chunks is not None:
             n_chunks = min(n_chunks, max_chunks)
+        others = list(zip(paths[1:], llms[1:]))
         if ref_path is not None:
             ref_path = os.fspath(ref_path)
-            ref = open_model(ref_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
-            if ref.n_vocab() != llm.n_vocab():
-                raise QatkitError(f"{path}: vocabulary of {llm.n_vocab()} tokens differs from "
-                                  f"{ref.n_vocab()} in reference {ref_path}")
-            if _text_tokens(ref, text) != tokens:
-                raise QatkitError(f"{path}: tokenizes the text differently from reference {ref_path}")
-        sums = _score_chunks(llm, ref, tokens, n_ctx, n_chunks, label=os.path.basename(path))
+            if ref_path in paths:  # one of the files is the reference: run it once
+                ref = llms[paths.index(ref_path)]
+            else:
+                ref = open_model(ref_path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False)
+                others.append((ref_path, ref))
+        for other_path, other in others:
+            if other.n_vocab() != llms[0].n_vocab():
+                raise QatkitError(f"{paths[0]}: vocabulary of {llms[0].n_vocab()} tokens differs from "
+                                  f"{other.n_vocab()} in {other_path}")
+            if _text_tokens(other, text) != tokens:
+                raise QatkitError(f"{paths[0]}: tokenizes the text differently from {other_path}")
+        label = os.path.basename(paths[0]) + (f" +{len(paths) - 1}" if len(paths) > 1 else "")
+        all_sums = _score_chunks(llms, ref, tokens, n_ctx, n_chunks, label=label)
     finally:
-        llm.close()
-        if ref is not None:
+        for llm in llms:
+            llm.close()
+        if ref is not None and ref not in llms:
             ref.close()
+    seconds = time.perf_counter() - t0
+    return [_result(path, ref_path, sums, n_chunks, n_ctx, seconds) for path, sums in zip(paths, all_sums)]
 
+
+def _result(path, ref_path, sums, n_chunks, n_ctx, seconds) -> dict:
     count = sums["count"]
     nll = sums["nll"] / count
     ppl = math.exp(nll)
@@ -202,13 +224,13 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
         # llama-perplexity's "+/-": standard error of the mean NLL, carried to PPL
         "ppl_err": ppl * math.sqrt(var / (count - 1)) if count > 1 and var > 0 else None,
         "nll": nll,
-        "kld": sums["kld"] / count if ref is not None else None,
-        "same_top": 100.0 * sums["same_top"] / count if ref is not None else None,
+        "kld": sums["kld"] / count if ref_path is not None else None,
+        "same_top": 100.0 * sums["same_top"] / count if ref_path is not None else None,
         "tokens": count,
         "chunks": n_chunks,
         "n_ctx": n_ctx,
         "file_bytes": os.path.getsize(path),
-        "seconds": time.perf_counter() - t0,
+        "seconds": seconds,
     }
     log.info("%s: PPL %.4f over %d tokens (%d chunks of %d)%s", path, ppl, count, n_chunks, n_ctx,
              f", KLD {result['kld']:.6f}, same top {result['same_top']:.2f}%"
@@ -216,37 +238,42 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
     return result
 
 
-def _score_chunks(llm, ref, tokens, n_ctx, n_chunks, label) -> dict:
-    """Sum NLL, NLL^2, KL and same-top counts over the scored half of each chunk."""
+def _score_chunks(llms, ref, tokens, n_ctx, n_chunks, label) -> list[dict]:
+    """Per model: sums of NLL, NLL^2, KL and same-top counts over the scored half of each chunk."""
     first = n_ctx // 2
-    n_vocab = llm.n_vocab()
+    n_vocab = llms[0].n_vocab()
     # Rows per float64 block: ~4M values (32 MB) whatever the vocab size.
     block = max(1, (1 << 22) // n_vocab)
-    bos = llm.token_bos() if adds_bos(llm) else None
-    sums = dict(nll=0.0, nll2=0.0, kld=0.0, same_top=0, count=0)
+    bos = llms[0].token_bos() if adds_bos(llms[0]) else None
+    all_sums = [dict(nll=0.0, nll2=0.0, kld=0.0, same_top=0, count=0) for _ in llms]
     bar = tqdm(range(n_chunks), desc=f"score {label}", unit="chunk", file=sys.stderr,
                disable=not sys.stderr.isatty(), leave=False)
     for c in bar:
         chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
         if bos is not None:
             chunk[0] = bos
-        # Row j of these holds position first + j; the last row predicts past the chunk.
-        logits = _decode(llm, chunk, first)
-        ref_logits = _decode(ref, chunk, first) if ref is not None else None
         targets = np.asarray(chunk[first + 1:], dtype=np.int64)
+        # Row j of these holds position first + j; the last row predicts past the chunk. Each
+        # view is valid until the next decode on its own context.
+        logits = [_decode(llm, chunk, first) for llm in llms]
+        ref_logits = None if ref is None else logits[llms.index(ref)] if ref in llms else _decode(ref, chunk, first)
         for r0 in range(0, n_ctx - 1 - first, block):
             r1 = min(r0 + block, n_ctx - 1 - first)
-            lp = _log_softmax(logits[r0:r1])
-            nll = -lp[np.arange(r1 - r0), targets[r0:r1]]
-            sums["nll"] += float(nll.sum())
-            sums["nll2"] += float((nll * nll).sum())
             if ref_logits is not None:
                 lq = _log_softmax(ref_logits[r0:r1])
-                sums["kld"] += float((np.exp(lq) * (lq - lp)).sum())
-                sums["same_top"] += int((ref_logits[r0:r1].argmax(1) == logits[r0:r1].argmax(1)).sum())
-        sums["count"] += n_ctx - 1 - first
-        bar.set_postfix(ppl=f"{math.exp(sums['nll'] / sums['count']):.3f}")
-    return sums
+                q, ref_top = np.exp(lq), ref_logits[r0:r1].argmax(1)
+            for lg, sums in zip(logits, all_sums):
+                lp = _log_softmax(lg[r0:r1])
+                nll = -lp[np.arange(r1 - r0), targets[r0:r1]]
+                sums["nll"] += float(nll.sum())
+                sums["nll2"] += float((nll * nll).sum())
+                if ref_logits is not None:
+                    sums["kld"] += float((q * (lq - lp)).sum())
+                    sums["same_top"] += int((ref_top == lg[r0:r1].argmax(1)).sum())
+        for sums in all_sums:
+            sums["count"] += n_ctx - 1 - first
+        bar.set_postfix(ppl=f"{math.exp(all_sums[0]['nll'] / all_sums[0]['count']):.3f}")
+    return all_sums
 
 
 def generate(path, prompt: str, n_tokens: int = 32, n_ctx: int = 512,
