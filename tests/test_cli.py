@@ -192,10 +192,10 @@ def test_train_data_free(tmp_path, capsys):
     """LLM-QAT: training sequences sampled from the teacher itself, no text given."""
     src = hf_dir(tmp_path / "m")
     run_dir = tmp_path / "run"
-    assert main(["train", str(src), "--data-free", "6", "--steps", "2", "--seq-len", "16", "--out", str(run_dir)]) == 0
+    assert main(["train", str(src), "--data-free", "1", "--steps", "2", "--seq-len", "16", "--out", str(run_dir)]) == 0
     import json
 
     cfg = json.loads((run_dir / "config.json").read_text())
-    assert cfg["data_free"] == 6 and cfg["data"] == []
+    assert cfg["data_free"] == 1.0 and cfg["data"] == []
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [-1, 0, 1]

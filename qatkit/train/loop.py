@@ -210,10 +210,12 @@ def default_device() -> torch.device:
 
 
 def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, device: torch.device | None = None,
-          weight_types: dict[str, str] | None = None) -> list[dict]:
+          weight_types: dict[str, str] | None = None, watch: dict[str, torch.Tensor] | None = None) -> list[dict]:
     """Train `student` in place on `device` (default: CUDA when present); returns the metrics rows
     (also appended to run_dir/metrics.jsonl). Both models are back on the CPU afterwards.
-    weight_types: {Linear module name: GGUF format}, which `cfg.faithful` needs."""
+    weight_types: {Linear module name: GGUF format}, which `cfg.faithful` needs.
+    watch: {name: sequences} whose KL is logged at every evaluation (row["watch_kl"][name]),
+    never trained on: text of other domains, to see whether the gain carries over."""
     device = device or default_device()
     student.to(device)
     teacher.to(device)
@@ -225,13 +227,21 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
             from ..eval.faithful import llamacpp_faithful
 
             student_context = partial(llamacpp_faithful, student, weight_types, exact=False)
-        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context)
+        watch = {k: v.to(device) for k, v in (watch or {}).items()}
+        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context, watch)
     finally:
         student.cpu()
         teacher.cpu()
 
 
-def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, student_context) -> list[dict]:
+def _evaluate(student, teacher, held_seqs, watch: dict) -> dict:
+    row = {"held_out_kl": held_out_kl(student, teacher, held_seqs)}
+    if watch:
+        row["watch_kl"] = {k: held_out_kl(student, teacher, v) for k, v in watch.items()}
+    return row
+
+
+def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, student_context, watch: dict) -> list[dict]:
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     teacher.eval().requires_grad_(False)
@@ -251,7 +261,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     rows = [r for r in rows if r["step"] < start]
     if start == 0 and held_seqs is not None and len(held_seqs):
         _set_fake_quant(student, cfg.fq_warmup == 0)
-        rows.append({"step": -1, "held_out_kl": held_out_kl(student, teacher, held_seqs)})  # before any update
+        rows.append({"step": -1, **_evaluate(student, teacher, held_seqs, watch)})  # before any update
     _write_rows(metrics_path, rows)
 
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress, dynamic_ncols=True)
@@ -270,7 +280,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
             t_last = now
             if held_seqs is not None and len(held_seqs) and (done % cfg.eval_every == 0 or done == cfg.steps):
                 student.eval()
-                row["held_out_kl"] = held_out_kl(student, teacher, held_seqs)
+                row.update(_evaluate(student, teacher, held_seqs, watch))
                 student.train()
             rows.append(row)
             _write_rows(metrics_path, [row], append=True)

@@ -17,13 +17,14 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import QatkitError
 from ..export.model import export_model
 from ..models.load import load, resolve
 from ..prepare import QATConfig, calibrate_static, convert, linear_weight_types, prepare
-from .data import default_train_texts, pack, read_texts, sample_from_model, split
+from .data import DEFAULT_TRAIN_DATA, default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
 from .loop import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,16 @@ CALIBRATION_SEQS = 8  # training sequences that set the static int8 activation s
 @dataclass
 class RunConfig:
     model: str
-    data: list[str] = field(default_factory=list)  # empty: the default training text
-    data_free: int = 0  # > 0: train on this many sequences sampled from the teacher (LLM-QAT)
+    data: list[str] = field(default_factory=list)  # empty: the default training text (DEFAULT_TRAIN_DATA)
+    data_free: float = 0.0  # share of the training sequences sampled from the teacher (LLM-QAT); 1: no text
     held_out: int = 4  # sequences of the training corpus kept aside for held-out KL
     qat: QATConfig = field(default_factory=QATConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def train_sources(self) -> list[str]:
+        """The training text's sources as given (named corpora, paths); none when only sampled."""
+        return [] if self.data_free >= 1 else (self.data or list(DEFAULT_TRAIN_DATA))
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -46,7 +52,10 @@ class RunConfig:
     @classmethod
     def from_json(cls, text: str) -> "RunConfig":
         d = json.loads(text)
-        return cls(model=d["model"], data=d["data"], data_free=d.get("data_free", 0), held_out=d["held_out"], qat=QATConfig(**d["qat"]), train=TrainConfig(**d["train"]))
+        free = d.get("data_free", 0)
+        if isinstance(free, int) and free > 1:  # earlier runs stored a count of sampled sequences (and no text)
+            free = 1.0
+        return cls(model=d["model"], data=d["data"], data_free=float(free), held_out=d["held_out"], qat=QATConfig(**d["qat"]), train=TrainConfig(**d["train"]))
 
 
 def calibrate_on_default_text(model, tokenizer, seq_len: int = 256) -> int:
@@ -58,6 +67,55 @@ def calibrate_on_default_text(model, tokenizer, seq_len: int = 256) -> int:
     return calibrate_static(model, seqs[:CALIBRATION_SEQS])
 
 
+SAMPLE_BATCH = 32  # sequences sampled at once: on a CPU the 262k-vocab head dominates, and batching it pays
+
+
+def training_data(cfg: RunConfig, teacher, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """The run's (training, held-out) sequences: text, sequences sampled from the teacher, or a
+    mix of both.
+
+    With a share p of sampled sequences (0 < p < 1), the run's steps x batch sequences are made
+    of round(p x that) samples and a seeded choice of the text's sequences for the rest, so one
+    epoch is exactly the mix asked for; the held-out sequences (training-time KL) come from the
+    text. p = 0 trains on the whole text as before; p = 1 on samples only (LLM-QAT)."""
+    p = cfg.data_free
+    if not 0 <= p <= 1:
+        raise QatkitError(f"data_free {p}: the share of sampled sequences lies in [0, 1]")
+    seq_len, seed = cfg.train.seq_len, cfg.train.seed
+    per_epoch = cfg.train.steps * cfg.train.batch_size * cfg.train.grad_accum
+    n_free = round(p * per_epoch) if p < 1 else per_epoch
+    samples = None
+    if n_free:
+        cache = sample_cache_dir(teacher, seq_len, 1.0, seed, SAMPLE_BATCH)
+        log.info("sampling %d sequences of %d tokens from the teacher (cached in %s)", n_free + (cfg.held_out if p == 1 else 0), seq_len, cache)
+        samples = sample_from_model(teacher, tokenizer, n_free + (cfg.held_out if p == 1 else 0), seq_len, seed=seed, batch_size=SAMPLE_BATCH, cache_dir=cache)
+    if p == 1:
+        train_seqs, held = split(samples, cfg.held_out, seed=seed)
+    else:
+        texts = read_texts(cfg.data or DEFAULT_TRAIN_DATA)
+        seqs = pack(tokenizer, texts, seq_len, vocab_size=teacher.config.vocab_size)
+        train_seqs, held = split(seqs, cfg.held_out, seed=seed)
+        if samples is not None:
+            n_text = per_epoch - n_free
+            if len(train_seqs) > n_text:
+                keep = torch.from_numpy(np.random.default_rng([seed, 1]).choice(len(train_seqs), n_text, replace=False))
+                train_seqs = train_seqs[keep.sort().values]
+            train_seqs = torch.cat([train_seqs, samples])
+    log.info("data: %d training sequences of %d tokens (%d sampled from the teacher), %d held out", len(train_seqs), seq_len, n_free, len(held))
+    return train_seqs, held
+
+
+def _watch_seqs(texts: dict[str, str], tokenizer, seq_len: int, vocab_size: int) -> dict[str, torch.Tensor]:
+    """The first training-length sequence of each text (a text shorter than that is not watched)."""
+    out = {}
+    for name, text in texts.items():
+        try:
+            out[name] = pack(tokenizer, [text], seq_len, vocab_size=vocab_size)[:1]
+        except QatkitError as e:
+            log.info("not watching %s during training: %s", name, e)
+    return out
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.exists():
@@ -65,8 +123,10 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_json(path.read_text())
 
 
-def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = True, progress: bool = True, loaded=None) -> dict:
-    """Train (or resume) and export. `loaded` = (source, teacher, tokenizer) to reuse a load."""
+def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = True, progress: bool = True, loaded=None, watch_texts: dict[str, str] | None = None) -> dict:
+    """Train (or resume) and export. `loaded` = (source, teacher, tokenizer) to reuse a load.
+    `watch_texts` {name: text}: the KL on the first sequence of each is logged at every
+    evaluation (a torch-side curve of held-out domains; never trained on)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").exists():
         saved = load_run_config(run_dir)
@@ -86,15 +146,7 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
         teacher, tokenizer = load(source)
     else:
         source, teacher, tokenizer = loaded
-    if cfg.data_free:
-        if cfg.data:
-            raise QatkitError("give training text or --data-free, not both")
-        seqs = sample_from_model(teacher, tokenizer, cfg.data_free + cfg.held_out, cfg.train.seq_len, seed=cfg.train.seed)
-    else:
-        texts = read_texts(cfg.data) if cfg.data else default_train_texts()
-        seqs = pack(tokenizer, texts, cfg.train.seq_len, vocab_size=teacher.config.vocab_size)
-    train_seqs, held = split(seqs, cfg.held_out, seed=cfg.train.seed)
-    log.info("data: %d training sequences of %d tokens, %d held out", len(train_seqs), cfg.train.seq_len, len(held))
+    train_seqs, held = training_data(cfg, teacher, tokenizer)
     student = copy.deepcopy(teacher)
     plan = prepare(student, source.arch, cfg.qat)
     calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
@@ -106,7 +158,8 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
         if cfg.qat.fmt == "mobile":
             raise QatkitError("faithful training rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
         types = linear_weight_types(student, source.arch, plan)
-    rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress, weight_types=types)
+    watch = _watch_seqs(watch_texts or {}, tokenizer, cfg.train.seq_len, teacher.config.vocab_size)
+    rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress, weight_types=types, watch=watch)
     result = {"run_dir": str(run_dir), "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step, "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan}
     if export and cfg.qat.fmt == "mobile":
         from ..export.executorch import export_pte
