@@ -14,6 +14,7 @@ from .models.load import DEFAULT_MODEL
 from .train.loop import TrainConfig as TrainDefaults
 
 RUN_STEPS = 150  # `qatkit run`'s training length: about 15 minutes in all on 2 CPU cores
+RUN_CHUNKS = 4  # 512-token chunks `qatkit run` scores of each held-out domain (1,020 scored tokens each)
 
 log = logging.getLogger("qatkit")
 
@@ -98,9 +99,10 @@ def _add_eval(sub) -> None:
     )
     p.add_argument("files", nargs="+", metavar="FILE.gguf|FILE.pte")
     p.add_argument("--ref", metavar="REF", help="reference of the same kind (usually the float teacher)")
-    p.add_argument("--text", type=Path, metavar="TEXT_FILE", help="UTF-8 text to score, held out from training (default: CPython's own English reference prose, what `qatkit run` scores)")
+    p.add_argument("--text", type=Path, metavar="TEXT_FILE", help="one UTF-8 text to score instead of the held-out suite")
+    _add_domains(p)
     p.add_argument("--ctx", type=int, default=512, help="chunk length in tokens (default 512)")
-    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks")
+    p.add_argument("--chunks", type=int, default=None, help="score at most this many chunks (of each domain)")
     p.add_argument("--json", action="store_true", help="one JSON object per file, a line each")
 
 
@@ -111,15 +113,19 @@ def _add_run(sub) -> None:
         description="Run the whole pipeline on MODEL (default: the embedded Gemma 3 270M): write the float "
         "teacher as an F32 GGUF, quantize it with llama.cpp's own quantizer (the PTQ baseline), train a QAT "
         "student for the same per-tensor formats and export it, then score all three files in llama.cpp on "
-        "held-out text and write OUT/report.json. A second run reuses the cached float model, reference and "
+        "each domain of the held-out suite (fiction, drama, speeches, email: text unlike the training text; "
+        "docs: in-domain for the default training text, reported apart) and write OUT/report.md, "
+        "OUT/report.json and plots. The headline is the mean share of PTQ's perplexity gap closed over "
+        "the held-out domains. A second run reuses the cached float model, reference and "
         "PTQ files; --resume continues an interrupted training.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "mobile"], help="mobile: the ExecuTorch program instead of a GGUF, PTQ and QAT scored in the ExecuTorch runtime (add --learn-scales; the mobile options below choose the plan)")
-    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="training text: files, folders, .jsonl, or 'pydoc' / 'shakespeare' (default: pydoc, the part of CPython's reference prose that is not scored)")
-    p.add_argument("--text", type=Path, default=None, help="held-out evaluation text (default: CPython's own English reference prose)")
-    p.add_argument("--chunks", type=int, default=8, help="512-token chunks of held-out text to score")
+    _add_data(p)
+    p.add_argument("--text", type=Path, default=None, help="one held-out text to score instead of the suite")
+    _add_domains(p)
+    p.add_argument("--chunks", type=int, default=RUN_CHUNKS, help="512-token chunks of each held-out domain to score")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the training in OUT/train")
     p.add_argument("--quick", action="store_true", help="a short run for trying it out (20 steps, 2 chunks)")
@@ -142,12 +148,24 @@ def _add_train(sub) -> None:
     p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "mobile"], help="file format the student trains for (mobile: ExecuTorch .pte)")
     p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format (llama-quantize --pure)")
     _add_mobile_knobs(p)
-    p.add_argument("--data", nargs="*", default=[], metavar="TEXT", help="text files, folders, .jsonl with a 'text' field, or the named corpora 'pydoc' / 'shakespeare' (default: pydoc, the part of CPython's reference prose that evaluation never scores)")
-    p.add_argument("--data-free", type=int, default=0, metavar="N", help="train on N sequences sampled from the teacher itself (LLM-QAT) instead of text")
+    _add_data(p)
     p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
     p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
     _add_train_knobs(p)
+
+
+def _add_data(p) -> None:
+    from .train.data import DEFAULT_DATA_FREE
+
+    p.add_argument("--data", nargs="*", default=argparse.SUPPRESS, metavar="TEXT", help="training text: files, folders, .jsonl with a 'text' field, or the named corpora 'pydoc' (CPython's reference prose, the part never scored), 'code' (CPython's standard library source), 'shakespeare' (default: pydoc code, mixed with sequences sampled from the teacher: see --data-free)")
+    p.add_argument("--data-free", type=float, default=argparse.SUPPRESS, metavar="SHARE", help=f"share of the training sequences sampled from the teacher itself (LLM-QAT; 1: no text at all), sampled once and cached under ~/.cache/qatkit/teacher-samples (default: {DEFAULT_DATA_FREE:.2f} with the default text, 0 with --data)")
+
+
+def _add_domains(p) -> None:
+    from .eval.suite import DOMAINS
+
+    p.add_argument("--domains", nargs="+", default=argparse.SUPPRESS, choices=list(DOMAINS), metavar="DOMAIN", help=f"domains of the held-out suite to score (default: all: {', '.join(DOMAINS)}; docs is in-domain for the default training text)")
 
 
 def _add_train_knobs(p) -> None:
@@ -192,7 +210,13 @@ def _run_config(args) -> "RunConfig":
     qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
     if train.faithful and qat.fmt == "mobile":
         raise QatkitError("--faithful rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
-    return RunConfig(model=args.model, data=[str(p) for p in args.data or []], data_free=getattr(args, "data_free", 0), qat=qat, train=train)
+    from .train.data import DEFAULT_DATA_FREE
+
+    data = getattr(args, "data", None) or []
+    free = getattr(args, "data_free", 0.0 if data else DEFAULT_DATA_FREE)
+    if not 0 <= free <= 1:
+        raise QatkitError(f"--data-free {free}: a share of the training sequences, between 0 and 1")
+    return RunConfig(model=args.model, data=[str(p) for p in data], data_free=free, qat=qat, train=train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,41 +295,70 @@ def _export_mobile(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    text = _eval_text(args.text)
+    texts = _eval_texts(args)
     rows = []
     for f in args.files:
-        if f.endswith(".pte"):
-            from .eval.executorch import score
-        else:
-            from .eval.llama import score
         if args.ref is not None and Path(args.ref).suffix != Path(f).suffix:
             raise QatkitError(f"--ref {args.ref}: compare a {Path(f).suffix} file with a reference of the same kind")
-        r = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
-        rows.append(r)
-        if args.json:
-            print(json.dumps(r), flush=True)
+    ggufs = [f for f in args.files if not f.endswith(".pte")]
+    for domain, text in texts.items():
+        found = {}
+        if ggufs:
+            from .eval.llama import score_files
+
+            found.update(zip(ggufs, score_files(ggufs, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)))
+        for f in args.files:
+            if f.endswith(".pte"):
+                from .eval.executorch import score
+
+                found[f] = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
+        for f in args.files:
+            r = {"domain": domain, **found[f]}
+            rows.append(r)
+            if args.json:
+                print(json.dumps(r), flush=True)
     if not args.json:
+        if len(texts) > 1:
+            rows += _domain_means(rows, args.files)
         print(format_table(rows))
     return 0
 
 
+def _domain_means(rows: list[dict], files: list[str]) -> list[dict]:
+    """Per file, a 'mean' row over the domains scored: PPL geometric, KLD and same top arithmetic."""
+    import math
+
+    out = []
+    for f in files:
+        mine = [r for r in rows if r["path"] == f]
+        mean = {"domain": "mean", "path": f, "ppl": math.exp(sum(math.log(r["ppl"]) for r in mine) / len(mine)), "tokens": sum(r["tokens"] for r in mine)}
+        for key in ("kld", "same_top"):
+            mean[key] = None if mine[0].get(key) is None else sum(r[key] for r in mine) / len(mine)
+        out.append(mean)
+    return out
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'file':<40} {'PPL':>9} {'KLD':>8} {'same top':>9} {'tokens':>7} {'MB':>8}"
+    head = f"{'domain':<12} {'file':<40} {'PPL':>9} {'KLD':>8} {'same top':>9} {'tokens':>7} {'MB':>8}"
     lines = [head, "-" * len(head)]
     for r in rows:
         kld = "-" if r.get("kld") is None else f"{r['kld']:.4f}"
         top = "-" if r.get("same_top") is None else f"{r['same_top']:.1f}%"
-        lines.append(f"{Path(r['path']).name[:40]:<40} {r['ppl']:>9.3f} {kld:>8} {top:>9} {r['tokens']:>7} {r['file_bytes'] / 1e6:>8.1f}")
+        size = f"{r['file_bytes'] / 1e6:>8.1f}" if "file_bytes" in r else f"{'-':>8}"
+        lines.append(f"{r.get('domain', ''):<12} {Path(r['path']).name[:40]:<40} {r['ppl']:>9.3f} {kld:>8} {top:>9} {r['tokens']:>7} {size}")
     return "\n".join(lines)
 
 
-def _eval_text(path: Path | None) -> str:
-    """--text, or the held-out prose `qatkit run` scores by default."""
-    if path is None:
-        from .train.data import default_eval_text
+def _eval_texts(args) -> dict[str, str]:
+    """{domain: text}: --text as one domain named after the file, or the held-out suite."""
+    domains = getattr(args, "domains", None)
+    if args.text is not None:
+        if domains:
+            raise QatkitError("--domains chooses parts of the held-out suite; --text replaces the suite")
+        return {args.text.stem: _read_text(args.text)}
+    from .eval.suite import load_suite
 
-        return default_eval_text()
-    return _read_text(path)
+    return load_suite(domains)
 
 
 def _read_text(path: Path) -> str:
@@ -322,29 +375,24 @@ def _read_text(path: Path) -> str:
 
 def cmd_run(args) -> int:
     from .pipeline import run, run_mobile
+    from .report import domain_lines
 
     if args.quick:
         args.steps, args.chunks = min(args.steps, 20), min(args.chunks, 2)
-    text = _eval_text(args.text)
+    texts = _eval_texts(args)
     cfg = _run_config(args)
     if args.format == "mobile":
-        report = run_mobile(cfg, args.out, text, args.chunks, resume=args.resume)
-        f, gap = report["files"], report["export_gap"]
-        for key, label in (("teacher", "float teacher (torch)"), ("ptq", "PTQ .pte"), ("qat", "QAT .pte")):
-            size = f"{f[key]['file_bytes'] / 1e6:7.1f} MB" if "file_bytes" in f[key] else "      -   "
-            print(f"{label:<22} PPL {f[key]['ppl']:9.3f}  KLD {f[key]['kld']:.4f}  same top {f[key]['same_top']:6.2f}%  {size}")
-        if report["gap_closure"] is not None:
-            print(f"\ngap closure (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): {report['gap_closure']:.1%}")
+        report = run_mobile(cfg, args.out, texts, args.chunks, resume=args.resume)
+        gap = report["export_gap"]
+        print("\n".join(domain_lines(report, plain=True)))
         print(f"export gap, ExecuTorch vs the trained student: mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
         print(f"report: {args.out / 'report.md'}")
         return 0
-    report = run(cfg, args.out, text, args.chunks, resume=args.resume)
-    print(format_table([{**report["files"][k], "path": f"{k}: {Path(report['files'][k]['path']).name}"} for k in report["files"]]))
-    closure = report["gap_closure"]
+    report = run(cfg, args.out, texts, args.chunks, resume=args.resume)
+    print("\n".join(domain_lines(report, plain=True)))
     gap = report["export_gap"]["faithful"]
-    print(f"\ngap closure (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): {closure:.1%}" if closure is not None else "")
     print(f"export gap, llama.cpp vs the trained student (faithful): mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
-    print(f"report: {args.out / 'report.json'}")
+    print(f"report: {args.out / 'report.md'}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """`qatkit run`: the main job, stage by stage.
 
 load -> float reference GGUF -> llama.cpp's PTQ baseline -> QAT (train, export) -> score all three
-in llama.cpp on held-out text (with speed and memory) -> export gap of the trained file ->
+in llama.cpp on every domain of the held-out suite (with speed and memory) -> export gap of the trained file ->
 report.json, report.md and plots
 
 Each stage reuses what an earlier run left: the float cache, the reference GGUF and the PTQ file
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .eval.gap import export_gap, file_twin
-from .eval.llama import decode_speed, load_rss_mb, score
+from .eval.llama import decode_speed, load_rss_mb
+from .eval.suite import DOMAINS, domain_row, in_domain, score_gguf_suite, summarize
 from .export.model import float_reference, ptq_llama_cpp
 from .formats import q4_0, q8_0
 from .models.load import load, resolve
@@ -32,7 +33,8 @@ FAKE_QUANT = {"q4_0": q4_0.fake_quant, "q8_0": q8_0.fake_quant}
 log = logging.getLogger(__name__)
 
 
-def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False) -> dict:
+def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: bool = False) -> dict:
+    """`texts`: {domain: held-out text}, usually the suite (eval/suite.py); `chunks` per domain."""
     t0 = time.time()
     out.mkdir(parents=True, exist_ok=True)
     fmt = cfg.qat.fmt
@@ -46,33 +48,34 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
     if not ptq.exists():
         ptq_llama_cpp(source, ptq, fmt, cfg.qat.pure, model=model, tokenizer=tokenizer)
     log.info("[4/6] quantization-aware training, %d steps", cfg.train.steps)
-    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer))
-    log.info("[5/6] scoring the three files in llama.cpp (%d chunks of held-out text), speed and memory", chunks)
+    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer), watch_texts=_held_out(texts, cfg))
+    log.info("[5/6] scoring the three files in llama.cpp (%d chunks of each of %d held-out domains: %s), speed and memory", chunks, len(texts), ", ".join(texts))
     paths = {"teacher": str(teacher), "ptq": str(ptq), "qat": trained["gguf"]}
-    files = {"teacher": score(paths["teacher"], text, max_chunks=chunks)}
-    files["teacher"].update(kld=0.0, same_top=100.0)  # the reference itself
-    for key in ("ptq", "qat"):
-        files[key] = score(paths[key], text, ref_path=paths["teacher"], max_chunks=chunks)
+    domains = score_gguf_suite(paths, texts, chunks, cfg.train_sources)
+    summary = summarize(domains)
     n_weights = sum(p.numel() for p in model.parameters())  # tied tensors counted once
+    files = {}
     for key, path in paths.items():
+        files[key] = {"path": path, "file_bytes": os.path.getsize(path), **summary["means"][key]}
         files[key]["bits_per_weight"] = 8 * files[key]["file_bytes"] / n_weights
         files[key].update({k: v for k, v in decode_speed(path).items() if k.endswith("_tps")})
         files[key]["load_rss_mb"] = load_rss_mb(path)
     log.info("[6/6] export gap of the QAT file and per-layer errors")
+    gap_text = next(iter(texts.values()))
     twin, types = file_twin(model, source.arch, paths["qat"])
-    gap = export_gap(twin, types, paths["qat"], text)
-    ids = torch.tensor([tokenizer(text[:4000])["input_ids"][:256]])
+    gap = export_gap(twin, types, paths["qat"], gap_text)
+    ids = torch.tensor([tokenizer(gap_text[:4000])["input_ids"][:256]])
     quantized = {n: f for n, f in types.items() if f in ("q4_0", "q8_0") and n != "lm_head"}
     ptq_w = {n: FAKE_QUANT[f](model.get_submodule(n).weight) for n, f in quantized.items()}  # == llama.cpp's PTQ values
     qat_w = {n: twin.get_submodule(n).weight for n in quantized}
     errors = layer_errors(model, ptq_w, qat_w, ids)
     del twin
-    p_t, p_p, p_q = (files[k]["ppl"] for k in ("teacher", "ptq", "qat"))
     report = {
         "model": cfg.model,
         "format": fmt,
         "files": files,
-        "gap_closure": (p_p - p_q) / (p_p - p_t) if p_p != p_t else None,
+        "domains": domains,
+        **{k: v for k, v in summary.items() if k != "means"},
         "export_gap": gap,
         "steps": cfg.train.steps,
         "tokens_seen": trained["tokens_seen"],
@@ -85,6 +88,11 @@ def run(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False)
     write_report(report, trained["metrics"], errors, out)
     _write_json(out / "report.json", report)
     return report
+
+
+def _held_out(texts: dict[str, str], cfg: RunConfig) -> dict[str, str]:
+    """The texts that are not in-domain for the run's training text."""
+    return {n: t for n, t in texts.items() if n not in DOMAINS or not in_domain(DOMAINS[n], cfg.train_sources)}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -102,7 +110,7 @@ def _ptq_pte_path(source, qat, seq_len: int) -> Path:
     return source.cache_dir / f"ptq-mobile-{hashlib.sha256(plan.encode()).hexdigest()[:12]}.pte"
 
 
-def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool = False) -> dict:
+def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: bool = False) -> dict:
     """`qatkit run --format mobile`: the same job for the ExecuTorch program, measured in the
     ExecuTorch runtime: the untrained plan (PTQ) and the trained one (QAT) as .pte files, their
     perplexity, KL to the float teacher (torch, same chunks), size and runner speed, the export
@@ -132,28 +140,36 @@ def run_mobile(cfg: RunConfig, out: Path, text: str, chunks: int, resume: bool =
         export_pte(ptq, tokenizer, ptq_path, max_context=cfg.qat.max_context)
         del ptq
     log.info("[3/5] quantization-aware training, %d steps, and the trained program", cfg.train.steps)
-    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer))
+    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer), watch_texts=_held_out(texts, cfg))
     student = trained.pop("student").eval()
     paths = {"ptq": ptq_path, "qat": Path(trained["pte"])}
-    log.info("[4/5] scoring in ExecuTorch (%d chunks of held-out text; the teacher in torch), speed", chunks)
-    ids = text_tokens(paths["qat"], text)
+    log.info("[4/5] scoring in ExecuTorch (%d chunks of each of %d held-out domains; the teacher in torch), speed", chunks, len(texts))
     bos = tokenizer.bos_token_id
     ref = torch_logits(teacher)
-    files = {"teacher": {**score_ids(ref, ids, bos, max_chunks=chunks, label="teacher"), "kld": 0.0, "same_top": 100.0}}
+    ptes = {key: PteModel(path) for key, path in paths.items()}
+    domains = {}
+    for name, text in texts.items():
+        ids = text_tokens(paths["qat"], text)
+        rows = {"teacher": {**score_ids(ref, ids, bos, max_chunks=chunks, label=f"teacher {name}"), "kld": 0.0, "same_top": 100.0}}
+        for key, pte in ptes.items():
+            rows[key] = {"path": str(paths[key]), **score_ids(pte.logits, ids, pte.bos, max_chunks=chunks, ref_logits=ref, label=f"{paths[key].name} {name}")}
+        dom = DOMAINS.get(name)
+        domains[name] = domain_row(rows, in_domain(dom, cfg.train_sources) if dom else False)
+    summary = summarize(domains)
+    files = {"teacher": summary["means"]["teacher"]}
     for key, path in paths.items():
-        pte = PteModel(path)
-        files[key] = {"path": str(path), "file_bytes": path.stat().st_size, **score_ids(pte.logits, ids, pte.bos, max_chunks=chunks, ref_logits=ref, label=str(path))}
         speed = generate(path, "The capital of France is", n_tokens=64)
-        files[key].update(prefill_tps=speed.get("prefill_token_per_sec"), decode_tps=speed.get("decode_token_per_sec"))
+        files[key] = {"path": str(path), "file_bytes": path.stat().st_size, **summary["means"][key], "prefill_tps": speed.get("prefill_token_per_sec"), "decode_tps": speed.get("decode_token_per_sec")}
     log.info("[5/5] export gap of the trained program (ExecuTorch vs the student's own forward)")
-    gap = score_ids(PteModel(paths["qat"]).logits, ids, bos, max_chunks=min(2, chunks), ref_logits=torch_logits(student), label="export gap")
-    p_t, p_p, p_q = (files[k]["ppl"] for k in ("teacher", "ptq", "qat"))
+    ids = text_tokens(paths["qat"], next(iter(texts.values())))
+    gap = score_ids(ptes["qat"].logits, ids, bos, max_chunks=min(2, chunks), ref_logits=torch_logits(student), label="export gap")
     report = {
         "model": cfg.model,
         "format": "mobile",
         "plan": {k: getattr(cfg.qat, k) for k in ("mobile_weights", "int2", "int8", "keep", "embedding", "activations")},
         "files": files,
-        "gap_closure": (p_p - p_q) / (p_p - p_t) if p_p != p_t else None,
+        "domains": domains,
+        **{k: v for k, v in summary.items() if k != "means"},
         "export_gap": {"kld": gap["kld"], "same_top": gap["same_top"], "tokens": gap["tokens"]},
         "steps": cfg.train.steps,
         "tokens_seen": trained["tokens_seen"],

@@ -4,7 +4,10 @@
   level (the held-out KL of the untrained student, which quantizes exactly as PTQ does);
 - layers.png: per-layer relative output error of every quantized linear, PTQ vs QAT, on teacher
   activations of held-out text;
-- size_ppl.png: file size vs llama.cpp perplexity of the three files.
+- size_ppl.png: file size vs llama.cpp perplexity of the three files (geometric mean over the
+  held-out domains);
+- domains.png: per held-out domain, the share of PTQ's perplexity gap closed and the KLD of PTQ
+  and QAT to the teacher; in-domain domains hatched and left out of the headline mean.
 """
 
 from __future__ import annotations
@@ -49,9 +52,12 @@ def plot_training(rows: list[dict], path: Path) -> None:
     evals = [r for r in rows if "held_out_kl" in r]
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
     ax.plot([r["step"] + 1 for r in steps], [r["kl"] for r in steps], color="tab:blue", alpha=0.35, lw=1, label="training KL (sampled positions)")
-    ax.plot([max(r["step"] + 1, 0) for r in evals], [r["held_out_kl"] for r in evals], "o-", color="tab:blue", lw=2, label="held-out KL")
+    ax.plot([max(r["step"] + 1, 0) for r in evals], [r["held_out_kl"] for r in evals], "o-", color="tab:blue", lw=2, label="held-out KL (training text's kind)")
     if evals and evals[0]["step"] == -1:
         ax.axhline(evals[0]["held_out_kl"], color="tab:red", ls="--", lw=1.5, label="PTQ level (held-out KL before training)")
+    watched = [r for r in evals if "watch_kl" in r]
+    for name in (watched[0]["watch_kl"] if watched else {}):
+        ax.plot([max(r["step"] + 1, 0) for r in watched], [r["watch_kl"][name] for r in watched], ".--", lw=1, label=f"{name} (held-out domain, 1 sequence)")
     ax.set_ylim(bottom=0)
     _finish(fig, ax, path, "optimizer step", "KL(teacher || student), nats/token", "QAT distillation")
 
@@ -86,12 +92,36 @@ def plot_size_ppl(files: dict[str, dict], path: Path, labels: dict[str, str] = L
     _finish(fig, ax, path, f"{kind} file size, MB (log scale)", f"perplexity in {runtime} (held-out text)", "Size vs quality", grid_which="both")
 
 
-def _finish(fig, ax, path: Path, xlabel: str, ylabel: str, title: str, grid_which: str = "major") -> None:
+def plot_domains(domains: dict[str, dict], path: Path, mean: float | None) -> None:
+    names = list(domains)
+    x = range(len(names))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    closures = [100 * (domains[n]["gap_closure"] or 0) for n in names]
+    bars = ax.bar(x, closures, color=COLORS["qat"])
+    for b, n in zip(bars, names):
+        if domains[n]["in_domain"]:
+            b.set_hatch("//")
+            b.set_alpha(0.5)
+    if mean is not None:
+        ax.axhline(100 * mean, color="black", ls="--", lw=1.2, label=f"held-out mean {mean:.0%}")
+    ax.axhline(70, color="tab:green", ls=":", lw=1.2, label="target 70%")
+    ax.set_xticks(list(x), [n + (" (in-domain)" if domains[n]["in_domain"] else "") for n in names], rotation=15)
+    _finish(fig, ax, None, "", "PTQ perplexity gap closed, %", "Gap closure per domain")
+    w = 0.38
+    for off, key in ((-w / 2, "ptq"), (w / 2, "qat")):
+        ax2.bar([i + off for i in x], [domains[n][key]["kld"] for n in names], w, color=COLORS[key], label=LABELS[key])
+    ax2.set_xticks(list(x), names, rotation=15)
+    _finish(fig, ax2, path, "", "mean KLD to the teacher, nats/token", "KL divergence per domain")
+
+
+def _finish(fig, ax, path: Path | None, xlabel: str, ylabel: str, title: str, grid_which: str = "major") -> None:
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3, which=grid_which)
     ax.legend()
+    if path is None:  # more panels to come
+        return
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -106,16 +136,50 @@ def _intro(report: dict, title: str, *about: str) -> list[str]:
     ]
 
 
-def _closure(report: dict) -> str:
-    closure = report.get("gap_closure")
-    return f"**Gap closure** (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher): **{closure:.1%}**" if closure is not None else ""
+def domain_lines(report: dict, plain: bool = False) -> list[str]:
+    """The per-domain table and the headline: the mean gap closure over the held-out domains,
+    the worst one, and the in-domain figure labelled as such. Markdown, or plain for a terminal."""
+    doms = report["domains"]
+    lines = []
+    if plain:
+        head = f"{'domain':<18} {'PPL teacher':>11} {'PTQ':>9} {'QAT':>9} {'gap closed':>10} {'KLD PTQ':>8} {'KLD QAT':>8} {'same top QAT':>12}"
+        lines += [head, "-" * len(head)]
+    else:
+        lines += ["| domain | PPL teacher | PPL PTQ | PPL QAT | gap closed | KLD PTQ | KLD QAT | QAT/PTQ KLD | same top PTQ | same top QAT |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, d in doms.items():
+        label = name + (" (in-domain)" if d["in_domain"] else "")
+        closure = "-" if d["gap_closure"] is None else f"{d['gap_closure']:.1%}"
+        t, p, q = d["teacher"], d["ptq"], d["qat"]
+        if plain:
+            lines.append(f"{label:<18} {t['ppl']:>11.3f} {p['ppl']:>9.3f} {q['ppl']:>9.3f} {closure:>10} {p['kld']:>8.4f} {q['kld']:>8.4f} {q['same_top']:>11.1f}%")
+        else:
+            ratio = "-" if d["kld_ratio"] is None else f"{d['kld_ratio']:.2f}"
+            lines.append(f"| {label} | {t['ppl']:.3f} | {p['ppl']:.3f} | {q['ppl']:.3f} | {closure} | {p['kld']:.4f} | {q['kld']:.4f} | {ratio} | {p['same_top']:.1f}% | {q['same_top']:.1f}% |")
+    lines.append("")
+    mean, worst = report.get("gap_closure"), report.get("gap_closure_min")
+    held = report.get("held_out_domains") or []
+    if mean is not None:
+        bold = "" if plain else "**"
+        ratio = report.get("kld_ratio")
+        lines.append(f"{bold}Gap closure on held-out domains{bold} (PPL_ptq - PPL_qat) / (PPL_ptq - PPL_teacher), mean of {len(held)} ({', '.join(held)}): {bold}{mean:.1%}{bold}, worst {worst:.1%}; QAT's KLD to the teacher is {ratio:.2f}x PTQ's on average.")
+    inside = report.get("in_domain_gap_closure")
+    if inside is not None:
+        names = [n for n, d in doms.items() if d["in_domain"]]
+        lines.append(f"In-domain (the training text's own source: {', '.join(names)}): {inside:.1%}. Not a held-out figure.")
+    return lines
 
 
 def write_markdown(report: dict, out: Path) -> None:
     f = report["files"]
     lines = [
         *_intro(report, report["format"].upper()),
-        f"All quality figures measured in llama.cpp on {f['teacher']['tokens']} held-out tokens (perplexity as llama-perplexity computes it).",
+        f"All quality figures measured in llama.cpp (perplexity as llama-perplexity computes it), on {len(report['domains'])} domains of text, {f['teacher']['tokens']} scored tokens in the held-out ones.",
+        "",
+        *domain_lines(report),
+        "",
+        "![gap closure and KLD per domain](domains.png)",
+        "",
+        "Files (PPL: geometric mean over the held-out domains; KLD and same top: their mean):",
         "",
         "| file | PPL | KLD to teacher | same top token | size MB | bits/weight | decode tok/s | load RSS MB |",
         "|---|---|---|---|---|---|---|---|",
@@ -123,7 +187,6 @@ def write_markdown(report: dict, out: Path) -> None:
     for key in ("teacher", "ptq", "qat"):
         r = f[key]
         lines.append(f"| {LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {r['file_bytes'] / 1e6:.1f} | {r.get('bits_per_weight', float('nan')):.2f} | {r.get('decode_tps', float('nan')):.1f} | {r.get('load_rss_mb', float('nan')):.0f} |")
-    lines += ["", _closure(report)]
     g = report["export_gap"]
     lines += [
         "",
@@ -144,6 +207,7 @@ def write_report(report: dict, rows: list[dict], errors: dict | None, out: Path)
     if errors:
         plot_layers(errors, out / "layers.png")
     plot_size_ppl(report["files"], out / "size_ppl.png")
+    plot_domains(report["domains"], out / "domains.png", report.get("gap_closure"))
     write_markdown(report, out)
 
 
@@ -154,11 +218,18 @@ def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
     """report.md and plots of `qatkit run --format mobile` (figures measured in ExecuTorch)."""
     plot_training(rows, out / "training.png")
     plot_size_ppl(report["files"], out / "size_ppl.png", MOBILE_LABELS, kind=".pte", runtime="ExecuTorch (XNNPACK)")
+    plot_domains(report["domains"], out / "domains.png", report.get("gap_closure"))
     f, plan = report["files"], report["plan"]
     int_lists = ", ".join(f"{k} {' '.join(v)}" for k, v in plan.items() if k in ("int2", "int8", "keep") and v) or "no per-tensor exceptions"
     lines = [
         *_intro(report, "mobile format (ExecuTorch / XNNPACK)", f"Plan: {plan['mobile_weights']} Linears ({int_lists}), embedding {plan['embedding']} per row, {plan['activations']} int8 activations."),
-        f"Perplexity of the .pte files measured in the ExecuTorch runtime on {f['teacher']['tokens']} held-out tokens; the teacher and the KL reference in torch on the same chunks.",
+        f"Perplexity of the .pte files measured in the ExecuTorch runtime on {len(report['domains'])} domains of text, {f['teacher']['tokens']} scored tokens in the held-out ones; the teacher and the KL reference in torch on the same chunks.",
+        "",
+        *domain_lines(report),
+        "",
+        "![gap closure and KLD per domain](domains.png)",
+        "",
+        "Files (PPL: geometric mean over the held-out domains; KLD and same top: their mean):",
         "",
         "| file | PPL | KLD to teacher | same top token | size MB | prefill tok/s | decode tok/s |",
         "|---|---|---|---|---|---|---|",
@@ -170,8 +241,6 @@ def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
         lines.append(f"| {MOBILE_LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {size} | {speed[0]} | {speed[1]} |")
     g = report["export_gap"]
     lines += [
-        "",
-        _closure(report),
         "",
         f"**Export gap** (ExecuTorch on the QAT program vs the trained student, {g['tokens']} tokens): mean KLD {g['kld']:.2e}, same top token {g['same_top']:.2f}%.",
         "",

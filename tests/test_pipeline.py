@@ -32,6 +32,7 @@ def test_run_report_agrees_with_eval(tmp_path, capsys):
     for key in ("files", "gap_closure", "export_gap", "steps", "tokens_seen", "train_seconds", "wall_s", "peak_rss_mb"):
         assert key in report, key
     assert set(report["files"]) == {"teacher", "ptq", "qat"}
+    assert list(report["domains"]) == ["held"] and report["held_out_domains"] == ["held"]
     for f in report["files"].values():
         assert {"path", "ppl", "kld", "same_top", "tokens", "file_bytes", "bits_per_weight", "decode_tps", "prompt_tps", "load_rss_mb"} <= set(f)
         assert f["decode_tps"] > 0 and f["load_rss_mb"] > 0
@@ -48,8 +49,40 @@ def test_run_report_agrees_with_eval(tmp_path, capsys):
     assert main(["eval", *paths, "--ref", report["files"]["teacher"]["path"], "--text", str(tmp_path / "held.txt"), "--chunks", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for row, key in zip(rows, ("ptq", "qat")):
-        assert row["ppl"] == report["files"][key]["ppl"] and row["kld"] == report["files"][key]["kld"]
+        assert row["ppl"] == report["domains"]["held"][key]["ppl"] and row["kld"] == report["domains"]["held"][key]["kld"]
+        assert row["ppl"] == pytest.approx(report["files"][key]["ppl"], rel=1e-12)
     assert report["export_gap"]["faithful"]["same_top"] == 100.0
+
+
+def test_run_on_the_suite_reports_each_domain_as_eval_does(tmp_path, capsys):
+    """With the default training text (pydoc + code, a share sampled from the teacher), `docs` is
+    in-domain and left out of the headline; every domain's figures are `qatkit eval`'s on the
+    same files, and the headline is the mean over the held-out domains."""
+    out = tmp_path / "run"
+    args = run_args(tmp_path, out, "--lr", "3e-4", "--domains", "fiction", "email", "docs")
+    i = args.index("--data")
+    del args[i : i + 2]
+    i = args.index("--text")
+    del args[i : i + 2]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "Gap closure on held-out domains" in printed and "docs (in-domain)" in printed
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["data"] == [] and 0 < report["config"]["data_free"] < 1
+    d = report["domains"]
+    assert list(d) == ["fiction", "email", "docs"] and [n for n in d if d[n]["in_domain"]] == ["docs"]
+    assert report["held_out_domains"] == ["fiction", "email"]
+    assert report["gap_closure"] == pytest.approx((d["fiction"]["gap_closure"] + d["email"]["gap_closure"]) / 2)
+    assert report["in_domain_gap_closure"] == d["docs"]["gap_closure"]
+    md = (out / "report.md").read_text()
+    assert "In-domain (the training text's own source: docs)" in md and (out / "domains.png").stat().st_size > 500
+    files = report["files"]
+    assert main(["eval", files["ptq"]["path"], files["qat"]["path"], "--ref", files["teacher"]["path"], "--domains", "fiction", "email", "docs", "--chunks", "1", "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["domain"], r["path"]) for r in rows] == [(n, files[k]["path"]) for n in d for k in ("ptq", "qat")]
+    for r in rows:
+        key = "ptq" if r["path"] == files["ptq"]["path"] else "qat"
+        assert (r["ppl"], r["kld"], r["same_top"]) == (d[r["domain"]][key]["ppl"], d[r["domain"]][key]["kld"], d[r["domain"]][key]["same_top"])
 
 
 def test_run_interrupted_then_resumed(tmp_path, monkeypatch, capsys):
@@ -101,6 +134,6 @@ def test_run_mobile_report_agrees_with_eval(tmp_path, capsys):
     assert main(["eval", f["ptq"]["path"], f["qat"]["path"], "--text", str(tmp_path / "held.txt"), "--chunks", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     for row, key in zip(rows, ("ptq", "qat")):
-        assert row["ppl"] == f[key]["ppl"], (row, f[key])
+        assert row["ppl"] == report["domains"]["held"][key]["ppl"], (row, f[key])
     assert main(args + ["--resume"]) == 0  # the cached PTQ program and the finished training are reused
-    assert json.loads((out / "report.json").read_text())["files"]["ptq"]["ppl"] == f["ptq"]["ppl"]
+    assert json.loads((out / "report.json").read_text())["domains"]["held"]["ptq"]["ppl"] == report["domains"]["held"]["ptq"]["ppl"]
