@@ -177,7 +177,7 @@ NAMED_TEXTS = {"pydoc": default_train_texts, "code": code_texts, "shakespeare": 
 DEFAULT_TRAIN_DATA = ["pydoc", "code"]
 # The default recipe's share of training sequences sampled from the teacher itself (chosen by
 # benchmarks/generalize.py, see RESULTS.md); the rest is DEFAULT_TRAIN_DATA's text.
-DEFAULT_DATA_FREE = 1 / 3
+DEFAULT_DATA_FREE = 2 / 3
 
 
 # ------------------------------------------------------------------------------------- packing
