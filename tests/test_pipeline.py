@@ -121,7 +121,7 @@ def test_run_mobile_report_agrees_with_eval(tmp_path, capsys):
     out = tmp_path / "run"
     args = run_args(tmp_path, out, "--lr", "3e-4", "--format", "mobile", "--learn-scales", "--activations", "static", "--int2", "*.down_proj")
     assert main(args) == 0
-    assert "gap closure" in capsys.readouterr().out
+    assert "Gap closure on held-out domains" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     f = report["files"]
     assert set(f) == {"teacher", "ptq", "qat"} and report["plan"]["activations"] == "static"
