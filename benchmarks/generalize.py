@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from qatkit.eval.llama import score_files
-from qatkit.eval.suite import DOMAINS, domain_row, in_domain, load_suite, summarize
+from qatkit.eval.suite import domain_row, held_out_texts, in_domain, load_suite, summarize
 from qatkit.export.model import float_reference, ptq_llama_cpp
 from qatkit.models.load import load, resolve
 from qatkit.prepare import QATConfig
@@ -70,8 +70,7 @@ def main() -> None:
             runs[name] = json.loads(done.read_text())
         else:
             t0 = time.time()
-            watch = {n: t for n, t in texts.items() if not in_domain(DOMAINS[n], cfg.train_sources)}
-            result = qat_run(cfg, run_dir / "train", resume=True, loaded=(source, model, tokenizer), watch_texts=watch)
+            result = qat_run(cfg, run_dir / "train", resume=True, loaded=(source, model, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources))
             runs[name] = {"gguf": result["gguf"], "seconds": round(time.time() - t0, 1), "steps": cfg.train.steps, "sources": cfg.train_sources}
             done.write_text(json.dumps(runs[name]))
             del result
@@ -83,7 +82,7 @@ def main() -> None:
         table[name] = {}
         for dom, text in texts.items():
             rows = score_files([teacher, str(ptq), runs[name]["gguf"]], text, ref_path=teacher, max_chunks=args.chunks)
-            table[name][dom] = domain_row(dict(zip(("teacher", "ptq", "qat"), rows)), in_domain(DOMAINS[dom], runs[name]["sources"]))
+            table[name][dom] = domain_row(dict(zip(("teacher", "ptq", "qat"), rows)), in_domain(dom, runs[name]["sources"]))
         scores.write_text(json.dumps(table[name], indent=2))
         s = summarize(table[name])
         print(f"{name}: held-out mean gap closure {s['gap_closure']:.1%} (worst {s['gap_closure_min']:.1%}), {runs[name]['seconds']:.0f} s", flush=True)

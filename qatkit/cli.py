@@ -325,17 +325,10 @@ def cmd_eval(args) -> int:
 
 
 def _domain_means(rows: list[dict], files: list[str]) -> list[dict]:
-    """Per file, a 'mean' row over the domains scored: PPL geometric, KLD and same top arithmetic."""
-    import math
+    """Per file, a 'mean' row over the domains scored (the suite's own means)."""
+    from .eval.suite import mean_scores
 
-    out = []
-    for f in files:
-        mine = [r for r in rows if r["path"] == f]
-        mean = {"domain": "mean", "path": f, "ppl": math.exp(sum(math.log(r["ppl"]) for r in mine) / len(mine)), "tokens": sum(r["tokens"] for r in mine)}
-        for key in ("kld", "same_top"):
-            mean[key] = None if mine[0].get(key) is None else sum(r[key] for r in mine) / len(mine)
-        out.append(mean)
-    return out
+    return [{"domain": "mean", "path": f, **mean_scores([r for r in rows if r["path"] == f])} for f in files]
 
 
 def format_table(rows: list[dict]) -> str:

@@ -21,7 +21,7 @@ import torch
 
 from .eval.gap import export_gap, file_twin
 from .eval.llama import decode_speed, load_rss_mb
-from .eval.suite import DOMAINS, domain_row, in_domain, score_gguf_suite, summarize
+from .eval.suite import domain_row, held_out_texts, in_domain, score_gguf_suite, summarize
 from .export.model import float_reference, ptq_llama_cpp
 from .formats import q4_0, q8_0
 from .models.load import load, resolve
@@ -48,7 +48,7 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
     if not ptq.exists():
         ptq_llama_cpp(source, ptq, fmt, cfg.qat.pure, model=model, tokenizer=tokenizer)
     log.info("[4/6] quantization-aware training, %d steps", cfg.train.steps)
-    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer), watch_texts=_held_out(texts, cfg))
+    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources))
     log.info("[5/6] scoring the three files in llama.cpp (%d chunks of each of %d held-out domains: %s), speed and memory", chunks, len(texts), ", ".join(texts))
     paths = {"teacher": str(teacher), "ptq": str(ptq), "qat": trained["gguf"]}
     domains = score_gguf_suite(paths, texts, chunks, cfg.train_sources)
@@ -88,11 +88,6 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
     write_report(report, trained["metrics"], errors, out)
     _write_json(out / "report.json", report)
     return report
-
-
-def _held_out(texts: dict[str, str], cfg: RunConfig) -> dict[str, str]:
-    """The texts that are not in-domain for the run's training text."""
-    return {n: t for n, t in texts.items() if n not in DOMAINS or not in_domain(DOMAINS[n], cfg.train_sources)}
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -140,7 +135,7 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
         export_pte(ptq, tokenizer, ptq_path, max_context=cfg.qat.max_context)
         del ptq
     log.info("[3/5] quantization-aware training, %d steps, and the trained program", cfg.train.steps)
-    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer), watch_texts=_held_out(texts, cfg))
+    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources))
     student = trained.pop("student").eval()
     paths = {"ptq": ptq_path, "qat": Path(trained["pte"])}
     log.info("[4/5] scoring in ExecuTorch (%d chunks of each of %d held-out domains; the teacher in torch), speed", chunks, len(texts))
@@ -153,8 +148,7 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
         rows = {"teacher": {**score_ids(ref, ids, bos, max_chunks=chunks, label=f"teacher {name}"), "kld": 0.0, "same_top": 100.0}}
         for key, pte in ptes.items():
             rows[key] = {"path": str(paths[key]), **score_ids(pte.logits, ids, pte.bos, max_chunks=chunks, ref_logits=ref, label=f"{paths[key].name} {name}")}
-        dom = DOMAINS.get(name)
-        domains[name] = domain_row(rows, in_domain(dom, cfg.train_sources) if dom else False)
+        domains[name] = domain_row(rows, in_domain(name, cfg.train_sources))
     summary = summarize(domains)
     files = {"teacher": summary["means"]["teacher"]}
     for key, path in paths.items():

@@ -24,7 +24,8 @@ def _norm(p: str) -> str:
 
 def test_suite_has_four_domains_unlike_the_training_text(texts):
     assert HELD_OUT == ["fiction", "drama", "speeches", "email"]
-    assert [d for d in suite.DOMAINS if suite.in_domain(suite.DOMAINS[d], DEFAULT_TRAIN_DATA)] == ["docs"]
+    assert [d for d in suite.DOMAINS if suite.in_domain(d, DEFAULT_TRAIN_DATA)] == ["docs"]
+    assert not suite.in_domain("my-own-text", DEFAULT_TRAIN_DATA) and suite.in_domain("drama", ["shakespeare"])
     for name in HELD_OUT:
         t = texts[name]
         assert suite.EXCERPT_CHARS // 2 < len(t) <= suite.EXCERPT_CHARS, name

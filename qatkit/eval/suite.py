@@ -18,6 +18,7 @@ recipe (the training text includes the rest of that prose) and reported apart fr
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -148,10 +149,16 @@ SUITE = (
 DOMAINS = {d.name: d for d in SUITE}
 
 
-def in_domain(domain: Domain, train_sources: list[str]) -> bool:
-    """Whether the training text (the run's --data, resolved) includes the domain's own corpus:
-    its figures are then in-domain."""
-    return bool(domain.train_source) and domain.train_source in train_sources
+def in_domain(name: str, train_sources: list[str]) -> bool:
+    """Whether the training text (the run's --data, resolved) includes the corpus of the domain
+    called `name`: its figures are then in-domain. A text not of the suite (--text) is not."""
+    domain = DOMAINS.get(name)
+    return domain is not None and bool(domain.train_source) and domain.train_source in train_sources
+
+
+def held_out_texts(texts: dict[str, str], train_sources: list[str]) -> dict[str, str]:
+    """The texts that are not in-domain for this training text."""
+    return {n: t for n, t in texts.items() if not in_domain(n, train_sources)}
 
 
 def load_suite(names: list[str] | None = None) -> dict[str, str]:
@@ -180,32 +187,34 @@ def domain_row(files: dict[str, dict], in_dom: bool) -> dict:
     }
 
 
+def _mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def mean_scores(rows: list[dict]) -> dict:
+    """One file's scores on several domains -> PPL as their geometric mean, KLD and same top as
+    their mean (None without a reference), tokens summed."""
+    return {
+        "ppl": math.exp(_mean([math.log(r["ppl"]) for r in rows])),
+        "kld": _mean([r.get("kld") for r in rows]),
+        "same_top": _mean([r.get("same_top") for r in rows]),
+        "tokens": sum(r["tokens"] for r in rows),
+    }
+
+
 def summarize(domains: dict[str, dict]) -> dict:
     """Means over the held-out (not in-domain) domains, the headline; the in-domain mean apart."""
-    import math
-
-    def mean(xs):
-        xs = [x for x in xs if x is not None]
-        return sum(xs) / len(xs) if xs else None
-
     held = [d for d in domains.values() if not d["in_domain"]]
     inside = [d for d in domains.values() if d["in_domain"]]
-    files = {}
-    for key in ("teacher", "ptq", "qat"):
-        rows = [d[key] for d in held] or [d[key] for d in inside]
-        files[key] = {
-            "ppl": math.exp(mean([math.log(r["ppl"]) for r in rows])),  # geometric mean over domains
-            "kld": mean([r["kld"] for r in rows]),
-            "same_top": mean([r["same_top"] for r in rows]),
-            "tokens": sum(r["tokens"] for r in rows),
-        }
+    files = {key: mean_scores([d[key] for d in held] or [d[key] for d in inside]) for key in ("teacher", "ptq", "qat")}
     closures = [d["gap_closure"] for d in held if d["gap_closure"] is not None]
     return {
         "held_out_domains": [n for n, d in domains.items() if not d["in_domain"]],
-        "gap_closure": mean(closures),
+        "gap_closure": _mean(closures),
         "gap_closure_min": min(closures) if closures else None,
-        "kld_ratio": mean([d["kld_ratio"] for d in held]),
-        "in_domain_gap_closure": mean([d["gap_closure"] for d in inside]),
+        "kld_ratio": _mean([d["kld_ratio"] for d in held]),
+        "in_domain_gap_closure": _mean([d["gap_closure"] for d in inside]),
         "means": files,
     }
 
@@ -219,6 +228,5 @@ def score_gguf_suite(paths: dict[str, str], texts: dict[str, str], chunks: int, 
     out = {}
     for name, text in texts.items():
         rows = score_files([paths[k] for k in keys], text, ref_path=paths["teacher"], max_chunks=chunks)
-        dom = DOMAINS.get(name)
-        out[name] = domain_row(dict(zip(keys, rows)), in_domain(dom, train_sources) if dom else False)
+        out[name] = domain_row(dict(zip(keys, rows)), in_domain(name, train_sources))
     return out

@@ -86,13 +86,14 @@ def training_data(cfg: RunConfig, teacher, tokenizer) -> tuple[torch.Tensor, tor
     n_free = round(p * per_epoch) if p < 1 else per_epoch
     samples = None
     if n_free:
+        n_sampled = n_free + (cfg.held_out if p == 1 else 0)  # with no text, the held-out sequences are samples too
         cache = sample_cache_dir(teacher, seq_len, 1.0, seed, SAMPLE_BATCH)
-        log.info("sampling %d sequences of %d tokens from the teacher (cached in %s)", n_free + (cfg.held_out if p == 1 else 0), seq_len, cache)
-        samples = sample_from_model(teacher, tokenizer, n_free + (cfg.held_out if p == 1 else 0), seq_len, seed=seed, batch_size=SAMPLE_BATCH, cache_dir=cache)
+        log.info("sampling %d sequences of %d tokens from the teacher (cached in %s)", n_sampled, seq_len, cache)
+        samples = sample_from_model(teacher, tokenizer, n_sampled, seq_len, seed=seed, batch_size=SAMPLE_BATCH, cache_dir=cache)
     if p == 1:
         train_seqs, held = split(samples, cfg.held_out, seed=seed)
     else:
-        texts = read_texts(cfg.data or DEFAULT_TRAIN_DATA)
+        texts = read_texts(cfg.train_sources)
         seqs = pack(tokenizer, texts, seq_len, vocab_size=teacher.config.vocab_size)
         train_seqs, held = split(seqs, cfg.held_out, seed=seed)
         if samples is not None:
