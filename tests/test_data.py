@@ -238,7 +238,7 @@ def test_training_mix_has_the_asked_share(tok, model, tmp_path, monkeypatch, sha
     packed = pack(tok, [TEXT * 4], 16)
     text = {tuple(r.tolist()) for r in packed}
     n_sampled = n_free + (2 if share == 1 else 0)  # with no text, the held-out sequences are samples too
-    samples = sample_from_model(model, tok, n=n_sampled, seq_len=16, seed=0, batch_size=SAMPLE_BATCH) if n_free else torch.zeros(0, 16, dtype=torch.long)
+    samples = sample_from_model(model, tok, n=n_sampled, seq_len=16, seed=0, batch_size=SAMPLE_BATCH["cpu"]) if n_free else torch.zeros(0, 16, dtype=torch.long)
     sampled = {tuple(r.tolist()) for r in samples}
     rows = [tuple(r.tolist()) for r in train]
     assert sum(r in sampled for r in rows) == n_free
@@ -260,3 +260,22 @@ def test_draw_follows_the_softmax():
     freq = torch.bincount(idx, minlength=5).double() / len(idx)
     p = torch.softmax(logits[0].double(), -1)
     assert freq[3] == 0 and torch.allclose(freq, p, atol=0.012)
+
+
+def test_short_text_raises_the_sampled_share_and_says_so(tok, model, tmp_path, monkeypatch, caplog):
+    """When the text has fewer sequences than its share of an epoch asks for, every text
+    sequence is used, the epoch is smaller, and the log names the share actually sampled."""
+    import logging
+
+    from qatkit.train.loop import TrainConfig
+    from qatkit.train.run import RunConfig, training_data
+
+    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "t.txt").write_text(TEXT[:400])
+    cfg = RunConfig(model="tiny", data=[str(tmp_path / "t.txt")], data_free=0.5, held_out=2, train=TrainConfig(steps=20, batch_size=2, seq_len=16))
+    n_text = len(pack(tok, [TEXT[:400]], 16)) - 2
+    assert n_text < 20  # the text's half of the 40-sequence epoch is not there
+    with caplog.at_level(logging.WARNING, logger="qatkit.train.run"):
+        train, _ = training_data(cfg, model, tok)
+    assert len(train) == 20 + n_text
+    assert f"gives {n_text} of the 20 sequences" in caplog.text and f"{100 * 20 / (20 + n_text):.0f}% of each epoch is sampled" in caplog.text

@@ -138,7 +138,7 @@ def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: Trai
 @torch.no_grad()
 def held_out_kl(student, teacher, seqs: torch.Tensor, batch_size: int = 1) -> float:
     """Mean KL(teacher || student) at T=1 over every position of the held-out sequences."""
-    total, count = torch.zeros((), dtype=torch.float64), 0
+    total, count = torch.zeros((), dtype=torch.float64, device=seqs.device), 0
     for i in range(0, len(seqs), batch_size):
         x = seqs[i : i + batch_size]
         t = F.log_softmax(_head(teacher, teacher.model(x).last_hidden_state[:, :-1]), -1)

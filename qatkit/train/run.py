@@ -25,7 +25,7 @@ from ..export.model import export_model
 from ..models.load import load, resolve
 from ..prepare import QATConfig, calibrate_static, convert, linear_weight_types, prepare
 from .data import DEFAULT_TRAIN_DATA, default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
-from .loop import TrainConfig, train
+from .loop import TrainConfig, default_device, train
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,9 @@ def calibrate_on_default_text(model, tokenizer, seq_len: int = 256) -> int:
     return calibrate_static(model, seqs[:CALIBRATION_SEQS])
 
 
-SAMPLE_BATCH = 32  # sequences sampled at once: on a CPU the 262k-vocab head dominates, and batching it pays
+# Sequences sampled at once, by device: on a CPU the 262k-vocab head dominates and batching it
+# pays up to ~32; on a GPU one decode step costs about the same for 1 or 512 rows (kernel launches).
+SAMPLE_BATCH = {"cpu": 32, "cuda": 512}
 
 
 def training_data(cfg: RunConfig, teacher, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,9 +89,15 @@ def training_data(cfg: RunConfig, teacher, tokenizer) -> tuple[torch.Tensor, tor
     samples = None
     if n_free:
         n_sampled = n_free + (cfg.held_out if p == 1 else 0)  # with no text, the held-out sequences are samples too
-        cache = sample_cache_dir(teacher, seq_len, 1.0, seed, SAMPLE_BATCH)
-        log.info("sampling %d sequences of %d tokens from the teacher (cached in %s)", n_sampled, seq_len, cache)
-        samples = sample_from_model(teacher, tokenizer, n_sampled, seq_len, seed=seed, batch_size=SAMPLE_BATCH, cache_dir=cache)
+        device = default_device()  # the device training will use: CUDA when present
+        batch = SAMPLE_BATCH.get(device.type, SAMPLE_BATCH["cpu"])
+        cache = sample_cache_dir(teacher, seq_len, 1.0, seed, batch)
+        log.info("sampling %d sequences of %d tokens from the teacher on %s (cached in %s)", n_sampled, seq_len, device.type, cache)
+        teacher.to(device)
+        try:
+            samples = sample_from_model(teacher, tokenizer, n_sampled, seq_len, seed=seed, batch_size=batch, cache_dir=cache)
+        finally:
+            teacher.cpu()
     if p == 1:
         train_seqs, held = split(samples, cfg.held_out, seed=seed)
     else:
@@ -101,6 +109,9 @@ def training_data(cfg: RunConfig, teacher, tokenizer) -> tuple[torch.Tensor, tor
             if len(train_seqs) > n_text:
                 keep = torch.from_numpy(np.random.default_rng([seed, 1]).choice(len(train_seqs), n_text, replace=False))
                 train_seqs = train_seqs[keep.sort().values]
+            elif len(train_seqs) < n_text:
+                log.warning("the text gives %d of the %d sequences asked for: %.0f%% of each epoch is sampled, not %.0f%% (give more text with --data)",
+                            len(train_seqs), n_text, 100 * n_free / (n_free + len(train_seqs)), 100 * p)
             train_seqs = torch.cat([train_seqs, samples])
     log.info("data: %d training sequences of %d tokens (%d sampled from the teacher), %d held out", len(train_seqs), seq_len, n_free, len(held))
     return train_seqs, held
