@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from qatkit.eval.faithful import llamacpp_faithful
 from qatkit.models.load import load, resolve
 from qatkit.prepare import QATConfig, linear_weight_types, prepare
+from qatkit.runtime.faithful import llamacpp_faithful
 from qatkit.train.data import default_train_texts, pack
 from qatkit.train.loop import TrainConfig, _head, distill_loss, positions
 from qatkit.train.teacher_cache import TeacherCache

@@ -19,18 +19,17 @@ import statistics
 import tempfile
 import time
 
-import numpy as np
 import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from qatkit.eval.ggml_ref import ggml_quantize
-from qatkit.eval.ptq import llama_quantize
 from qatkit.export.gguf import gguf_tensors
 from qatkit.export.model import export_model, float_reference
 from qatkit.formats import encode
 from qatkit.models.load import load, resolve
 from qatkit.plan import default_plan
+from qatkit.runtime.ggml import ggml_quantize
+from qatkit.runtime.llamacpp import llama_quantize
 
 
 def timed(fn) -> float:

@@ -22,11 +22,11 @@ import logging
 import time
 from pathlib import Path
 
-from qatkit.eval.llama import score_files
 from qatkit.eval.suite import domain_row, held_out_texts, in_domain, load_suite, summarize
-from qatkit.export.model import float_reference, ptq_llama_cpp
+from qatkit.export.model import export_trained, float_reference, ptq_llama_cpp
 from qatkit.models.load import load, resolve
 from qatkit.prepare import QATConfig
+from qatkit.runtime.llamacpp import score_files
 from qatkit.train.loop import TrainConfig
 from qatkit.train.run import RunConfig, qat_run
 
@@ -70,7 +70,7 @@ def main() -> None:
             runs[name] = json.loads(done.read_text())
         else:
             t0 = time.time()
-            result = qat_run(cfg, run_dir / "train", resume=True, loaded=(source, model, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources))
+            result = export_trained(qat_run(cfg, run_dir / "train", resume=True, loaded=(source, model, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources)))
             runs[name] = {"gguf": result["gguf"], "seconds": round(time.time() - t0, 1), "steps": cfg.train.steps, "sources": cfg.train_sources}
             done.write_text(json.dumps(runs[name]))
             del result

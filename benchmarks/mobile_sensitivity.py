@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from qatkit.eval.executorch import PteModel, text_tokens
 from qatkit.models.load import load, resolve
 from qatkit.prepare import QATConfig, prepare
+from qatkit.runtime.executorch import PteModel, text_tokens
 from qatkit.train.data import default_eval_text
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from qatkit.eval.executorch import generate
+from qatkit.runtime.executorch import generate
 
 
 def main() -> None:

@@ -30,7 +30,8 @@ from qatkit.train.loop import TrainConfig, distill_loss, positions
 
 def torchao_student(teacher):
     from torchao.quantization import quantize_
-    from torchao.quantization.qat import IntxFakeQuantizeConfig, QATConfig as AOQATConfig
+    from torchao.quantization.qat import IntxFakeQuantizeConfig
+    from torchao.quantization.qat import QATConfig as AOQATConfig
 
     student = copy.deepcopy(teacher)
     cfg = AOQATConfig(weight_config=IntxFakeQuantizeConfig(torch.int4, group_size=32, is_symmetric=True), step="prepare")

@@ -16,9 +16,9 @@ import argparse
 import logging
 from pathlib import Path
 
+from qatkit.eval.suite import load_suite
 from qatkit.pipeline import run
 from qatkit.prepare import QATConfig
-from qatkit.eval.suite import load_suite
 from qatkit.report import domain_lines
 from qatkit.train.loop import TrainConfig
 from qatkit.train.run import RunConfig

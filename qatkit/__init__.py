@@ -1,4 +1,8 @@
-"""qatkit: quantization-aware training whose exported files compute exactly what was trained."""
+"""qatkit: quantization-aware training whose exported files compute exactly what was trained.
+
+The pipeline as functions lives in `qatkit.api` (resolve, load, plan, prepare, train, convert,
+export, score); this module stays light: the version and the error type every stage raises.
+"""
 
 __version__ = "0.1.0"
 

@@ -8,10 +8,14 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import QatkitError, __version__
 from .models.load import DEFAULT_MODEL
 from .train.loop import TrainConfig as TrainDefaults
+
+if TYPE_CHECKING:
+    from .train.run import RunConfig
 
 RUN_STEPS = 150  # `qatkit run`'s training length: about 15 minutes in all on 2 CPU cores
 RUN_CHUNKS = 4  # 512-token chunks `qatkit run` scores of each held-out domain (1,020 scored tokens each)
@@ -192,7 +196,7 @@ def _add_train_knobs(p) -> None:
     p.add_argument("--faithful", action="store_true", help="the student rounds activations where llama.cpp's CPU backend does (Q8_0 inputs, f16 KV, ggml's GELU table), straight-through in backward (GGUF formats only)")
 
 
-def _run_config(args) -> "RunConfig":
+def _run_config(args) -> RunConfig:
     from .prepare import QATConfig
     from .train.loop import TrainConfig
     from .train.run import RunConfig
@@ -237,9 +241,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
+    from .export.model import export_trained
     from .train.run import qat_run
 
-    result = qat_run(_run_config(args), args.out, resume=args.resume, export=args.export)
+    cfg = _run_config(args)
+    if args.export and cfg.qat.fmt == "mobile":
+        from .runtime.executorch import require_executorch
+
+        require_executorch()  # before the training, not after it
+    result = qat_run(cfg, args.out, resume=args.resume)
+    if args.export:
+        result = export_trained(result)
     last = [r for r in result["metrics"] if "held_out_kl" in r]
     print(f"trained {result['steps']} steps ({result['tokens_seen']:,} tokens) in {result['train_seconds']:.0f} s; held-out KL {last[0]['held_out_kl']:.4f} -> {last[-1]['held_out_kl']:.4f}")
     for key in ("gguf", "pte"):
@@ -304,12 +316,12 @@ def cmd_eval(args) -> int:
     for domain, text in texts.items():
         found = {}
         if ggufs:
-            from .eval.llama import score_files
+            from .runtime.llamacpp import score_files
 
             found.update(zip(ggufs, score_files(ggufs, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)))
         for f in args.files:
             if f.endswith(".pte"):
-                from .eval.executorch import score
+                from .runtime.executorch import score
 
                 found[f] = score(f, text, ref_path=args.ref, n_ctx=args.ctx, max_chunks=args.chunks)
         for f in args.files:

@@ -19,15 +19,18 @@ from pathlib import Path
 
 import torch
 
+from . import QatkitError, metrics
+from .atomic import write_json
 from .eval.gap import export_gap, file_twin
-from .eval.llama import decode_speed, load_rss_mb
 from .eval.suite import domain_row, held_out_texts, in_domain, score_gguf_suite, summarize
-from .export.model import float_reference, ptq_llama_cpp
+from .export.model import export_trained, float_reference, ptq_llama_cpp
 from .formats import q4_0, q8_0
 from .models.load import load, resolve
 from .report import layer_errors, write_report
+from .runtime.llamacpp import decode_speed, load_rss_mb
 from .train.run import RunConfig, load_run_config, qat_run
 
+RUN_N_CTX = 512  # tokens per scored chunk, as llama-perplexity's default
 FAKE_QUANT = {"q4_0": q4_0.fake_quant, "q8_0": q8_0.fake_quant}
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
     if not ptq.exists():
         ptq_llama_cpp(source, ptq, fmt, cfg.qat.pure, model=model, tokenizer=tokenizer)
     log.info("[4/6] quantization-aware training, %d steps", cfg.train.steps)
-    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources))
+    trained = export_trained(qat_run(cfg, out / "train", resume=resume, loaded=(source, model, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources)))
     log.info("[5/6] scoring the three files in llama.cpp (%d chunks of each of %d held-out domains: %s), speed and memory", chunks, len(texts), ", ".join(texts))
     paths = {"teacher": str(teacher), "ptq": str(ptq), "qat": trained["gguf"]}
     domains = score_gguf_suite(paths, texts, chunks, cfg.train_sources)
@@ -91,9 +94,7 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=list))  # tuples of the plan as lists
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, default=list)  # tuples of the plan as lists
 
 
 def _ptq_pte_path(source, qat, seq_len: int) -> Path:
@@ -112,10 +113,10 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
     gap of the trained file, report.json / report.md / plots."""
     import copy
 
-    from .eval.executorch import PteModel, generate, score_ids, text_tokens, torch_logits
-    from .export.executorch import export_pte, require_executorch
+    from .export.executorch import export_pte
     from .prepare import prepare
     from .report import write_mobile_report
+    from .runtime.executorch import PteModel, generate, require_executorch, score_ids, text_tokens
     from .train.run import calibrate_on_default_text
 
     require_executorch()
@@ -135,19 +136,25 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
         export_pte(ptq, tokenizer, ptq_path, max_context=cfg.qat.max_context)
         del ptq
     log.info("[3/5] quantization-aware training, %d steps, and the trained program", cfg.train.steps)
-    trained = qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources))
+    trained = export_trained(qat_run(cfg, out / "train", resume=resume, loaded=(source, teacher, tokenizer), watch_texts=held_out_texts(texts, cfg.train_sources)))
     student = trained.pop("student").eval()
     paths = {"ptq": ptq_path, "qat": Path(trained["pte"])}
     log.info("[4/5] scoring in ExecuTorch (%d chunks of each of %d held-out domains; the teacher in torch), speed", chunks, len(texts))
     bos = tokenizer.bos_token_id
-    ref = torch_logits(teacher)
+    ref = metrics.torch_logits(teacher)
     ptes = {key: PteModel(path) for key, path in paths.items()}
     domains = {}
+    if any(pte.bos != bos for pte in ptes.values()):
+        raise QatkitError(f"the programs' BOS ({', '.join(str(p.bos) for p in ptes.values())}) differs from the tokenizer's ({bos})")
+    keys = list(ptes)
     for name, text in texts.items():
-        ids = text_tokens(paths["qat"], text)
-        rows = {"teacher": {**score_ids(ref, ids, bos, max_chunks=chunks, label=f"teacher {name}"), "kld": 0.0, "same_top": 100.0}}
-        for key, pte in ptes.items():
-            rows[key] = {"path": str(paths[key]), **score_ids(pte.logits, ids, pte.bos, max_chunks=chunks, ref_logits=ref, label=f"{paths[key].name} {name}")}
+        tokens = ([bos] if bos is not None else []) + text_tokens(paths["qat"], text)
+        chunk_list = metrics.chunks(tokens, RUN_N_CTX, bos, chunks, label=name)
+        # the teacher is the reference and one of the scored models: it runs once per chunk
+        scores = metrics.score_chunks([ptes[k].scored_logits for k in keys] + [ref], chunk_list, ref_index=len(keys))
+        rows = {"teacher": {**scores[-1].result(), "chunks": len(chunk_list), "n_ctx": RUN_N_CTX}}
+        for key, sc in zip(keys, scores):
+            rows[key] = {"path": str(paths[key]), **sc.result(), "chunks": len(chunk_list), "n_ctx": RUN_N_CTX}
         domains[name] = domain_row(rows, in_domain(name, cfg.train_sources))
     summary = summarize(domains)
     files = {"teacher": summary["means"]["teacher"]}
@@ -156,7 +163,7 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
         files[key] = {"path": str(path), "file_bytes": path.stat().st_size, **summary["means"][key], "prefill_tps": speed.get("prefill_token_per_sec"), "decode_tps": speed.get("decode_token_per_sec")}
     log.info("[5/5] export gap of the trained program (ExecuTorch vs the student's own forward)")
     ids = text_tokens(paths["qat"], next(iter(texts.values())))
-    gap = score_ids(ptes["qat"].logits, ids, bos, max_chunks=min(2, chunks), ref_logits=torch_logits(student), label="export gap")
+    gap = score_ids(ptes["qat"].scored_logits, ids, bos, max_chunks=min(2, chunks), ref_logits=metrics.torch_logits(student), label="export gap")
     report = {
         "model": cfg.model,
         "format": "mobile",

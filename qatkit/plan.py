@@ -18,12 +18,20 @@ import logging
 
 from . import QatkitError
 from .formats import FORMATS, fits
+from .models.arch import gguf_name
 
 log = logging.getLogger(__name__)
 
 FILE_FORMATS = ("q4_0", "q8_0", "f16", "f32")
 # llama.cpp's LLAMA_FTYPE_* for general.file_type
 FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q8_0": 7}
+
+
+def gguf_shapes(model, arch) -> dict[str, tuple[int, ...]]:
+    """GGUF tensor name -> shape of every tensor the exporter writes for `model` (llama.cpp's
+    converter transforms keep shapes; a tied head is written once, as token_embd)."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    return {gguf_name(arch, hf): tuple(w.shape) for hf, w in model.state_dict().items() if not (hf == "lm_head.weight" and tied)}
 
 
 def default_plan(shapes: dict[str, tuple[int, ...]], fmt: str, pure: bool = False) -> dict[str, str]:

@@ -25,7 +25,7 @@ from . import QatkitError
 from .formats import FORMATS, decode, encode, q4_0, q8_0
 from .models.arch import Arch, gguf_name, to_gguf_tensor
 from .nn import FakeQuantLinear
-from .plan import default_plan
+from .plan import default_plan, gguf_shapes
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +63,7 @@ class QATConfig:
 
 def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:
     """The exporter's per-tensor plan {GGUF name: format} for this model."""
-    from .export.gguf import gguf_tensors
-
-    return default_plan({k: tuple(v.shape) for k, v in gguf_tensors(model, arch).items()}, fmt, pure)
+    return default_plan(gguf_shapes(model, arch), fmt, pure)
 
 
 def linear_weight_types(model: nn.Module, arch: Arch, plan: dict[str, str]) -> dict[str, str]:

@@ -21,6 +21,8 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
+from .atomic import atomic_path, write_text
+
 log = logging.getLogger(__name__)
 
 LABELS = {"teacher": "float teacher", "ptq": "llama.cpp PTQ", "qat": "qatkit QAT"}
@@ -123,7 +125,8 @@ def _finish(fig, ax, path: Path | None, xlabel: str, ylabel: str, title: str, gr
     if path is None:  # more panels to come
         return
     fig.tight_layout()
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format=Path(path).suffix.lstrip("."))
     plt.close(fig)
 
 
@@ -199,7 +202,7 @@ def write_markdown(report: dict, out: Path) -> None:
         "![size vs perplexity](size_ppl.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))
 
 
 def write_report(report: dict, rows: list[dict], errors: dict | None, out: Path) -> None:
@@ -249,4 +252,4 @@ def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
         "![size vs perplexity](size_ppl.png)",
         "",
     ]
-    (out / "report.md").write_text("\n".join(lines))
+    write_text(out / "report.md", "\n".join(lines))

@@ -2,7 +2,6 @@
 line on stderr and leaves no output file behind."""
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -11,19 +10,12 @@ import torch
 from qatkit.cli import main
 from qatkit.export.gguf import read_gguf_tensors
 from tiny_gguf import TinyConfig, write_tiny_llama
-from tiny_models import TEXT, tiny_model, tiny_tokenizer
+from tiny_models import TEXT, hf_dir, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
-
-
-def hf_dir(path, family="llama", **kw):
-    model = tiny_model(family, **kw)
-    model.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+def _cache(private_cache):
+    return private_cache
 
 
 def run(capsys, *args):

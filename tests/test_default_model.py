@@ -5,12 +5,11 @@ tensor for tensor, and it loads in llama.cpp and says something sensible. Minute
 import numpy as np
 import pytest
 
-from qatkit.train.data import default_eval_text
-from qatkit.eval.llama import generate, score
-from qatkit.eval.ptq import llama_quantize
 from qatkit.export.gguf import read_gguf_tensors
 from qatkit.export.model import export_model, float_reference
 from qatkit.models.load import load, resolve
+from qatkit.runtime.llamacpp import generate, llama_quantize, score
+from qatkit.train.data import default_eval_text
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from qatkit import QatkitError
-from qatkit.eval import llama as L
-from qatkit.eval.ptq import llama_quantize
+from qatkit.runtime import llamacpp as L
+from qatkit.runtime.llamacpp import llama_quantize
 from tiny_gguf import TinyConfig, write_tiny_llama
 
 N_CTX = 64

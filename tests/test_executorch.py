@@ -12,11 +12,11 @@ import torch
 pytest.importorskip("executorch", reason="the mobile extra is not installed: pip install 'qatkit[mobile]'")
 
 from qatkit import QatkitError  # noqa: E402
-from qatkit.eval.executorch import PteModel, generate, score  # noqa: E402
 from qatkit.export.executorch import export_pte, tokenizer_path  # noqa: E402
 from qatkit.models.arch import arch_for_config  # noqa: E402
 from qatkit.nn import FakeQuantLinear  # noqa: E402
 from qatkit.prepare import QATConfig, calibrate_static, prepare  # noqa: E402
+from qatkit.runtime.executorch import PteModel, generate, score  # noqa: E402
 from qatkit.train.data import pack  # noqa: E402
 from tiny_models import TEXT, tiny_model, tiny_tokenizer  # noqa: E402
 
@@ -122,13 +122,15 @@ def test_perplexity_in_the_runtime_matches_torch(exported):
     r = score(out, TEXT * 4, n_ctx=64, max_chunks=3)
     tok = tiny_tokenizer()
     ids = tok(TEXT * 4, add_special_tokens=False)["input_ids"]
+    toks = [tok.bos_token_id] + ids  # llama-perplexity's chunks: BOS once in front, then slices of 64
     nll, count = 0.0, 0
     with torch.no_grad():
         for c in range(3):
-            chunk = [tok.bos_token_id] + ids[c * 63 : (c + 1) * 63]
+            chunk = toks[c * 64 : (c + 1) * 64]
+            chunk[0] = tok.bos_token_id
             logp = torch.log_softmax(m(torch.tensor([chunk])).logits[0].double(), -1)
-            nll -= float(logp[31:63].gather(1, torch.tensor(chunk[32:64])[:, None]).sum())
-            count += 32
+            nll -= float(logp[32:63].gather(1, torch.tensor(chunk[33:64])[:, None]).sum())  # positions 32..62
+            count += 31
     assert r["tokens"] == count and r["chunks"] == 3
     assert abs(r["nll"] - nll / count) < 1e-3  # code flips (see BOUND) move it by ~1e-4
 
@@ -180,7 +182,7 @@ def test_cli_train_mobile_export_and_eval(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     assert main(["eval", str(pte), "--text", str(data), "--ctx", "64", "--chunks", "2", "--json"]) == 0
     row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert row["tokens"] == 64 and 1 < row["ppl"] < 1e4
+    assert row["tokens"] == 2 * (64 - 1 - 32) and 1 < row["ppl"] < 1e4  # llama-perplexity positions 32..62 of each chunk
 
 
 @pytest.mark.parametrize("case", ["width", "to", "suffix", "static-groups", "gguf-with-mobile-knob"])

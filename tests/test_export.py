@@ -12,40 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from qatkit.eval.faithful import llamacpp_faithful
-from qatkit.eval.llama import chunk_logits, open_model
-from qatkit.eval.ptq import llama_quantize
-from qatkit.export.gguf import gguf_tensors, hf_metadata, load_gguf_weights, read_gguf_tensors, write_gguf
+from qatkit.export.gguf import load_gguf_weights, read_gguf_tensors
 from qatkit.models.arch import arch_for_config
-from qatkit.plan import default_plan
-from tiny_models import TEXT, tiny_model, tiny_tokenizer
+from qatkit.runtime.faithful import llamacpp_faithful
+from qatkit.runtime.llamacpp import chunk_logits, llama_quantize, open_model
+from tiny_models import TEXT, tiny_model
+from tiny_models import export_gguf as export
+from tiny_models import kld_np as kld
+from tiny_models import logits_np as torch_logits
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-def export(model, tokenizer, path, fmt, pure=False):
-    arch = arch_for_config(model.config)
-    tensors = gguf_tensors(model, arch)
-    plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
-    write_gguf(path, tensors, plan, hf_metadata(model, tokenizer, arch), fmt, progress=False)
-    return plan
-
-
-def torch_logits(model, ids):
-    with torch.no_grad():
-        return model(torch.tensor([ids])).logits[0].float().numpy()
-
-
-def kld(p_logits, q_logits):
-    """mean KL(p || q) over positions, float64."""
-    lp = torch.log_softmax(torch.from_numpy(p_logits).double(), -1)
-    lq = torch.log_softmax(torch.from_numpy(q_logits).double(), -1)
-    return float((lp.exp() * (lp - lq)).sum(-1).mean())
 
 
 HEAD_TYPE = {("q4_0", False): "q6_k", ("q4_0", True): "q4_0", ("q8_0", False): "q8_0", ("f16", False): "f16"}
@@ -88,7 +64,7 @@ def test_export_gap_is_float_noise_in_faithful_mode(family, tokenizer, tmp_path)
     err_faithful = np.abs(ref - faithful).max()
     print(f"{family}: KLD plain {gap_plain:.3e} faithful {gap_faithful:.3e}; max |dlogit| plain {np.abs(ref - plain).max():.2e} faithful {err_faithful:.2e}")
     assert (ref.argmax(-1) == faithful.argmax(-1)).mean() == 1.0
-    assert err_faithful < 2e-6 * max(1.0, np.abs(ref).max())  # all but the head bit-exact (eval/faithful.py)
+    assert err_faithful < 2e-6 * max(1.0, np.abs(ref).max())  # all but the head bit-exact (runtime/faithful/)
     assert gap_faithful < gap_plain / 10  # modelling llama.cpp's roundings is what closes the gap
 
 

@@ -19,24 +19,23 @@ import pytest
 import torch
 
 from qatkit import QatkitError
-from qatkit.eval import faithful
-from qatkit.eval.faithful import ggml_cpu_build, llamacpp_faithful
-from qatkit.eval.llama import chunk_logits, open_model
 from qatkit.export.gguf import load_gguf_weights
 from qatkit.models.arch import arch_for_config, hparams
-from test_export import export, kld, torch_logits
-from tiny_models import TEXT, tiny_model, tiny_tokenizer
+from qatkit.runtime import faithful
+from qatkit.runtime.faithful import ggml_cpu_build, llamacpp_faithful
+from qatkit.runtime.faithful import ops as faithful_ops
+from qatkit.runtime.ggml import row_kernels
+from qatkit.runtime.llamacpp import chunk_logits, open_model
+from tiny_models import TEXT, tiny_model
+from tiny_models import export_gguf as export
+from tiny_models import kld_np as kld
+from tiny_models import logits_np as torch_logits
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
 
 needs_modelled_build = pytest.mark.skipif(
-    ggml_cpu_build() is None or faithful._ggml_row_kernels() is None,
+    ggml_cpu_build() is None or row_kernels() is None,
     reason="summation orders are modelled for llama.cpp's x86 AVX2/AVX512 CPU build only")
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
 
 
 def _gap(model, tokenizer, path, fmt, n_tokens=200):
@@ -126,4 +125,4 @@ def test_rms_norm_sums_in_double_and_roots_exactly():
 
 def test_attention_scale_is_float32_of_sqrtf():
     for d in (16, 32, 96, 112, 128, 256):
-        assert faithful._scale_f32(d**-0.5) == float(np.float32(1.0) / np.sqrt(np.float32(d)))
+        assert faithful_ops._scale_f32(d**-0.5) == float(np.float32(1.0) / np.sqrt(np.float32(d)))

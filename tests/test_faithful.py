@@ -21,10 +21,10 @@ from transformers import (
 )
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from qatkit.eval import faithful
-from qatkit.eval.faithful import llamacpp_faithful
-from qatkit.eval.ggml_ref import library
 from qatkit.formats import q8_0
+from qatkit.runtime import faithful
+from qatkit.runtime.faithful import llamacpp_faithful
+from qatkit.runtime.ggml import library
 
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)

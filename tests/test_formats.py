@@ -140,7 +140,7 @@ def test_format_table_sizes_match_gguf():
 def test_bytes_equal_ggml_library(fmt):
     """The same cases through the real ggml library shipped with llama-cpp-python (the code
     llama-quantize runs), not only through gguf-py's reimplementation."""
-    from qatkit.eval.ggml_ref import ggml_quantize
+    from qatkit.runtime.ggml import ggml_quantize
 
     mod, qtype = MODULES[fmt]
     for x in edge_cases() + random_cases():

@@ -6,13 +6,12 @@ import json
 import pytest
 
 from qatkit.cli import main
-from test_cli import hf_dir
-from tiny_models import TEXT
+from tiny_models import TEXT, hf_dir
 
 
 @pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("QATKIT_CACHE", str(tmp_path / "cache"))
+def _cache(private_cache):
+    return private_cache
 
 
 def run_args(tmp_path, out, *extra) -> list[str]:

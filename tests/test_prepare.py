@@ -3,11 +3,10 @@ exported file holds, learned scales included; boundary weights are settled witho
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
-from qatkit.export.gguf import gguf_tensors, hf_metadata, load_gguf_weights, read_gguf_tensors, write_gguf
+from qatkit.export.gguf import gguf_tensors, hf_metadata, load_gguf_weights, write_gguf
 from qatkit.formats import q4_0
 from qatkit.models.arch import arch_for_config
 from qatkit.nn import FakeQuantLinear
@@ -106,3 +105,14 @@ def test_settle_boundaries_keeps_ptq_and_leaves_no_edge():
     assert torch.equal(codes, codes2) and torch.equal(scales, scales2)
     z2 = w.reshape(64, -1, 32) * inv + 8.5
     assert int((z2 == torch.floor(z2)).sum()) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3"])
+def test_plan_shapes_are_the_exported_tensors_shapes(family):
+    """The plan's shapes (computed without building the tensors) are those the exporter writes."""
+    from qatkit.export.gguf import gguf_tensors
+    from qatkit.plan import gguf_shapes
+
+    model = tiny_model(family)
+    arch = arch_for_config(model.config)
+    assert gguf_shapes(model, arch) == {k: tuple(v.shape) for k, v in gguf_tensors(model, arch).items()}

@@ -7,8 +7,7 @@ import pytest
 import torch
 
 from qatkit.formats import q6_k
-
-from qatkit.eval import ggml_ref as ggml_oracle
+from qatkit.runtime import ggml as ggml_oracle
 
 if not ggml_oracle.available():  # llama-cpp-python is a dependency; skip only if it truly can't load
     pytest.skip("ggml shared library (llama-cpp-python) not loadable", allow_module_level=True)

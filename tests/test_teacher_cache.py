@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from qatkit import QatkitError
 from qatkit.train.loop import TrainConfig, _head, distill_loss, kl_per_position, positions, train
 from qatkit.train.teacher_cache import TeacherCache, topk_kl
-from test_train import setup
+from tiny_models import distill_setup
 
 
 def test_topk_kl_bounds_and_equals_full_kl():
@@ -33,7 +33,7 @@ def test_topk_kl_bounds_and_equals_full_kl():
 
 
 def test_cache_loss_is_topk_kl_of_the_teacher(tmp_path):
-    teacher, student, tr, held = setup()
+    teacher, student, tr, held = distill_setup()
     cfg = TrainConfig(seq_len=32, kl_positions=0.5, teacher_topk=8)
     cache = TeacherCache(teacher, _head, tr, 8, root=tmp_path)
     x = tr[:2]
@@ -56,22 +56,22 @@ def test_cache_loss_is_topk_kl_of_the_teacher(tmp_path):
 def test_warm_cache_trains_identically_without_the_teacher(tmp_path):
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, kl_positions=0.5, eval_every=100,
                       teacher_topk=16, teacher_cache_dir=str(tmp_path / "cache"))
-    teacher, cold, tr, held = setup()
+    teacher, cold, tr, held = distill_setup()
     train(cold, teacher, tr, None, cfg, tmp_path / "cold", progress=False)
-    teacher, warm, tr, held = setup()
+    teacher, warm, tr, held = distill_setup()
     calls = []
     teacher.model.register_forward_hook(lambda *a: calls.append(1))
     train(warm, teacher, tr, None, cfg, tmp_path / "warm", progress=False)
     assert calls == []  # every sequence came from the cache
     for (n, a), b in zip(cold.named_parameters(), warm.parameters()):
         assert torch.equal(a, b), n
-    teacher, plain, tr, held = setup()
+    teacher, plain, tr, held = distill_setup()
     train(plain, teacher, tr, None, TrainConfig(**{**cfg.__dict__, "teacher_topk": 0}), tmp_path / "plain", progress=False)
     assert any(not torch.equal(a, b) for a, b in zip(plain.parameters(), warm.parameters()))  # the loss really changed
 
 
 def test_cache_refuses_other_data_and_garbage(tmp_path):
-    teacher, student, tr, held = setup()
+    teacher, student, tr, held = distill_setup()
     cache = TeacherCache(teacher, _head, tr, 4, root=tmp_path)
     with pytest.raises(QatkitError, match="not among the cached"):
         cache.lookup(held, torch.arange(3))
@@ -93,7 +93,7 @@ def test_cache_refuses_other_data_and_garbage(tmp_path):
 
 
 def test_fingerprint_sees_every_tensor_including_scalars():
-    from qatkit.train.teacher_cache import fingerprint
+    from qatkit.cache import fingerprint
     from tiny_models import tiny_model
 
     m = tiny_model("gemma3")  # holds 0-dim buffers (the embedding scale)

@@ -1,7 +1,6 @@
 """The training loop on a tiny model: the distillation loss falls, and a run stopped half-way and
 resumed ends with exactly the weights of an uninterrupted run."""
 
-import copy
 import json
 
 import pytest
@@ -9,27 +8,13 @@ import torch
 
 from qatkit import QatkitError
 from qatkit.models.arch import arch_for_config
-from qatkit.prepare import QATConfig, prepare
-from qatkit.train.data import pack, split
 from qatkit.train import loop
 from qatkit.train.loop import TrainConfig, lr_at, train
-from tiny_models import TEXT, tiny_model, tiny_tokenizer
-
-
-def setup(seed=0, **qat):
-    teacher = tiny_model("llama", seed=seed)
-    with torch.no_grad():  # sharper outputs than a fresh init, so that quantization costs something
-        for m in teacher.modules():
-            if isinstance(m, torch.nn.Linear):
-                m.weight.mul_(4)
-    student = copy.deepcopy(teacher)
-    prepare(student, arch_for_config(teacher.config), QATConfig(**qat))
-    seqs = pack(tiny_tokenizer(), [TEXT * 3], seq_len=32, vocab_size=teacher.config.vocab_size)
-    return teacher, student, *split(seqs, 2, seed=0)
+from tiny_models import distill_setup
 
 
 def test_loss_falls(tmp_path):
-    teacher, student, tr, held = setup()
+    teacher, student, tr, held = distill_setup()
     cfg = TrainConfig(steps=30, batch_size=2, seq_len=32, lr=3e-4, warmup_steps=2, kl_positions=1.0, eval_every=30)
     rows = train(student, teacher, tr, held, cfg, tmp_path, progress=False)
     before, after = rows[0]["held_out_kl"], rows[-1]["held_out_kl"]
@@ -42,10 +27,10 @@ def test_loss_falls(tmp_path):
 @pytest.mark.parametrize("learn_scales", [False, True])
 def test_resume_equals_uninterrupted(tmp_path, monkeypatch, learn_scales):
     cfg = TrainConfig(steps=6, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, kl_positions=0.5, grad_accum=2, ckpt_every=3, eval_every=3)
-    teacher, a, tr, held = setup(learn_scales=learn_scales)
+    teacher, a, tr, held = distill_setup(learn_scales=learn_scales)
     train(a, teacher, tr, held, cfg, tmp_path / "a", progress=False)
 
-    teacher, b, tr, held = setup(learn_scales=learn_scales)
+    teacher, b, tr, held = distill_setup(learn_scales=learn_scales)
     real_step, calls = loop._step, []
 
     def killed_in_step_5(*args):  # Ctrl-C in the middle of step 5 (no checkpoint falls there)
@@ -59,7 +44,7 @@ def test_resume_equals_uninterrupted(tmp_path, monkeypatch, learn_scales):
     with pytest.raises(KeyboardInterrupt):
         train(b, teacher, tr, held, cfg, tmp_path / "b", progress=False)
     monkeypatch.setattr(loop, "_step", real_step)
-    teacher, c, tr, held = setup(learn_scales=learn_scales)  # a fresh process resumes it
+    teacher, c, tr, held = distill_setup(learn_scales=learn_scales)  # a fresh process resumes it
     train(c, teacher, tr, held, cfg, tmp_path / "b", resume=True, progress=False)
     sa, sc = a.state_dict(), c.state_dict()
     assert all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -84,9 +69,9 @@ def test_bad_settings():
 def test_grad_checkpointing_changes_nothing_but_memory(tmp_path):
     """Recomputing activations in backward must give the very same weights, and must really be on."""
     cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, kl_positions=1.0, eval_every=3)
-    teacher, a, tr, held = setup(learn_scales=True)
+    teacher, a, tr, held = distill_setup(learn_scales=True)
     train(a, teacher, tr, held, cfg, tmp_path / "a", progress=False)
-    teacher, b, tr, held = setup(learn_scales=True)
+    teacher, b, tr, held = distill_setup(learn_scales=True)
     calls = []
     for layer in b.model.layers:  # (the layer's own hooks are not re-run by the recompute)
         layer.self_attn.register_forward_pre_hook(lambda *_: calls.append(1))
@@ -101,10 +86,10 @@ def test_grad_checkpointing_changes_nothing_but_memory(tmp_path):
 def test_faithful_training_rounds_like_llama_cpp(tmp_path, monkeypatch):
     """--faithful: the student's forward in the loss is the llama.cpp-rounded one (not the plain
     one), gradients pass straight through, and the run trains."""
-    from qatkit.eval.faithful import llamacpp_faithful
     from qatkit.prepare import linear_weight_types, model_plan
+    from qatkit.runtime.faithful import llamacpp_faithful
 
-    teacher, student, tr, held = setup()
+    teacher, student, tr, held = distill_setup()
     arch = arch_for_config(teacher.config)
     types = linear_weight_types(student, arch, model_plan(student, arch, "q4_0"))
     assert types["model.layers.0.mlp.down_proj"] == "q4_0" and set(types) >= {"lm_head"}
@@ -133,7 +118,7 @@ def test_faithful_training_rounds_like_llama_cpp(tmp_path, monkeypatch):
         return make
 
     monkeypatch.setattr(loop, "partial", counting)
-    teacher, student, tr, held = setup()
+    teacher, student, tr, held = distill_setup()
     cfg = TrainConfig(steps=3, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, grad_accum=2, faithful=True, eval_every=100)
     rows = train(student, teacher, tr, None, cfg, tmp_path, progress=False, weight_types=types)
     assert len(entered) == 6 and all(r["kl"] > 0 for r in rows)

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import gguf
+import numpy as np
 
 
 @dataclass(frozen=True)

@@ -57,3 +57,58 @@ def tiny_model(family: str, seed: int = 0, **kw):
             if p.dim() == 1:
                 p.add_(torch.randn_like(p) * 0.1)
     return model
+
+
+# ------------------------------------------------------------------ helpers shared by test files
+def hf_dir(path, family="llama", **kw):
+    """A tiny model and its tokenizer saved as a Hugging Face directory at `path`."""
+    model = tiny_model(family, **kw)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def distill_setup(seed=0, **qat):
+    """(teacher, prepared student, training sequences, held-out sequences) of a tiny llama whose
+    weights are sharpened, so that quantization costs something."""
+    import copy
+
+    from qatkit.models.arch import arch_for_config
+    from qatkit.prepare import QATConfig, prepare
+    from qatkit.train.data import pack, split
+
+    teacher = tiny_model("llama", seed=seed)
+    with torch.no_grad():
+        for m in teacher.modules():
+            if isinstance(m, torch.nn.Linear):
+                m.weight.mul_(4)
+    student = copy.deepcopy(teacher)
+    prepare(student, arch_for_config(teacher.config), QATConfig(**qat))
+    seqs = pack(tiny_tokenizer(), [TEXT * 3], seq_len=32, vocab_size=teacher.config.vocab_size)
+    return teacher, student, *split(seqs, 2, seed=0)
+
+
+def export_gguf(model, tokenizer, path, fmt, pure=False):
+    """Write `model` as a GGUF of `fmt` with llama.cpp's per-tensor policy; returns the plan."""
+    from qatkit.export.gguf import gguf_tensors, hf_metadata, write_gguf
+    from qatkit.models.arch import arch_for_config
+    from qatkit.plan import default_plan
+
+    arch = arch_for_config(model.config)
+    tensors = gguf_tensors(model, arch)
+    plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
+    write_gguf(path, tensors, plan, hf_metadata(model, tokenizer, arch), fmt, progress=False)
+    return plan
+
+
+def logits_np(model, ids):
+    """A torch model's float32 logits on one sequence, as numpy (positions, vocab)."""
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0].float().numpy()
+
+
+def kld_np(p_logits, q_logits):
+    """mean KL(p || q) over positions, float64 (qatkit.metrics.compare)."""
+    from qatkit.metrics import compare
+
+    return compare(p_logits, q_logits)["kld"]

@@ -6,26 +6,13 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import torch
 
 from ..export.gguf import load_gguf_weights
+from ..metrics import compare
 from ..models.arch import Arch
-from .faithful import llamacpp_faithful
-from .llama import adds_bos, chunk_logits, open_model, tokenize
-
-
-def compare(ref: np.ndarray, logits: np.ndarray, rows: int = 64) -> dict:
-    """mean KL(ref || logits) in float64, same-top-token %, max |dlogit|; row blocks keep a 262k
-    vocabulary within memory."""
-    kl, same, maxd = 0.0, 0, 0.0
-    for i in range(0, len(ref), rows):
-        p = torch.log_softmax(torch.from_numpy(ref[i : i + rows]).double(), -1)
-        q = torch.log_softmax(torch.from_numpy(logits[i : i + rows]).double(), -1)
-        kl += float((p.exp() * (p - q)).sum())
-        same += int((p.argmax(-1) == q.argmax(-1)).sum())
-        maxd = max(maxd, float(np.abs(ref[i : i + rows] - logits[i : i + rows]).max()))
-    return {"kld": kl / len(ref), "same_top": 100.0 * same / len(ref), "max_dlogit": maxd}
+from ..runtime.faithful import llamacpp_faithful
+from ..runtime.llamacpp import adds_bos, chunk_logits, open_model, tokenize
 
 
 def export_gap(twin: torch.nn.Module, types: dict[str, str], path: str, text: str, n_tokens: int = 512) -> dict:

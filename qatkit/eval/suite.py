@@ -222,7 +222,7 @@ def summarize(domains: dict[str, dict]) -> dict:
 def score_gguf_suite(paths: dict[str, str], texts: dict[str, str], chunks: int, train_sources: list[str]) -> dict[str, dict]:
     """Score {'teacher', 'ptq', 'qat'} GGUF files on every domain in llama.cpp (KL to the teacher,
     which runs once per chunk) -> {domain: domain_row}."""
-    from .llama import score_files
+    from ..runtime.llamacpp import score_files
 
     keys = ("teacher", "ptq", "qat")
     out = {}

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 import warnings
 from pathlib import Path
@@ -36,23 +35,12 @@ import torch
 from torch import nn
 
 from .. import QatkitError
+from ..atomic import atomic_path
+from ..runtime.executorch import require_executorch, tokenizer_path
 
 log = logging.getLogger(__name__)
 
-MOBILE_INSTALL = "pip install 'qatkit[mobile]' (ExecuTorch and torchao)"
 MUST_BE_DELEGATED = ("aten.mm", "aten.addmm", "aten.bmm", "aten.linear", "dequantize_per_channel", "quantize_per_tensor")
-
-
-def require_executorch() -> None:
-    # torchao announces at import every CUDA kernel library it cannot load on a CPU machine, and
-    # torch's pytree warns about torchao's enums: neither says anything to a user of qatkit
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import executorch  # noqa: F401
-        import torchao  # noqa: F401
-    except ImportError as e:
-        raise QatkitError(f"the mobile format needs ExecuTorch and torchao ({e.name} is missing): {MOBILE_INSTALL}") from None
 
 
 class TanhGelu(nn.Module):
@@ -200,11 +188,6 @@ class KVCacheLM(nn.Module):
         return out.logits.float()
 
 
-def tokenizer_path(pte: Path) -> Path:
-    """Where the tokenizer for the LLM runner lies beside a .pte."""
-    return pte.with_name(pte.stem + ".tokenizer.json")
-
-
 def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512) -> dict:
     """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it.
     Returns facts about the file: sizes, delegated partitions, seconds."""
@@ -258,18 +241,10 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int) -> d
     stray = [op for op in outside if any(k in op for k in MUST_BE_DELEGATED)]
     if stray:  # e.g. a static Linear without its output quantize pair: portable kernels, other numbers
         raise QatkitError(f"matrix products left outside the XNNPACK delegate ({', '.join(stray)}): the program would not compute what was trained")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    try:
+    with atomic_path(out) as tmp, atomic_path(tokenizer_path(out)) as tok_tmp:  # the tokenizer lands first, then the program
         with open(tmp, "wb") as f:
             et.write_to_file(f)
-        tok = tokenizer_path(out)
-        tokenizer.backend_tokenizer.save(str(tok.with_name(tok.name + ".tmp")))
-        os.replace(tok.with_name(tok.name + ".tmp"), tok)
-        os.replace(tmp, out)
-    finally:
-        for t in (tmp, tokenizer_path(out).with_name(tokenizer_path(out).name + ".tmp")):
-            t.unlink(missing_ok=True)
+        tokenizer.backend_tokenizer.save(str(tok_tmp))
     info = {"path": str(out), "file_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
             "xnnpack_partitions": delegates, "outside_xnnpack": outside, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
     log.info("wrote %s (%.1f MB, %d XNNPACK partitions) in %.0f s", out, info["file_bytes"] / 1e6, delegates, info["seconds"])

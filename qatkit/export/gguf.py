@@ -21,6 +21,7 @@ from gguf import GGMLQuantizationType, GGUFWriter
 from tqdm.auto import tqdm
 
 from .. import QatkitError
+from ..atomic import atomic_path
 from ..formats import BY_GGML_TYPE, FORMATS, decode, encode
 from ..models import gguf_meta
 from ..models.arch import Arch, from_gguf_tensor, gguf_name, hparams, to_gguf_tensor
@@ -72,10 +73,8 @@ def write_gguf(
     if missing:
         raise QatkitError(f"plan has no format for {len(missing)} tensors, e.g. {missing[0]}")
     arch = gguf_meta.get(metadata, "general.architecture")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     sizes: dict[str, int] = {}
-    try:
+    with atomic_path(out) as tmp:
         writer = GGUFWriter(tmp, arch)
         gguf_meta.apply(metadata, writer)
         writer.add_file_type(FILE_TYPE[file_format])
@@ -95,9 +94,6 @@ def write_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=False)
         writer.close()
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return sizes
 
 

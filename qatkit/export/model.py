@@ -55,10 +55,31 @@ def float_reference(source: Source, model=None, tokenizer=None, fmt: str = "f32"
 
 def ptq_llama_cpp(source: Source, out: str | os.PathLike, fmt: str, pure: bool = False, model=None, tokenizer=None) -> dict:
     """llama.cpp's own quantizer on the float teacher (the baseline QAT must beat)."""
-    from ..eval.ptq import llama_quantize
+    from ..runtime.llamacpp import llama_quantize
 
     if fmt not in FILE_FORMATS:
         raise QatkitError(f"format {fmt!r}: choose from {', '.join(FILE_FORMATS)}")
     ref = float_reference(source, model, tokenizer)
     llama_quantize(str(ref), str(out), ftype=fmt, pure=pure)
     return {"path": str(out), "format": fmt, "pure": pure, "ptq": "llama.cpp", "source": str(ref), "file_bytes": os.path.getsize(out)}
+
+
+def export_trained(trained: dict, progress: bool = True) -> dict:
+    """Write the student a `train.run.qat_run` returned, through the quantizer it trained with:
+    RUN_DIR/qat-<fmt>.gguf, or RUN_DIR/qat-mobile.pte with its tokenizer beside it. Adds the
+    file's path ("gguf" or "pte") and size ("file_bytes") to `trained` and returns it."""
+    cfg, student, source, tokenizer = trained["config"], trained["student"], trained["source"], trained["tokenizer"]
+    run_dir = Path(trained["run_dir"])
+    if cfg.qat.fmt == "mobile":
+        from .executorch import export_pte
+
+        info = export_pte(student, tokenizer, run_dir / "qat-mobile.pte", max_context=cfg.qat.max_context)
+        trained["pte"] = info["path"]
+    else:
+        from ..prepare import convert
+
+        scales = convert(student, source.arch)
+        info = export_model(student, tokenizer, source, run_dir / f"qat-{cfg.qat.fmt}.gguf", cfg.qat.fmt, cfg.qat.pure, q4_0_scales=scales, progress=progress)
+        trained["gguf"] = info["path"]
+    trained["file_bytes"] = info["file_bytes"]
+    return trained

@@ -20,6 +20,7 @@ import numpy as np
 from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from .. import QatkitError
+from ..atomic import write_json
 
 Metadata = dict[str, list]  # key -> [type name, value] or ["ARRAY", sub type name, [values]]
 
@@ -63,9 +64,7 @@ def read(reader: GGUFReader) -> Metadata:
 
 
 def save(meta: Metadata, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(meta))
-    os.replace(tmp, path)
+    write_json(path, meta)
 
 
 def load(path: Path) -> Metadata:

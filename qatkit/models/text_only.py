@@ -14,12 +14,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from .. import QatkitError
+from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -90,21 +89,14 @@ def strip_text_only(src: Path, dest: Path) -> dict:
             raise QatkitError(f"{file}: unreadable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     if not any(k.startswith("model.layers.") for k in kept):
         raise QatkitError(f"{src}: no language-model tensors found (looked for {', '.join(o for o, _ in _RENAMES)})")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".", dir=dest.parent))  # private: runs at once never share it
-    try:
+    with atomic_path(dest, folder=True, keep_existing=True) as tmp:  # runs at once: the first one's copy is kept
         (tmp / "config.json").write_text(json.dumps(text, indent=2))
         save_file(kept, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         for f in src.iterdir():
             if f.is_file() and f.name != "config.json" and not any(f.match(p) for p in _WEIGHT_FILES):
                 shutil.copy2(f, tmp / f.name)  # tokenizer, generation config, chat template
-        try:
-            os.rename(tmp, dest)
-        except OSError:  # another run wrote it first: keep theirs
-            if not (dest / "config.json").exists():
-                raise QatkitError(f"{dest}: an incomplete text-only copy is in the way; delete it") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (dest / "config.json").exists():
+        raise QatkitError(f"{dest}: an incomplete text-only copy is in the way; delete it")
     log.info("text-only: kept %d tensors (%.1f MB), dropped %d (%.1f MB: vision tower and projector) -> %s",
              stats["kept"], stats["kept_bytes"] / 1e6, stats["dropped"], stats["dropped_bytes"] / 1e6, dest)
     return stats

@@ -16,7 +16,6 @@ import importlib.util
 import inspect
 import json
 import logging
-import os
 import re
 from itertools import chain
 from pathlib import Path
@@ -25,6 +24,9 @@ import numpy as np
 import torch
 
 from qatkit import QatkitError
+
+from .. import cache
+from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +343,8 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, temperature: float
             else:  # not cached, or cached smaller by a shorter run: sampled (again) at this size
                 batch = _sample_batch(model, tokenizer, rows, seq_len, temperature, _batch_generator(seed, i, device), vocab, bar)
                 if path is not None:
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                    torch.save(batch, tmp)
-                    os.replace(tmp, path)
+                    with atomic_path(path) as tmp:
+                        torch.save(batch, tmp)
             out.append(batch[:rows])
     finally:
         bar.close()
@@ -354,7 +354,4 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, temperature: float
 
 def sample_cache_dir(teacher, seq_len: int, temperature: float, seed: int, batch_size: int) -> Path:
     """Where sampled sequences of this teacher and these settings are kept (under $QATKIT_CACHE)."""
-    from ..models.load import cache_root
-    from .teacher_cache import fingerprint
-
-    return cache_root() / "teacher-samples" / f"{fingerprint(teacher)}-T{seq_len}-t{temperature:g}-s{seed}-b{batch_size}"
+    return cache.teacher_samples_dir(teacher, seq_len, temperature, seed, batch_size)

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -31,6 +30,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .. import QatkitError
+from ..atomic import atomic_path
+from ..metrics import compare
 from ..nn import FakeQuantLinear
 from .data import Batches
 from .teacher_cache import TeacherCache, topk_kl
@@ -55,13 +56,13 @@ class TrainConfig:
     kl_positions: float = 0.25  # fraction of positions where the loss is computed (CPU cost cutter)
     ce_weight: float = 0.0  # weight of cross-entropy on the data, mixed into the KL loss
     fq_warmup: int = 0  # steps with fake-quant off (float fine-tuning first)
-    eval_every: int = 25
-    ckpt_every: int = 25
+    eval_every: int = 50  # each costs two full forwards of the held-out and watched sequences
+    ckpt_every: int = 50  # each writes the trainable tensors and AdamW state (1.2 GB for the default model)
     seed: int = 0
     grad_checkpointing: bool = False
     teacher_topk: int = 0  # > 0: the teacher's top-k log-probs from a disk cache (teacher_cache.py)
     teacher_cache_dir: str = ""  # where that cache lives ("" = ~/.cache/qatkit/teacher-topk)
-    faithful: bool = False  # the student rounds activations as llama.cpp's CPU backend (eval/faithful.py)
+    faithful: bool = False  # the student rounds activations as llama.cpp's CPU backend (runtime/faithful/)
 
     @property
     def tokens_per_step(self) -> int:
@@ -137,15 +138,16 @@ def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: Trai
 
 @torch.no_grad()
 def held_out_kl(student, teacher, seqs: torch.Tensor, batch_size: int = 1) -> float:
-    """Mean KL(teacher || student) at T=1 over every position of the held-out sequences."""
-    total, count = torch.zeros((), dtype=torch.float64, device=seqs.device), 0
+    """Mean KL(teacher || student) at T=1 over every position of the held-out sequences, in
+    float64 (qatkit/metrics.py, the measure every runtime's KLD uses)."""
+    total, count = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         x = seqs[i : i + batch_size]
-        t = F.log_softmax(_head(teacher, teacher.model(x).last_hidden_state[:, :-1]), -1)
-        s = F.log_softmax(_head(student, student.model(x).last_hidden_state[:, :-1]), -1)
-        total += kl_per_position(t, s).double().sum()
-        count += t.shape[0] * t.shape[1]
-    return float(total / count)
+        t = _head(teacher, teacher.model(x).last_hidden_state[:, :-1]).flatten(0, 1)
+        s = _head(student, student.model(x).last_hidden_state[:, :-1]).flatten(0, 1)
+        total += compare(t, s)["kld"] * len(t)
+        count += len(t)
+    return total / count
 
 
 def _trainable(student) -> dict[str, torch.nn.Parameter]:
@@ -173,9 +175,8 @@ def save_checkpoint(path: Path, student, opt, step: int, batches: Batches, cfg: 
         "batches": batches.state_dict(),
         "config": asdict(cfg),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, student, opt, batches: Batches) -> int:
@@ -224,7 +225,7 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
         if cfg.faithful:
             if not weight_types:
                 raise QatkitError("faithful training needs the GGUF weight type of each Linear")
-            from ..eval.faithful import llamacpp_faithful
+            from ..runtime.faithful import llamacpp_faithful
 
             student_context = partial(llamacpp_faithful, student, weight_types, exact=False)
         watch = {k: v.to(device) for k, v in (watch or {}).items()}

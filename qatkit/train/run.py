@@ -1,10 +1,9 @@
-"""A whole QAT run: MODEL + data -> run directory with config, checkpoints, metrics and the GGUF.
+"""A whole QAT training: MODEL + data -> run directory with config, checkpoints and metrics, and
+the trained student in memory (`export/model.export_trained` writes its file).
 
     run_dir/config.json      what was asked (enough to resume the run from the directory alone)
     run_dir/checkpoint.pt    trainable tensors, optimizer, step, data position (atomic)
     run_dir/metrics.jsonl    one row per step: loss, KL, lr, grad norm, tokens/s, held-out KL
-    run_dir/qat-<fmt>.gguf   the trained student, written through the same quantizer it trained with
-    run_dir/qat-mobile.pte   (--format mobile) the same for ExecuTorch, with qat-mobile.tokenizer.json
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,9 +19,9 @@ import numpy as np
 import torch
 
 from .. import QatkitError
-from ..export.model import export_model
+from ..atomic import write_text
 from ..models.load import load, resolve
-from ..prepare import QATConfig, calibrate_static, convert, linear_weight_types, prepare
+from ..prepare import QATConfig, calibrate_static, linear_weight_types, prepare
 from .data import DEFAULT_TRAIN_DATA, default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
 from .loop import TrainConfig, default_device, train
 
@@ -135,10 +133,12 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_json(path.read_text())
 
 
-def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = True, progress: bool = True, loaded=None, watch_texts: dict[str, str] | None = None) -> dict:
-    """Train (or resume) and export. `loaded` = (source, teacher, tokenizer) to reuse a load.
+def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True, loaded=None, watch_texts: dict[str, str] | None = None) -> dict:
+    """Train (or resume); returns the metrics and the trained student with what exporting it
+    needs (source, tokenizer, plan). `loaded` = (source, teacher, tokenizer) to reuse a load.
     `watch_texts` {name: text}: the KL on the first sequence of each is logged at every
-    evaluation (a torch-side curve of held-out domains; never trained on)."""
+    evaluation (a torch-side curve of held-out domains; never trained on). A caller that will
+    export to ExecuTorch checks for it first (runtime.executorch.require_executorch)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume and (run_dir / "config.json").exists():
         saved = load_run_config(run_dir)
@@ -148,10 +148,6 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
     torch.manual_seed(cfg.train.seed)
-    if export and cfg.qat.fmt == "mobile":
-        from ..export.executorch import require_executorch
-
-        require_executorch()  # before the training, not after it
     t0 = time.time()
     if loaded is None:
         source = resolve(cfg.model)
@@ -162,9 +158,7 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
     student = copy.deepcopy(teacher)
     plan = prepare(student, source.arch, cfg.qat)
     calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
-    tmp = run_dir / "config.json.tmp"
-    tmp.write_text(cfg.to_json())
-    os.replace(tmp, run_dir / "config.json")
+    write_text(run_dir / "config.json", cfg.to_json())
     types = None
     if cfg.train.faithful:
         if cfg.qat.fmt == "mobile":
@@ -172,18 +166,5 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, export: bool = 
         types = linear_weight_types(student, source.arch, plan)
     watch = _watch_seqs(watch_texts or {}, tokenizer, cfg.train.seq_len, teacher.config.vocab_size)
     rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress, weight_types=types, watch=watch)
-    result = {"run_dir": str(run_dir), "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step, "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan}
-    if export and cfg.qat.fmt == "mobile":
-        from ..export.executorch import export_pte
-
-        info = export_pte(student, tokenizer, run_dir / "qat-mobile.pte", max_context=cfg.qat.max_context)
-        result["pte"] = info["path"]
-        result["file_bytes"] = info["file_bytes"]
-    elif export:
-        scales = convert(student, source.arch)
-        out = run_dir / f"qat-{cfg.qat.fmt}.gguf"
-        info = export_model(student, tokenizer, source, out, cfg.qat.fmt, cfg.qat.pure, q4_0_scales=scales, progress=progress)
-        result["gguf"] = info["path"]
-        result["file_bytes"] = info["file_bytes"]
-    result["student"] = student
-    return result
+    return {"run_dir": str(run_dir), "config": cfg, "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step,
+            "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan, "student": student, "source": source, "tokenizer": tokenizer}

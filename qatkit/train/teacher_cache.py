@@ -27,16 +27,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import QatkitError
+from .. import QatkitError, cache
+from ..atomic import atomic_path
+from ..cache import fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -44,22 +43,7 @@ HEAD_CHUNK = 64  # positions per head product while filling: (64, 262k) float32 
 
 
 def default_root() -> Path:
-    from ..models.load import cache_root
-
-    return cache_root() / "teacher-topk"
-
-
-def fingerprint(teacher: torch.nn.Module) -> str:
-    """A hash of the teacher's tensors (names, shapes, dtypes and bytes; tied tensors once)."""
-    h = hashlib.blake2b(digest_size=16)
-    seen = set()
-    for name, t in list(teacher.named_parameters()) + list(teacher.named_buffers()):
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return cache.teacher_topk_root()
 
 
 def _row_keys(seqs: torch.Tensor) -> list[bytes]:
@@ -143,19 +127,12 @@ def _create(d: Path, meta: dict, shape: tuple[int, int, int]) -> None:
     """Empty arrays and meta.json, made under a private name and renamed into place: two runs
     starting at once never truncate each other's arrays (the loser of the rename reads the
     winner's)."""
-    d.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=d.name + ".", dir=d.parent))
-    try:
+    with atomic_path(d, folder=True, keep_existing=True) as tmp:
         for name, dtype, shp in (("logp", np.float32, shape), ("ids", np.int32, shape), ("filled", np.bool_, shape[:1])):
             np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shp).flush()
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-        try:
-            os.rename(tmp, d)  # fails if d exists and is not empty
-        except OSError:
-            if not (d / "meta.json").exists():
-                raise QatkitError(f"{d}: an incomplete teacher cache is in the way; delete the directory to rebuild it") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not (d / "meta.json").exists():
+        raise QatkitError(f"{d}: an incomplete teacher cache is in the way; delete the directory to rebuild it")
 
 
 def topk_kl(t_logp: torch.Tensor, t_ids: torch.Tensor, s_logp: torch.Tensor) -> torch.Tensor:

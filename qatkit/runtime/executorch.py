@@ -1,15 +1,15 @@
 """Run a qatkit .pte in the real ExecuTorch runtime: logits, perplexity, generation speed.
 
-Perplexity follows llama-perplexity's method, as `qatkit.eval.llama.score` does (chunks of
-n_ctx tokens starting with BOS, the second half of each chunk scored), so the numbers of a GGUF
-in llama.cpp and of a .pte in ExecuTorch are comparable.
+Perplexity, KL and same-top go through `qatkit/metrics.py`, the implementation the llama.cpp scorer
+uses: the same chunks and the same scored positions, so the numbers of a GGUF in llama.cpp and of
+a .pte in ExecuTorch are comparable.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
+import logging
 import os
 import sys
 import tempfile
@@ -18,7 +18,26 @@ from pathlib import Path
 
 import torch
 
-from .. import QatkitError
+from .. import QatkitError, metrics
+
+MOBILE_INSTALL = "pip install 'qatkit[mobile]' (ExecuTorch and torchao)"
+
+
+def require_executorch() -> None:
+    # torchao announces at import every CUDA kernel library it cannot load on a CPU machine, and
+    # torch's pytree warns about torchao's enums: neither says anything to a user of qatkit
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import executorch  # noqa: F401
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise QatkitError(f"the mobile format needs ExecuTorch and torchao ({e.name} is missing): {MOBILE_INSTALL}") from None
+
+
+def tokenizer_path(pte: Path) -> Path:
+    """Where the tokenizer for the LLM runner lies beside a .pte."""
+    return pte.with_name(pte.stem + ".tokenizer.json")
 
 
 @contextlib.contextmanager
@@ -42,8 +61,6 @@ class PteModel:
     """A loaded .pte: `logits(ids)` runs a token sequence from position 0 through its KV cache."""
 
     def __init__(self, path):
-        from ..export.executorch import require_executorch
-
         require_executorch()
         import executorch.kernels.quantized  # noqa: F401  (the quantized embedding's kernels)
         from executorch.runtime import Runtime
@@ -79,12 +96,14 @@ class PteModel:
             out.append(self.forward.execute([piece, torch.tensor([start], dtype=torch.long)])[0][0].clone())
         return torch.cat(out)
 
+    def scored_logits(self, chunk, first: int) -> torch.Tensor:
+        """A metrics logits function: the logits of `chunk` from position `first` on."""
+        return self.logits(chunk)[first:]
+
 
 def text_tokens(path, text: str) -> list[int]:
     """The .pte's tokenizer (saved beside it) on `text`, without special tokens."""
     from tokenizers import Tokenizer
-
-    from ..export.executorch import tokenizer_path
 
     tok = tokenizer_path(Path(path))
     if not tok.exists():
@@ -94,8 +113,8 @@ def text_tokens(path, text: str) -> list[int]:
 
 def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | None = None, ref_logits=None) -> dict:
     """Perplexity of the .pte on `text` (llama-perplexity's method); with `ref_path` (another
-    .pte) or `ref_logits(ids) -> (len, vocab)`, also mean KL(ref || model) and the same-top-token
-    rate over the same positions."""
+    .pte) or `ref_logits` (a metrics logits function, e.g. `metrics.torch_logits(model)`), also
+    mean KL(ref || model) and the same-top-token rate over the same positions."""
     t0 = time.perf_counter()
     path = os.fspath(path)
     model = PteModel(path)
@@ -106,56 +125,22 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
         ref = PteModel(ref_path)
         if text_tokens(ref_path, text) != ids:
             raise QatkitError(f"{path}: tokenizes the text differently from reference {ref_path}")
-        ref_logits = ref.logits
+        ref_logits = ref.scored_logits
     return {"path": path, "ref_path": None if ref_path is None else os.fspath(ref_path), "file_bytes": os.path.getsize(path),
-            **score_ids(model.logits, ids, model.bos, n_ctx, max_chunks, ref_logits, label=path), "seconds": time.perf_counter() - t0}
+            **score_ids(model.scored_logits, ids, model.bos, n_ctx, max_chunks, ref_logits, label=path), "seconds": time.perf_counter() - t0}
 
 
 def score_ids(logits, ids: list[int], bos: int | None, n_ctx: int = 512, max_chunks: int | None = None, ref_logits=None, label: str = "text") -> dict:
-    """llama-perplexity's method over token ids with any `logits(chunk) -> (len, vocab)` (a
-    .pte, or a torch model through `torch_logits`): chunks of n_ctx tokens with BOS first, the
-    second half of each scored; with `ref_logits`, also mean KL(ref || model) and same top."""
-    per = n_ctx - (bos is not None)
-    n_chunks = len(ids) // per
-    if max_chunks is not None:
-        n_chunks = min(n_chunks, max_chunks)
-    if n_chunks < 1:
-        raise QatkitError(f"{label}: the text has {len(ids)} tokens, scoring with n_ctx={n_ctx} needs at least {per}")
-    nll = nll2 = kld = 0.0
-    same = count = 0
-    first = n_ctx // 2
-    for c in range(n_chunks):
-        chunk = ([bos] if bos is not None else []) + ids[c * per : (c + 1) * per]
-        logp = torch.log_softmax(logits(chunk).double(), -1)[first - 1 : n_ctx - 1]
-        target = torch.tensor(chunk[first:n_ctx])
-        tok_nll = -logp.gather(1, target[:, None]).squeeze(1)
-        nll += float(tok_nll.sum())
-        nll2 += float((tok_nll**2).sum())
-        count += len(target)
-        if ref_logits is not None:
-            ref_lp = torch.log_softmax(ref_logits(chunk).double(), -1)[first - 1 : n_ctx - 1]
-            kld += float((ref_lp.exp() * (ref_lp - logp)).sum())
-            same += int((ref_lp.argmax(-1) == logp.argmax(-1)).sum())
-    mean = nll / count
-    ppl = math.exp(mean)
-    var = nll2 / count - mean * mean
-    return {
-        "ppl": ppl,
-        "ppl_err": ppl * math.sqrt(var / (count - 1)) if count > 1 and var > 0 else None,
-        "nll": mean,
-        "kld": kld / count if ref_logits is not None else None,
-        "same_top": 100.0 * same / count if ref_logits is not None else None,
-        "tokens": count,
-        "chunks": n_chunks,
-        "n_ctx": n_ctx,
-    }
+    """llama-perplexity's method over a text's token ids (no BOS: it is put in front here when
+    the model has one) with metrics logits functions: a .pte's `scored_logits`, or a torch model
+    through `metrics.torch_logits`."""
+    tokens = ([bos] if bos is not None else []) + list(ids)
+    return metrics.score_tokens(logits, tokens, bos, n_ctx, max_chunks, ref_logits, label)
 
 
 def generate(path, prompt: str, n_tokens: int = 32, tokenizer_file=None) -> dict:
     """Greedy generation through ExecuTorch's own LLM runner; returns the text and its timing
     (prefill and decode tokens/s as the runner measures them)."""
-    from ..export.executorch import require_executorch, tokenizer_path
-
     require_executorch()
     import executorch.kernels.quantized  # noqa: F401
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
@@ -177,13 +162,3 @@ def generate(path, prompt: str, n_tokens: int = 32, tokenizer_file=None) -> dict
         s = json.loads(stats[-1].to_json_string())
         result.update({k: s[k] for k in ("prefill_token_per_sec", "decode_token_per_sec") if k in s})
     return result
-
-
-def torch_logits(model: torch.nn.Module):
-    """A torch model as a `logits` / `ref_logits` function for `score_ids`."""
-
-    @torch.no_grad()
-    def fn(ids):
-        return model(torch.as_tensor([ids])).logits[0].float()
-
-    return fn

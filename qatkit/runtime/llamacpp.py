@@ -1,18 +1,9 @@
 """Score GGUF files in llama.cpp itself (through llama-cpp-python), the way `llama-perplexity` does.
 
-The method of llama.cpp's tools/perplexity/perplexity.cpp (default mode, no stride):
-- the whole text is tokenized once, with BOS in front when the model's vocab adds BOS;
-- the tokens are cut into consecutive chunks of n_ctx (a remainder is dropped); each chunk is
-  evaluated from an empty KV cache with its first token overwritten by BOS (again only when the
-  vocab adds BOS: chunk 0 already starts with it, later chunks lose one unscored token);
-- only the second half of each chunk is scored: positions n_ctx//2 .. n_ctx-2 each predict the
-  next token, so n_ctx - 1 - n_ctx//2 tokens per chunk; PPL = exp(mean NLL).
-KL(ref || model) and the same-top-token rate are taken over the same positions. Flash attention
-stays off everywhere: it moves PPL in the third digit.
-
-Two deliberate differences from the tool: it refuses texts under 2*n_ctx tokens, one full chunk
-is enough here; and its KLD reads the reference from a 16-bit compressed log-prob file, here both
-sides are exact float64 log-softmax of the float32 logits (low digits of KLD may differ).
+The method and its sums live in `qatkit/metrics.py` (shared with the ExecuTorch scorer); this
+module loads files, tokenizes as the tool does (BOS once in front when the vocab adds it) and
+asks llama.cpp for logits only at the scored half of each chunk. Flash attention stays off
+everywhere: it moves PPL in the third digit.
 """
 
 from __future__ import annotations
@@ -26,11 +17,14 @@ import re
 import sys
 import time
 
-import numpy as np
 import llama_cpp
+import numpy as np
 from tqdm import tqdm
 
 from qatkit import QatkitError
+
+from .. import metrics
+from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
 _native = logging.getLogger("qatkit.llama_cpp")
@@ -145,13 +139,6 @@ def chunk_logits(llm: llama_cpp.Llama, tokens) -> np.ndarray:
     return np.array(_decode(llm, tokens), dtype=np.float32)
 
 
-def _log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x -= x.max(axis=1, keepdims=True)
-    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
-    return x
-
-
 def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | None = None,
           n_threads: int | None = None) -> dict:
     """Perplexity of `path` on `text` as llama-perplexity computes it; with `ref_path`, also mean
@@ -170,8 +157,6 @@ def score_files(paths, text: str, ref_path=None, n_ctx: int = 512, max_chunks: i
     262k vocab), read in place, plus float64 work arrays of ~32 MB each.
     """
     paths = [os.fspath(p) for p in paths]
-    if n_ctx < 4:
-        raise QatkitError(f"{paths[0]}: n_ctx={n_ctx} is too small to score (needs at least 4)")
     t0 = time.perf_counter()
     # logits_all=False: _decode reads llama.cpp's buffer directly, so llama-cpp-python's own
     # n_ctx x n_vocab copy (512 MB for a 262k vocab) is not needed.
@@ -181,12 +166,8 @@ def score_files(paths, text: str, ref_path=None, n_ctx: int = 512, max_chunks: i
         for path in paths:
             llms.append(open_model(path, n_ctx=n_ctx, n_threads=n_threads, logits_all=False))
         tokens = _text_tokens(llms[0], text)
-        n_chunks = len(tokens) // n_ctx
-        if n_chunks < 1:
-            raise QatkitError(f"{paths[0]}: the text has {len(tokens)} tokens (BOS included), "
-                              f"scoring with n_ctx={n_ctx} needs at least {n_ctx}")
-        if max_chunks is not None:
-            n_chunks = min(n_chunks, max_chunks)
+        bos = llms[0].token_bos() if adds_bos(llms[0]) else None
+        chunk_list = metrics.chunks(tokens, n_ctx, bos, max_chunks, label=paths[0])
         others = list(zip(paths[1:], llms[1:]))
         if ref_path is not None:
             ref_path = os.fspath(ref_path)
@@ -202,78 +183,37 @@ def score_files(paths, text: str, ref_path=None, n_ctx: int = 512, max_chunks: i
             if _text_tokens(other, text) != tokens:
                 raise QatkitError(f"{paths[0]}: tokenizes the text differently from {other_path}")
         label = os.path.basename(paths[0]) + (f" +{len(paths) - 1}" if len(paths) > 1 else "")
-        all_sums = _score_chunks(llms, ref, tokens, n_ctx, n_chunks, label=label)
+        bar = tqdm(total=len(chunk_list), desc=f"score {label}", unit="chunk", file=sys.stderr,
+                   disable=not sys.stderr.isatty(), leave=False)
+        fns = [_logits_fn(llm) for llm in llms]
+        ref_index = llms.index(ref) if ref in llms else None
+        ref_fn = _logits_fn(ref) if ref is not None and ref_index is None else None
+        try:
+            scores = metrics.score_chunks(fns, chunk_list, ref_fn, ref_index,
+                                          progress=lambda c, sc: (bar.update(1), bar.set_postfix(ppl=f"{math.exp(sc[0].nll / sc[0].count):.3f}")))
+        finally:
+            bar.close()
     finally:
         for llm in llms:
             llm.close()
         if ref is not None and ref not in llms:
             ref.close()
     seconds = time.perf_counter() - t0
-    return [_result(path, ref_path, sums, n_chunks, n_ctx, seconds) for path, sums in zip(paths, all_sums)]
+    return [_result(path, ref_path, sc, len(chunk_list), n_ctx, seconds) for path, sc in zip(paths, scores)]
 
 
-def _result(path, ref_path, sums, n_chunks, n_ctx, seconds) -> dict:
-    count = sums["count"]
-    nll = sums["nll"] / count
-    ppl = math.exp(nll)
-    var = sums["nll2"] / count - nll * nll
-    result = {
-        "path": path,
-        "ref_path": ref_path,
-        "ppl": ppl,
-        # llama-perplexity's "+/-": standard error of the mean NLL, carried to PPL
-        "ppl_err": ppl * math.sqrt(var / (count - 1)) if count > 1 and var > 0 else None,
-        "nll": nll,
-        "kld": sums["kld"] / count if ref_path is not None else None,
-        "same_top": 100.0 * sums["same_top"] / count if ref_path is not None else None,
-        "tokens": count,
-        "chunks": n_chunks,
-        "n_ctx": n_ctx,
-        "file_bytes": os.path.getsize(path),
-        "seconds": seconds,
-    }
-    log.info("%s: PPL %.4f over %d tokens (%d chunks of %d)%s", path, ppl, count, n_chunks, n_ctx,
-             f", KLD {result['kld']:.6f}, same top {result['same_top']:.2f}%"
-             if ref_path is not None else "")
+def _logits_fn(llm: llama_cpp.Llama) -> metrics.LogitsFn:
+    """llama.cpp as a metrics logits function: logits only from position `first` on."""
+    return lambda chunk, first: _decode(llm, chunk, first)
+
+
+def _result(path, ref_path, scores: metrics.Scores, n_chunks, n_ctx, seconds) -> dict:
+    r = scores.result()
+    result = {"path": path, "ref_path": ref_path, **r, "chunks": n_chunks, "n_ctx": n_ctx,
+              "file_bytes": os.path.getsize(path), "seconds": seconds}
+    log.info("%s: PPL %.4f over %d tokens (%d chunks of %d)%s", path, r["ppl"], r["tokens"], n_chunks, n_ctx,
+             f", KLD {r['kld']:.6f}, same top {r['same_top']:.2f}%" if ref_path is not None else "")
     return result
-
-
-def _score_chunks(llms, ref, tokens, n_ctx, n_chunks, label) -> list[dict]:
-    """Per model: sums of NLL, NLL^2, KL and same-top counts over the scored half of each chunk."""
-    first = n_ctx // 2
-    n_vocab = llms[0].n_vocab()
-    # Rows per float64 block: ~4M values (32 MB) whatever the vocab size.
-    block = max(1, (1 << 22) // n_vocab)
-    bos = llms[0].token_bos() if adds_bos(llms[0]) else None
-    all_sums = [dict(nll=0.0, nll2=0.0, kld=0.0, same_top=0, count=0) for _ in llms]
-    bar = tqdm(range(n_chunks), desc=f"score {label}", unit="chunk", file=sys.stderr,
-               disable=not sys.stderr.isatty(), leave=False)
-    for c in bar:
-        chunk = list(tokens[c * n_ctx:(c + 1) * n_ctx])
-        if bos is not None:
-            chunk[0] = bos
-        targets = np.asarray(chunk[first + 1:], dtype=np.int64)
-        # Row j of these holds position first + j; the last row predicts past the chunk. Each
-        # view is valid until the next decode on its own context.
-        logits = [_decode(llm, chunk, first) for llm in llms]
-        ref_logits = None if ref is None else logits[llms.index(ref)] if ref in llms else _decode(ref, chunk, first)
-        for r0 in range(0, n_ctx - 1 - first, block):
-            r1 = min(r0 + block, n_ctx - 1 - first)
-            if ref_logits is not None:
-                lq = _log_softmax(ref_logits[r0:r1])
-                q, ref_top = np.exp(lq), ref_logits[r0:r1].argmax(1)
-            for lg, sums in zip(logits, all_sums):
-                lp = _log_softmax(lg[r0:r1])
-                nll = -lp[np.arange(r1 - r0), targets[r0:r1]]
-                sums["nll"] += float(nll.sum())
-                sums["nll2"] += float((nll * nll).sum())
-                if ref_logits is not None:
-                    sums["kld"] += float((q * (lq - lp)).sum())
-                    sums["same_top"] += int((ref_top == lg[r0:r1].argmax(1)).sum())
-        for sums in all_sums:
-            sums["count"] += n_ctx - 1 - first
-        bar.set_postfix(ppl=f"{math.exp(all_sums[0]['nll'] / all_sums[0]['count']):.3f}")
-    return all_sums
 
 
 def generate(path, prompt: str, n_tokens: int = 32, n_ctx: int = 512,
@@ -327,7 +267,7 @@ def decode_speed(path, n_tokens: int = 64, n_prompt: int = 128, n_threads: int |
 
 _RSS_PROBE = """
 import sys
-from qatkit.eval.llama import open_model
+from qatkit.runtime.llamacpp import open_model
 def rss_kb():
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -346,3 +286,51 @@ def load_rss_mb(path, n_ctx: int = 512) -> float:
 
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, os.fspath(path), str(n_ctx)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
+
+# ----------------------------------------------------------------------------- quantizing
+# The post-training-quantization baseline: llama.cpp's own quantizer (what `llama-quantize` runs),
+# so the baseline is the file a llama.cpp user would make. By default llama.cpp mixes types (for
+# Q4_0 a tied token_embd/output may go to Q6_K or Q8_0); `pure=True` gives every quantizable
+# tensor the one type, like `llama-quantize --pure`.
+
+# "q4_0" -> LLAMA_FTYPE_MOSTLY_Q4_0, ... from what this llama_cpp build exposes, plus f32.
+FTYPES: dict[str, int] = {
+    name[len("LLAMA_FTYPE_MOSTLY_"):].lower(): value
+    for name, value in vars(llama_cpp).items() if name.startswith("LLAMA_FTYPE_MOSTLY_")
+}
+FTYPES["f32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
+
+
+def llama_quantize(src_path, dst_path, ftype: str = "q4_0", pure: bool = False,
+                   n_threads: int | None = None) -> str:
+    """Quantize GGUF `src_path` to `dst_path` with llama.cpp; returns dst_path.
+
+    Writes a temporary file beside the destination and renames it on success, so a failed or
+    interrupted run never leaves a partial file under the destination name.
+    """
+    src, dst = os.fspath(src_path), os.fspath(dst_path)
+    key = ftype.lower()
+    if key not in FTYPES:
+        raise QatkitError(f"{dst}: unknown ftype {ftype!r}; choose from {', '.join(sorted(FTYPES))}")
+    if not os.path.isfile(src):
+        raise QatkitError(f"{src}: no such file")
+    dst_dir = os.path.dirname(os.path.abspath(dst))
+    if not os.path.isdir(dst_dir):
+        raise QatkitError(f"{dst}: directory {dst_dir} does not exist")
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[key]
+    params.allow_requantize = True  # the teacher may itself be quantized (Q4_K_M for the default)
+    params.pure = pure
+    params.nthread = n_threads or os.cpu_count() or 1
+
+    _errors.clear()
+    t0 = time.perf_counter()
+    with atomic_path(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(src.encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            reason = _native_reason(f"return code {rc}")
+            raise QatkitError(f"{src}: llama.cpp failed to quantize it to {key} ({reason})")
+    log.info("%s -> %s (%s%s, %.1f MB, %.1f s)", src, dst, key, ", pure" if pure else "",
+             os.path.getsize(dst) / 1e6, time.perf_counter() - t0)
+    return dst

@@ -1,0 +1,68 @@
+"""Every file and folder qatkit writes appears whole or not at all.
+
+`atomic_path(dest)` hands out a private temporary name in dest's own folder (same filesystem, so
+the final rename is atomic; private, so two runs never share it); when the block ends without an
+exception the temporary replaces dest, otherwise it is removed. A killed process leaves at most a
+hidden `.name.*.tmp` beside the destination, never a half-written destination.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+@contextmanager
+def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bool = False) -> Iterator[Path]:
+    """A temporary path to write `dest` through (a file, or with `folder` a directory that the
+    block fills); renamed onto dest on success, removed on failure. `keep_existing` (folders):
+    when another writer put dest there first, theirs is kept and ours dropped."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if folder:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        if folder and keep_existing:
+            try:
+                os.rename(tmp, dest)  # fails when dest exists and is not empty
+            except OSError:
+                if not dest.is_dir():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if folder and dest.is_dir():
+            shutil.rmtree(dest)  # os.replace cannot replace a non-empty folder
+        os.replace(tmp, dest)
+        if not folder:
+            os.chmod(dest, 0o644 & ~_umask())  # mkstemp makes 0600 files; others read what we write
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | os.PathLike, obj, **kw) -> None:
+    write_text(path, json.dumps(obj, **kw))
