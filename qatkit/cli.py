@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import QatkitError, __version__
+from .formats import TRAINABLE
 from .models.load import DEFAULT_MODEL
+from .plan import FILE_FORMATS, MOBILE_EMBEDDINGS, MOBILE_WEIGHTS
 from .train.loop import TrainConfig as TrainDefaults
 
 if TYPE_CHECKING:
@@ -56,7 +58,7 @@ def _add_export(sub) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "f16", "f32", "mobile"], help="file format (default q4_0; mobile: an ExecuTorch .pte)")
+    p.add_argument("--format", default="q4_0", choices=[*FILE_FORMATS, "mobile"], help="file format (default q4_0; mobile: an ExecuTorch .pte)")
     p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format, like llama-quantize --pure")
     p.add_argument("--ptq", choices=["qatkit", "llama.cpp"], default="qatkit", help="who quantizes (default qatkit)")
     p.add_argument("--to", choices=["gguf", "executorch"], default=None, help="target runtime (default: gguf; executorch for --format mobile)")
@@ -66,11 +68,11 @@ def _add_export(sub) -> None:
 
 def _add_mobile_knobs(p) -> None:
     g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations)")
-    g.add_argument("--weights", default="int4", choices=["int4", "int4g32", "int8"], help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel")
+    g.add_argument("--weights", default="int4", choices=list(MOBILE_WEIGHTS), help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel")
     g.add_argument("--int2", nargs="+", default=[], metavar="GLOB", help="Linears to store in int2 (carried in int4 codes by XNNPACK), by module-name pattern, e.g. '*.mlp.down_proj' 'model.layers.1[0-7].*'")
     g.add_argument("--int8", nargs="+", default=[], metavar="GLOB", help="Linears to store in int8 per channel (wins over --int2)")
     g.add_argument("--keep", nargs="+", default=[], metavar="GLOB", help="Linears to leave in float32 (wins over --int8 and --int2)")
-    g.add_argument("--embedding", default="int8", choices=["int8", "int4"], help="token embedding per row, weight-only; a tied head uses the same codes")
+    g.add_argument("--embedding", default="int8", choices=list(MOBILE_EMBEDDINGS), help="token embedding per row, weight-only; a tied head uses the same codes")
     g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte")
     g.add_argument("--activations", default="dynamic", choices=["dynamic", "static"], help="int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs need; per-channel weights only)")
 
@@ -125,7 +127,7 @@ def _add_run(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "mobile"], help="mobile: the ExecuTorch program instead of a GGUF, PTQ and QAT scored in the ExecuTorch runtime (add --learn-scales; the mobile options below choose the plan)")
+    p.add_argument("--format", default="q4_0", choices=[*TRAINABLE, "mobile"], help="mobile: the ExecuTorch program instead of a GGUF, PTQ and QAT scored in the ExecuTorch runtime (add --learn-scales; the mobile options below choose the plan)")
     _add_data(p)
     p.add_argument("--text", type=Path, default=None, help="one held-out text to score instead of the suite")
     _add_domains(p)
@@ -149,7 +151,7 @@ def _add_train(sub) -> None:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--format", default="q4_0", choices=["q4_0", "q8_0", "mobile"], help="file format the student trains for (mobile: ExecuTorch .pte)")
+    p.add_argument("--format", default="q4_0", choices=[*TRAINABLE, "mobile"], help="file format the student trains for (mobile: ExecuTorch .pte)")
     p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format (llama-quantize --pure)")
     _add_mobile_knobs(p)
     _add_data(p)

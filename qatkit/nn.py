@@ -19,7 +19,8 @@ exports exactly. The scale starts at ggml's own choice (max / -8) and trains wit
     d out / d d = (q - 8) - w / d     inside the grid  (the rounding error, as in LSQ)
                 = (q - 8)             where w is clipped to the grid's end
 
-while the weight's gradient passes straight through inside the grid and stops where clipped.
+while the weight's gradient passes straight through inside the grid and stops where clipped
+(`formats/q4_0.learned_fake_quant`; every format question goes to the registry in formats/).
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import QatkitError
-from .formats import mobile, q4_0, q8_0
+from .formats import TRAINABLE, get, mobile
 from .formats._ste import straight_through
 
-WEIGHT_FORMATS = ("q4_0", "q8_0")
+WEIGHT_FORMATS = TRAINABLE  # the GGUF formats with a training-time fake-quant (formats registry)
 OBSERVE_PER_CALL = 1 << 15  # values of each input and output a calibrating forward keeps
 
 
@@ -50,28 +51,6 @@ def is_mobile(fmt: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-class _LearnedScaleQ4_0(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        codes, d16 = q4_0.quantize(w, d)
-        out = q4_0.dequantize(codes, d16)
-        ctx.save_for_backward(w, codes, d16)
-        return out.to(w.dtype)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        w, codes, d16 = ctx.saved_tensors
-        n_blocks = d16.shape[-1]
-        g = grad.float().reshape(*grad.shape[:-1], n_blocks, q4_0.BLOCK)
-        d = d16.float().unsqueeze(-1)
-        x = torch.where(d == 0, torch.zeros_like(g), w.float().reshape(g.shape) / d)  # w in units of d
-        q = codes.float().reshape(g.shape) - 8.0
-        inside = (x >= -8.5) & (x < 7.5)  # the codes' reach: trunc(x + 8.5) in 0..15 unclipped
-        grad_w = torch.where(inside, g, torch.zeros_like(g)).reshape(w.shape).to(w.dtype)
-        grad_d = (g * torch.where(inside, q - x, q)).sum(-1)
-        return grad_w, grad_d
 
 
 class FakeQuantLinear(nn.Linear):
@@ -92,7 +71,7 @@ class FakeQuantLinear(nn.Linear):
         act: a mobile scheme's activations, "dynamic" or "static" (scales set by calibration)."""
         if fmt not in WEIGHT_FORMATS and not is_mobile(fmt):
             raise ValueError(f"fake-quant format {fmt!r} is not one of {WEIGHT_FORMATS} or a mobile scheme (int4, int4g32, int2, int8)")
-        if learn_scales and fmt == "q8_0":
+        if learn_scales and not is_mobile(fmt) and not get(fmt).learnable_scales:
             raise ValueError(f"learned scales are for q4_0 and the mobile schemes, not {fmt!r}")
         new = cls.__new__(cls)
         nn.Module.__init__(new)
@@ -119,7 +98,7 @@ class FakeQuantLinear(nn.Linear):
                 new.register_buffer("scale", s)
         elif learn_scales:
             with torch.no_grad():
-                d = q4_0.absmax_scale(linear.weight).to(torch.float16).float()
+                d = get(fmt).initial_scales(linear.weight)
             new.scale = nn.Parameter(d)
         else:
             new.scale = None
@@ -137,8 +116,8 @@ class FakeQuantLinear(nn.Linear):
                 self._frozen_key = key
             return self._frozen
         if self.scale is not None:
-            return _LearnedScaleQ4_0.apply(self.weight, self.scale)
-        return (q4_0 if self.fmt == "q4_0" else q8_0).fake_quant(self.weight)
+            return get(self.fmt).learned_fake_quant(self.weight, self.scale)
+        return get(self.fmt).fake_quant(self.weight)
 
     def act_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The static (input, output) int8 scales, float32: the numbers the .pte is given."""

@@ -24,14 +24,13 @@ from .atomic import write_json
 from .eval.gap import export_gap, file_twin
 from .eval.suite import domain_row, held_out_texts, in_domain, score_gguf_suite, summarize
 from .export.model import export_trained, float_reference, ptq_llama_cpp
-from .formats import q4_0, q8_0
+from .formats import get as get_format
 from .models.load import load, resolve
 from .report import layer_errors, write_report
 from .runtime.llamacpp import decode_speed, load_rss_mb
 from .train.run import RunConfig, load_run_config, qat_run
 
 RUN_N_CTX = 512  # tokens per scored chunk, as llama-perplexity's default
-FAKE_QUANT = {"q4_0": q4_0.fake_quant, "q8_0": q8_0.fake_quant}
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +67,8 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
     twin, types = file_twin(model, source.arch, paths["qat"])
     gap = export_gap(twin, types, paths["qat"], gap_text)
     ids = torch.tensor([tokenizer(gap_text[:4000])["input_ids"][:256]])
-    quantized = {n: f for n, f in types.items() if f in ("q4_0", "q8_0") and n != "lm_head"}
-    ptq_w = {n: FAKE_QUANT[f](model.get_submodule(n).weight) for n, f in quantized.items()}  # == llama.cpp's PTQ values
+    quantized = {n: f for n, f in types.items() if get_format(f).trainable and n != "lm_head"}
+    ptq_w = {n: get_format(f).fake_quant(model.get_submodule(n).weight) for n, f in quantized.items()}  # == llama.cpp's PTQ values
     qat_w = {n: twin.get_submodule(n).weight for n in quantized}
     errors = layer_errors(model, ptq_w, qat_w, ids)
     del twin

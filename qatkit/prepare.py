@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from . import QatkitError
-from .formats import FORMATS, decode, encode, q4_0, q8_0
+from .formats import FORMATS, decode, encode, get
 from .models.arch import Arch, gguf_name, to_gguf_tensor
 from .nn import FakeQuantLinear
 from .plan import default_plan, gguf_shapes
@@ -218,20 +218,16 @@ def file_values(w: torch.Tensor, fmt: str) -> torch.Tensor:
 def settle_boundaries(w: torch.Tensor, fmt: str, gen: torch.Generator) -> int:
     """Move weights that sit exactly on a rounding boundary of `fmt` a random 5-50% of the way to
     the value they quantize to; codes and scales stay as PTQ makes them. Returns how many moved."""
-    mod = q4_0 if fmt == "q4_0" else q8_0
+    f = get(fmt)
     with torch.no_grad():
-        codes, d = mod.quantize(w)
-        dq = mod.dequantize(codes, d).to(w.dtype)
-        blocks = w.float().reshape(*w.shape[:-1], -1, mod.BLOCK)
-        d32 = (q4_0.absmax_scale(w) if fmt == "q4_0" else blocks.abs().amax(-1) / 127.0).unsqueeze(-1)
-        inv = torch.where(d32 == 0, torch.zeros_like(d32), 1.0 / d32)
-        z = (blocks * inv + 8.5) if fmt == "q4_0" else (blocks * inv).abs() + 0.5
-        on_edge = (z == torch.floor(z)).reshape(w.shape) & (w != dq)
+        codes, d = f.quantize_codes(w)
+        dq = f.dequantize_codes(codes, d).to(w.dtype)
+        on_edge = f.boundary_mask(w) & (w != dq)
         n = int(on_edge.sum())
         if n:
             r = (0.05 + 0.45 * torch.rand(w.shape, generator=gen)).to(w.dtype)
             moved = torch.where(on_edge, w + r * (dq - w), w)
-            codes2, d2 = mod.quantize(moved)
+            codes2, d2 = f.quantize_codes(moved)
             keep = torch.equal(codes2, codes) and torch.equal(d2.view(torch.int16), d.view(torch.int16))
             assert keep, "settling boundary weights changed the PTQ codes"
             w.copy_(moved)

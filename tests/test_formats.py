@@ -146,3 +146,45 @@ def test_bytes_equal_ggml_library(fmt):
     for x in edge_cases() + random_cases():
         got = mod.pack(*mod.quantize(torch.from_numpy(x)))
         np.testing.assert_array_equal(got, ggml_quantize(x, int(qtype)))
+
+
+def test_registry_answers_every_format_question():
+    """One table: each format's bytes decode to values that encode back to the same bytes, a
+    trainable format's fake-quant is those values, and the activation rounding in front of a
+    product is registered with the weight's format."""
+    from qatkit.formats import FORMATS, TRAINABLE, get
+
+    assert set(FORMATS) == {"f32", "f16", "q4_0", "q8_0", "q6_k"} and TRAINABLE == ("q4_0", "q8_0")
+    w = torch.randn(4, 256, generator=torch.Generator().manual_seed(0))
+    for name in ("f32", "f16", "q4_0", "q8_0"):
+        f = get(name)
+        data = f.encode(w)
+        values = torch.from_numpy(f.decode(data, (4, 256)).copy())
+        assert (f.encode(values) == data).all(), name
+        if f.trainable:
+            assert torch.equal(f.fake_quant(w), values), name
+    assert [get(n).act_block for n in ("q4_0", "q8_0", "q6_k", "f16")] == [32, 32, 256, 1]
+    assert not get("f32").rounds_activations and get("f16").rounds_activations
+    x = torch.randn(2, 256)
+    assert torch.equal(get("q6_k").activation_rounding(x), get("q6_k").activation_rounding(get("q6_k").activation_rounding(x)))
+    with pytest.raises(ValueError, match="unknown format 'q5_0'"):
+        get("q5_0")
+    with pytest.raises(ValueError, match="learned scales are for q4_0"):
+        get("q8_0").learned_fake_quant(w, torch.ones(4, 8))
+
+
+def test_boundary_mask_marks_the_weights_an_ulp_flips():
+    """In a Q4_0 block whose largest |x| is -8 (d = 1), x + 8.5 is an integer exactly for
+    x = k + 0.5: those weights are marked, and a step of 1e-5 either way changes their code
+    while the other weights keep theirs."""
+    from qatkit.formats import get
+
+    f = get("q4_0")
+    row = torch.tensor([-8.0, 0.5, 1.5, 0.3, -2.5, 3.0] + [0.1] * 26)
+    mask = f.boundary_mask(row[None])[0]
+    assert mask.nonzero().flatten().tolist() == [1, 2, 4]
+    for i in range(1, 32):  # not the block's largest |x|: moving it moves d
+        up, down = row.clone(), row.clone()
+        up[i], down[i] = row[i] + 1e-5, row[i] - 1e-5
+        flips = f.quantize_codes(up[None])[0][0, i] != f.quantize_codes(down[None])[0][0, i]
+        assert bool(flips) == bool(mask[i]), i

@@ -122,3 +122,42 @@ def unpack(raw: np.ndarray, n: int | None = None) -> tuple[np.ndarray, np.ndarra
     nib = blocks[:, 2:]
     codes = np.concatenate([nib & np.uint8(0x0F), nib >> np.uint8(4)], axis=1)
     return codes.reshape(rows, -1), d
+
+
+def boundary_mask(w: torch.Tensor) -> torch.Tensor:
+    """Weights that sit exactly on a rounding boundary of ggml's own Q4_0 (x * id + 8.5 is an
+    integer): an ulp of training noise flips their code."""
+    b = _blocks(w.float())
+    d32 = absmax_scale(w).unsqueeze(-1)
+    inv = torch.where(d32 == 0, torch.zeros_like(d32), 1.0 / d32)
+    z = b * inv + 8.5
+    return (z == torch.floor(z)).reshape(w.shape)
+
+
+class _LearnedScale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        codes, d16 = quantize(w, d)
+        out = dequantize(codes, d16)
+        ctx.save_for_backward(w, codes, d16)
+        return out.to(w.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        w, codes, d16 = ctx.saved_tensors
+        n_blocks = d16.shape[-1]
+        g = grad.float().reshape(*grad.shape[:-1], n_blocks, BLOCK)
+        d = d16.float().unsqueeze(-1)
+        x = torch.where(d == 0, torch.zeros_like(g), w.float().reshape(g.shape) / d)  # w in units of d
+        q = codes.float().reshape(g.shape) - 8.0
+        inside = (x >= -8.5) & (x < 7.5)  # the codes' reach: trunc(x + 8.5) in 0..15 unclipped
+        grad_w = torch.where(inside, g, torch.zeros_like(g)).reshape(w.shape).to(w.dtype)
+        grad_d = (g * torch.where(inside, q - x, q)).sum(-1)
+        return grad_w, grad_d
+
+
+def learned_fake_quant(w: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """Q4_0 with learned scales d (..., n/32), LSQ-style: forward dequantize(quantize(w, d));
+    backward d out/d d = (q - 8) - w/d inside the grid, (q - 8) where w is clipped, and the
+    weight's gradient straight through inside the grid, zero where clipped."""
+    return _LearnedScale.apply(w, d)

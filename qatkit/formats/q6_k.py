@@ -205,3 +205,23 @@ def dequantize_bytes(raw: np.ndarray, n: int) -> np.ndarray:
         raise ValueError(f"Q6_K needs rows whose length is a multiple of {BLOCK}, got n={n}")
     raw = np.ascontiguousarray(raw, dtype=np.uint8).reshape(-1, n // BLOCK * BLOCK_BYTES)
     return dequantize(raw, GGMLQuantizationType.Q6_K).astype(np.float32, copy=False).reshape(raw.shape[0], n)
+
+
+ACT_BLOCK = 256  # Q8_K: the activation blocks a Q6_K product rounds its input to
+
+
+def activation_fake_quant(x: torch.Tensor) -> torch.Tensor:
+    """Activations as ggml's `quantize_row_q8_K_ref` (the x86 `quantize_row_q8_K`) rounds them
+    before a Q6_K product: per 256, iscale = -127/max (max = the first value of largest |x|),
+    q = min(127, round-half-even(iscale*x)), value = q * (1/iscale), all float32."""
+    if x.shape[-1] % ACT_BLOCK:
+        raise ValueError(f"Q8_K needs rows whose length is a multiple of {ACT_BLOCK}, got {tuple(x.shape)}")
+    b = x.float().reshape(*x.shape[:-1], x.shape[-1] // ACT_BLOCK, ACT_BLOCK)
+    mx = b.gather(-1, b.abs().argmax(dim=-1, keepdim=True))  # argmax returns the first maximum
+    zero = mx == 0
+    # Trap: torch computes `scalar / tensor` as reciprocal times scalar, two roundings; C's
+    # -127.f/max is one. Divide tensor by tensor.
+    iscale = torch.where(zero, torch.zeros_like(mx), torch.full_like(mx, -127.0) / mx)
+    q = torch.round(iscale * b).clamp(max=127.0)  # nearest_int's magic-number add rounds half to even
+    d = torch.where(zero, torch.zeros_like(mx), torch.ones_like(mx) / iscale)
+    return (q * d).reshape(x.shape).to(x.dtype)

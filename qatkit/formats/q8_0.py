@@ -103,3 +103,12 @@ def unpack(raw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     d = blocks[:, :2].copy().view(np.float16).reshape(rows, -1)
     codes = blocks[:, 2:].copy().view(np.int8).reshape(rows, -1)
     return codes, d
+
+
+def boundary_mask(w: torch.Tensor) -> torch.Tensor:
+    """Weights that sit exactly on a rounding boundary of Q8_0 (|x| / d + 0.5 is an integer)."""
+    b = _blocks(w.float())
+    d32 = (b.abs().amax(-1) / 127.0).unsqueeze(-1)
+    inv = torch.where(d32 == 0, torch.zeros_like(d32), 1.0 / d32)
+    z = (b * inv).abs() + 0.5
+    return (z == torch.floor(z)).reshape(w.shape)

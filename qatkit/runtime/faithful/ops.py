@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...formats import q8_0
+from ...formats import FORMATS, q6_k
 from ...formats._ste import straight_through
 from ...models.arch import arch_for_config, rope_base_and_factor
 from ..ggml import libm, row_kernels
@@ -23,44 +23,21 @@ from .lanes import _EXACT, _matmul
 log = logging.getLogger(__name__)
 
 ATTN_IMPLEMENTATION = "qatkit_llamacpp_faithful"
-Q8_K_BLOCK = 256
+Q8_K_BLOCK = q6_k.ACT_BLOCK
 
 # model_type -> whether llama.cpp multiplies Q by the attention scale *before* the f16 K*Q
 # product (src/models/gemma3.cpp) rather than inside soft_max_ext (llama, qwen2, qwen3).
 _Q_PRESCALED = {"gemma3_text": True, "llama": False, "qwen2": False, "qwen3": False}
 
 
-def f16_round(x: torch.Tensor) -> torch.Tensor:
-    """Round to the nearest f16 (ties to even, as F16C's `_cvtps_ph`), back in x's dtype."""
-    return x.to(torch.float16).to(x.dtype)
+f16_round = FORMATS["f16"].activation_rounding  # round to the nearest f16, back in x's dtype
+q8_k_activation_fake_quant = q6_k.activation_fake_quant  # what a Q6_K product does to its input
 
-
-def q8_k_activation_fake_quant(x: torch.Tensor) -> torch.Tensor:
-    """Activations as ggml's `quantize_row_q8_K_ref` (the x86 `quantize_row_q8_K`) rounds them
-    before a Q6_K product: per 256, iscale = -127/max (max = the first value of largest |x|),
-    q = min(127, round-half-even(iscale*x)), value = q * (1/iscale), all float32."""
-    if x.shape[-1] % Q8_K_BLOCK:
-        raise ValueError(f"Q8_K needs rows whose length is a multiple of {Q8_K_BLOCK}, got {tuple(x.shape)}")
-    b = x.float().reshape(*x.shape[:-1], x.shape[-1] // Q8_K_BLOCK, Q8_K_BLOCK)
-    mx = b.gather(-1, b.abs().argmax(dim=-1, keepdim=True))  # argmax returns the first maximum
-    zero = mx == 0
-    # Trap: torch computes `scalar / tensor` as reciprocal times scalar, two roundings; C's
-    # -127.f/max is one. Divide tensor by tensor.
-    iscale = torch.where(zero, torch.zeros_like(mx), torch.full_like(mx, -127.0) / mx)
-    q = torch.round(iscale * b).clamp(max=127.0)  # nearest_int's magic-number add rounds half to even
-    d = torch.where(zero, torch.zeros_like(mx), torch.ones_like(mx) / iscale)
-    return (q * d).reshape(x.shape).to(x.dtype)
-
-
-# ggml type of a weight -> how the matrix product rounds the activation it is multiplied with.
+# ggml type of a weight -> how the matrix product rounds the activation it is multiplied with
+# (the format registry's own rounding; None where it rounds nothing), and the row multiple it needs.
 ACTIVATION_ROUNDING: dict[str, Callable[[torch.Tensor], torch.Tensor] | None] = {
-    "q4_0": q8_0.activation_fake_quant,
-    "q8_0": q8_0.activation_fake_quant,
-    "q6_k": q8_k_activation_fake_quant,
-    "f16": f16_round,
-    "f32": None,
-}
-_ROW_MULTIPLE = {"q4_0": q8_0.BLOCK, "q8_0": q8_0.BLOCK, "q6_k": Q8_K_BLOCK}
+    name: (f.activation_rounding if f.rounds_activations else None) for name, f in FORMATS.items()}
+_ROW_MULTIPLE = {name: f.act_block for name, f in FORMATS.items() if f.act_block > 1}
 
 
 def _faithful(x: torch.Tensor, rounding: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
