@@ -34,10 +34,13 @@ def export_model(
     pure: bool = False,
     q4_0_scales: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    plan: dict[str, str] | None = None,
 ) -> dict:
-    """Write `model` (the float model or a trained student's float weights) as a GGUF file."""
+    """Write `model` (the float model or a trained student's float weights) as a GGUF file.
+    `plan`: the per-tensor plan the student was prepared with (computed here when absent)."""
     tensors = gguf_tensors(model, source.arch)
-    plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
+    if plan is None:
+        plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
     sizes = write_gguf(out, tensors, plan, file_metadata(source, model, tokenizer), fmt, q4_0_scales, progress)
     return {"path": str(out), "format": fmt, "pure": pure, "plan": plan, "tensor_bytes": sum(sizes.values()), "file_bytes": os.path.getsize(out)}
 
@@ -79,7 +82,8 @@ def export_trained(trained: dict, progress: bool = True) -> dict:
         from ..prepare import convert
 
         scales = convert(student, source.arch)
-        info = export_model(student, tokenizer, source, run_dir / f"qat-{cfg.qat.fmt}.gguf", cfg.qat.fmt, cfg.qat.pure, q4_0_scales=scales, progress=progress)
+        info = export_model(student, tokenizer, source, run_dir / f"qat-{cfg.qat.fmt}.gguf", cfg.qat.fmt, cfg.qat.pure, q4_0_scales=scales, progress=progress,
+                            plan=trained["plan"])  # the plan the student trained under, not recomputed
         trained["gguf"] = info["path"]
     trained["file_bytes"] = info["file_bytes"]
     return trained
