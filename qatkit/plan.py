@@ -18,6 +18,7 @@ import logging
 
 from . import QatkitError
 from .formats import FORMATS, fits
+from .formats.mobile import WeightSpec, parse_spec
 from .models.arch import gguf_name
 
 log = logging.getLogger(__name__)
@@ -83,7 +84,7 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
         raise QatkitError(f"mobile weights {weights!r}: choose from {', '.join(MOBILE_WEIGHTS)}")
     if embedding not in MOBILE_EMBEDDINGS:
         raise QatkitError(f"mobile embedding {embedding!r}: choose from {', '.join(MOBILE_EMBEDDINGS)}")
-    group = weights[len("int4"):] if weights.startswith("int4") else ""
+    base = parse_spec(weights)  # the one parser of scheme names (formats/mobile.py)
     plan: dict[str, str] = {"model.embed_tokens": embedding}
     for flag, patterns in (("--keep", keep), ("--int8", int8), ("--int2", int2)):
         for pattern in patterns:
@@ -99,10 +100,10 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
         if name == "lm_head" or matches(int8):
             scheme = "int8"
         elif matches(int2):
-            scheme = "int2" + group
+            scheme = WeightSpec(2, base.group).name  # int2, or int2g32 under int4g32
         else:
             scheme = weights
-        if "g" in scheme and width % int(group[1:]):
-            raise QatkitError(f"{name}: row width {width} is not a multiple of {group[1:]}, so {scheme} cannot store it (use per-channel int4)")
+        if not parse_spec(scheme).fits(width):
+            raise QatkitError(f"{name}: row width {width} is not a multiple of {base.group}, so {scheme} cannot store it (use per-channel int4)")
         plan[name] = scheme
     return plan
