@@ -1,4 +1,8 @@
-"""qatkit's command line. Thin: parse, call the library, print. Bad input exits 2 in one line."""
+"""qatkit's command line. Thin: parse, call the library, print. Bad input exits 2 in one line.
+
+Over 400 lines for now: every subcommand's options are written out here, with their help text.
+They are to be generated from the config dataclasses' field metadata (issue 11), which will
+also take the cross-field checks out of this file."""
 
 from __future__ import annotations
 
