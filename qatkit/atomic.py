@@ -16,6 +16,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+_UMASK = os.umask(0)  # read once at import (os.umask can only be read by setting it)
+os.umask(_UMASK)
+
 
 @contextmanager
 def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bool = False) -> Iterator[Path]:
@@ -44,7 +47,7 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
             shutil.rmtree(dest)  # os.replace cannot replace a non-empty folder
         os.replace(tmp, dest)
         if not folder:
-            os.chmod(dest, 0o644 & ~_umask())  # mkstemp makes 0600 files; others read what we write
+            os.chmod(dest, 0o644 & ~_UMASK)  # mkstemp makes 0600 files; others read what we write
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -53,10 +56,6 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
         raise
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -78,7 +78,7 @@ class Scores:
         self.same = self.count = 0
         self.with_ref = False
 
-    def add(self, logits, targets, ref_logp: torch.Tensor | None = None, ref_top: torch.Tensor | None = None) -> None:
+    def add(self, logits, targets, ref_logp: torch.Tensor | None = None) -> None:
         lp = log_softmax64(logits)
         t = torch.as_tensor(np.asarray(targets, dtype=np.int64))
         nll = -lp.gather(1, t[:, None]).squeeze(1)
@@ -88,8 +88,7 @@ class Scores:
         if ref_logp is not None:
             self.with_ref = True
             self.kld += float(kl_rows(ref_logp, lp).sum())
-            top = ref_logp.argmax(-1) if ref_top is None else ref_top
-            self.same += int((top == lp.argmax(-1)).sum())
+            self.same += int((ref_logp.argmax(-1) == lp.argmax(-1)).sum())
 
     def result(self) -> dict:
         if self.count == 0:

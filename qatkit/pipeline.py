@@ -88,12 +88,8 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
         "config": json.loads(cfg.to_json()),
     }
     write_report(report, trained["metrics"], errors, out)
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report, indent=2, default=list)  # tuples of the plan as lists
     return report
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    write_json(path, obj, indent=2, default=list)  # tuples of the plan as lists
 
 
 def _ptq_pte_path(source, qat, seq_len: int) -> Path:
@@ -179,5 +175,5 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
         "config": json.loads(cfg.to_json()),
     }
     write_mobile_report(report, trained["metrics"], out)
-    _write_json(out / "report.json", report)
+    write_json(out / "report.json", report, indent=2, default=list)  # tuples of the plan as lists
     return report

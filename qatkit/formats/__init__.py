@@ -45,10 +45,6 @@ class Format:
         """Whether a row of n elements can be stored (whole blocks only)."""
         return n % self.block == 0
 
-    @property
-    def quantized(self) -> bool:
-        return self.block > 1
-
     def encode(self, w: torch.Tensor, scales: torch.Tensor | None = None) -> np.ndarray:
         """A float tensor (rows, n) or (n,) -> the array a GGUF file stores: float arrays of w's
         shape for float formats, uint8 (rows, bytes per row) for block formats, bit-identical
