@@ -4,6 +4,7 @@ load -> float reference GGUF -> llama.cpp's PTQ baseline -> QAT (train, export) 
 in llama.cpp on every domain of the held-out suite (with speed and memory) -> export gap of the trained file ->
 report.json, report.md and plots
 
+Files appear under `out` only as stages finish, each written atomically (qatkit/atomic.py).
 Each stage reuses what an earlier run left: the float cache, the reference GGUF and the PTQ file
 (cached beside the model), and the training checkpoint with `resume`.
 """
@@ -38,10 +39,9 @@ log = logging.getLogger(__name__)
 def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: bool = False) -> dict:
     """`texts`: {domain: held-out text}, usually the suite (eval/suite.py); `chunks` per domain."""
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     fmt = cfg.qat.fmt
+    source = resolve(cfg.model)  # a bad MODEL fails here: one error line, and `out` not made yet
     log.info("[1/6] loading %s", cfg.model)
-    source = resolve(cfg.model)
     model, tokenizer = load(source)
     log.info("[2/6] float reference (F32 GGUF)")
     teacher = float_reference(source, model, tokenizer)
@@ -116,11 +116,10 @@ def run_mobile(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, re
 
     require_executorch()
     t0 = time.time()
-    out.mkdir(parents=True, exist_ok=True)
     if resume and (out / "train" / "config.json").exists():
         cfg = load_run_config(out / "train")  # the run being continued decides the plan
+    source = resolve(cfg.model)  # a bad MODEL fails here: one error line, and `out` not made yet
     log.info("[1/5] loading %s", cfg.model)
-    source = resolve(cfg.model)
     teacher, tokenizer = load(source)
     ptq_path = _ptq_pte_path(source, cfg.qat, cfg.train.seq_len)
     log.info("[2/5] PTQ baseline: the same plan, untrained, as an ExecuTorch program")

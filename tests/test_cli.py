@@ -136,6 +136,11 @@ def test_eval_bad_text(tmp_path, capsys):
 def test_model_not_found_and_bad_out_name(tmp_path, capsys):
     assert run(capsys, "export", str(tmp_path / "nope"), "--out", str(tmp_path / "x.gguf")) == 2
     one_line_error(capsys, "not found")
+    assert run(capsys, "run", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "out"), "--quick") == 2
+    one_line_error(capsys, "not found")
+    assert run(capsys, "train", str(tmp_path / "nope"), "--out", str(tmp_path / "run")) == 2
+    one_line_error(capsys, "not found")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "run").exists()
     assert run(capsys, "export", str(tmp_path), "--out", str(tmp_path / "x.bin")) == 2
     one_line_error(capsys, ".gguf")
 
@@ -177,7 +182,7 @@ def test_train_bad_data(tmp_path, capsys, case):
     run_dir = tmp_path / "run"
     assert run(capsys, "train", str(src), "--data", str(data), "--steps", "2", "--seq-len", "32", "--out", str(run_dir), "--export") == 2
     one_line_error(capsys, {"empty": "no text", "short": "too little text", "mismatch": "tokenizer/model mismatch"}[case])
-    assert not (run_dir / "qat-q4_0.gguf").exists()
+    assert not run_dir.exists()  # not even an empty run directory
 
 
 def test_train_data_free(tmp_path, capsys):

@@ -138,8 +138,9 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
     needs (source, tokenizer, plan). `loaded` = (source, teacher, tokenizer) to reuse a load.
     `watch_texts` {name: text}: the KL on the first sequence of each is logged at every
     evaluation (a torch-side curve of held-out domains; never trained on). A caller that will
-    export to ExecuTorch checks for it first (runtime.executorch.require_executorch)."""
-    run_dir.mkdir(parents=True, exist_ok=True)
+    export to ExecuTorch checks for it first (runtime.executorch.require_executorch).
+    The run directory appears with its config.json, once the model and data are in hand: bad
+    input leaves nothing behind."""
     if resume and (run_dir / "config.json").exists():
         saved = load_run_config(run_dir)
         if saved != cfg:
