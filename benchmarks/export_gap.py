@@ -14,10 +14,9 @@ import argparse
 import tempfile
 import time
 
-from qatkit.eval.gap import export_gap
-from qatkit.export.gguf import load_gguf_weights
-from qatkit.export.model import export_model
+from qatkit.export.gguf import export_model, load_gguf_weights
 from qatkit.models.load import load, resolve
+from qatkit.targets.gguf import export_gap
 from qatkit.train.data import default_eval_text
 
 

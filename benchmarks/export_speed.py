@@ -23,13 +23,13 @@ import torch
 from gguf import GGMLQuantizationType as T
 from gguf import quants as gq
 
-from qatkit.export.gguf import gguf_tensors
-from qatkit.export.model import export_model, float_reference
+from qatkit.export.gguf import export_model, gguf_tensors
 from qatkit.formats import encode
 from qatkit.models.load import load, resolve
 from qatkit.plan import default_plan
 from qatkit.runtime.ggml import ggml_quantize
 from qatkit.runtime.llamacpp import llama_quantize
+from qatkit.targets.gguf import float_reference
 
 
 def timed(fn) -> float:

@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 
 from qatkit.eval.suite import domain_row, held_out_texts, in_domain, load_suite, summarize
-from qatkit.export.model import export_trained, float_reference, ptq_llama_cpp
 from qatkit.models.load import load, resolve
 from qatkit.prepare import QATConfig
 from qatkit.runtime.llamacpp import score_files
+from qatkit.targets import export_trained
+from qatkit.targets.gguf import float_reference, ptq_llama_cpp
 from qatkit.train.loop import TrainConfig
 from qatkit.train.run import RunConfig, qat_run
 

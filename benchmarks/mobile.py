@@ -6,7 +6,7 @@ scored in ExecuTorch the way llama-perplexity scores a GGUF: perplexity, mean KL
 teacher (computed in torch, the same chunks and positions), same top token, gap closure, the
 .pte size, and prefill/decode tokens/s through ExecuTorch's own LLM runner. The export gap of
 the trained file (ExecuTorch vs the student's own forward) is printed too. This is
-`qatkit run --format mobile --learn-scales` (qatkit.pipeline.run_mobile) with a printed table.
+`qatkit run --format mobile --learn-scales` (qatkit.pipeline.run with the ExecuTorch target) with a printed table.
 
     python benchmarks/mobile.py [--steps 150] [--int2 '*.mlp.down_proj'] [--activations static]
                                 [--embedding int4] [--out runs/mobile]
@@ -19,7 +19,7 @@ import logging
 from pathlib import Path
 
 from qatkit.eval.suite import load_suite
-from qatkit.pipeline import run_mobile
+from qatkit.pipeline import run
 from qatkit.prepare import QATConfig
 from qatkit.report import domain_lines
 from qatkit.train.loop import TrainConfig
@@ -40,7 +40,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     qat = QATConfig(fmt="mobile", mobile_weights=args.weights, int2=tuple(args.int2), embedding=args.embedding, learn_scales=True, activations=args.activations)
     train = TrainConfig(steps=args.steps, lr=args.lr, eval_every=25, ckpt_every=25)
-    r = run_mobile(RunConfig(model="gemma3-270m", qat=qat, train=train), args.out, load_suite(), args.chunks, resume=True)
+    r = run(RunConfig(model="gemma3-270m", qat=qat, train=train), args.out, load_suite(), args.chunks, resume=True)
     rows = r["files"]
     acts = "static int8 activations (per tensor, learned)" if args.activations == "static" else "int8 activations per token"
     print(f"\nGemma 3 270M, mobile format ({args.weights} Linears, int2: {args.int2 or 'none'}, embedding {args.embedding} per row), {acts}")

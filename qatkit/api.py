@@ -12,17 +12,18 @@
     score("qat-q4_0.gguf", text, ref_path="teacher-f32.gguf")   # in llama.cpp: PPL, KLD, same top
 
 `plan(model, arch, fmt)` gives the per-tensor plan alone; `qat_run` + `export_trained` do what
-`qatkit train` does (data, sampling, checkpoints, resume, then the file).
+`qatkit train` does (data, sampling, checkpoints, resume, then the file); `for_format(fmt)` is the
+target (GGUF / ExecuTorch) that writes, scores and verifies files of a format.
 """
 
-from .export.model import export_model as export
-from .export.model import export_trained
+from .export.gguf import export_model as export
 from .models.load import load, resolve
 from .prepare import QATConfig, convert, prepare
 from .prepare import model_plan as plan
 from .runtime.llamacpp import score, score_files
+from .targets import export_trained, for_format
 from .train.loop import TrainConfig, train
 from .train.run import RunConfig, qat_run
 
-__all__ = ["resolve", "load", "plan", "prepare", "train", "convert", "export", "score", "score_files", "qat_run", "export_trained",
+__all__ = ["resolve", "load", "plan", "prepare", "train", "convert", "export", "score", "score_files", "qat_run", "export_trained", "for_format",
            "QATConfig", "TrainConfig", "RunConfig"]

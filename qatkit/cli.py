@@ -247,17 +247,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> int:
-    from .export.model import export_trained
+    from . import targets
     from .train.run import qat_run
 
     cfg = _run_config(args)
-    if args.export and cfg.qat.fmt == "mobile":
-        from .runtime.executorch import require_executorch
-
-        require_executorch()  # before the training, not after it
+    target = targets.for_format(cfg.qat.fmt)
+    if args.export:
+        target.check(cfg)  # before the training, not after it
     result = qat_run(cfg, args.out, resume=args.resume)
     if args.export:
-        result = export_trained(result)
+        result = target.export(result)
     last = [r for r in result["metrics"] if "held_out_kl" in r]
     print(f"trained {result['steps']} steps ({result['tokens_seen']:,} tokens) in {result['train_seconds']:.0f} s; held-out KL {last[0]['held_out_kl']:.4f} -> {last[-1]['held_out_kl']:.4f}")
     for key in ("gguf", "pte"):
@@ -268,8 +267,9 @@ def cmd_train(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export.model import export_model, ptq_llama_cpp
+    from .export.gguf import export_model
     from .models.load import load, resolve
+    from .targets.gguf import ptq_llama_cpp
 
     _check_mobile_knobs(args)
     to = args.to or ("executorch" if args.format == "mobile" else "gguf")
@@ -292,10 +292,10 @@ def cmd_export(args) -> int:
 
 
 def _export_mobile(args) -> int:
-    from .export.executorch import export_pte, require_executorch
     from .models.load import load, resolve
-    from .prepare import QATConfig, prepare
-    from .train.run import calibrate_on_default_text
+    from .prepare import QATConfig
+    from .runtime.executorch import require_executorch
+    from .targets.executorch import ptq_program
 
     if args.out.suffix != ".pte":
         raise QatkitError(f"--out {args.out}: an ExecuTorch program's name must end in .pte")
@@ -305,9 +305,7 @@ def _export_mobile(args) -> int:
     t0 = time.time()
     source = resolve(args.model)
     model, tokenizer = load(source)
-    prepare(model, source.arch, QATConfig(fmt="mobile", **_mobile_fields(args)))
-    calibrate_on_default_text(model, tokenizer)  # static scales (PTQ: from the default training text)
-    info = export_pte(model, tokenizer, args.out, max_context=args.max_context)
+    info = ptq_program(source, model, tokenizer, QATConfig(fmt="mobile", **_mobile_fields(args)), args.out)  # static scales from the default training text
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 / {len(args.int8)} int8 / {len(args.keep)} float patterns, embedding {args.embedding}, {args.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0
 
@@ -385,24 +383,16 @@ def _read_text(path: Path) -> str:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import run, run_mobile
+    from .pipeline import run
     from .report import domain_lines
 
     if args.quick:
         args.steps, args.chunks = min(args.steps, 20), min(args.chunks, 2)
     texts = _eval_texts(args)
-    cfg = _run_config(args)
-    if args.format == "mobile":
-        report = run_mobile(cfg, args.out, texts, args.chunks, resume=args.resume)
-        gap = report["export_gap"]
-        print("\n".join(domain_lines(report, plain=True)))
-        print(f"export gap, ExecuTorch vs the trained student: mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
-        print(f"report: {args.out / 'report.md'}")
-        return 0
-    report = run(cfg, args.out, texts, args.chunks, resume=args.resume)
+    report = run(_run_config(args), args.out, texts, args.chunks, resume=args.resume)
     print("\n".join(domain_lines(report, plain=True)))
-    gap = report["export_gap"]["faithful"]
-    print(f"export gap, llama.cpp vs the trained student (faithful): mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
+    gap = report["export_gap"]
+    print(f"export gap, {report['runtime']} vs the trained student: mean KLD {gap['kld']:.2e}, same top {gap['same_top']:.2f}%")
     print(f"report: {args.out / 'report.md'}")
     return 0
 

@@ -2,7 +2,8 @@
 KL(reference || model) and the same-top-token rate, all in float64. Every runtime scores through
 here (llama.cpp in `runtime/llamacpp.py`, ExecuTorch in `runtime/executorch.py`, torch models through
 `torch_logits`), and so do the export gap and the held-out KL logged during training, so a GGUF's
-and a .pte's figures are taken on the same positions of the same tokens.
+and a .pte's figures are taken on the same positions of the same tokens. `layer_errors` is the
+per-layer view of a quantization (relative output error of each Linear).
 
 llama-perplexity's method (llama.cpp tools/perplexity/perplexity.cpp, default mode, no stride):
 - the text is tokenized once, BOS in front when the model's vocab adds BOS;
@@ -162,3 +163,23 @@ def torch_logits(model: torch.nn.Module) -> LogitsFn:
         return model(torch.as_tensor([chunk], device=device)).logits[0, first:].float().cpu()
 
     return fn
+
+
+@torch.no_grad()
+def layer_errors(teacher, ptq_weights: dict[str, torch.Tensor], qat_weights: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, dict[str, float]]:
+    """Relative output error ||X Wq^T - X W^T|| / ||X W^T|| per linear (module name), X the
+    teacher's own input to that layer on `ids` (1, L)."""
+    inputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach())) for n, m in teacher.named_modules() if n in ptq_weights]
+    try:
+        teacher(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for name, x in inputs.items():
+        w = teacher.get_submodule(name).weight
+        ref = x @ w.T
+        norm = ref.norm()
+        out[name] = {k: float((x @ ws[name].T - ref).norm() / norm) for k, ws in (("ptq", ptq_weights), ("qat", qat_weights))}
+    return out

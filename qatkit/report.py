@@ -1,10 +1,12 @@
-"""report.md and PNG plots of a `qatkit run`, from report.json's figures and the metrics log.
+"""report.md and PNG plots of a `qatkit run`, from report.json's figures and the metrics log, for
+any target: the runtime, file kind, labels and plan are the target's own words in the report
+(`Target.about`); what a target did not measure (a per-layer view, load memory) is left out.
 
 - training.png: distillation loss and KL per step, held-out KL at each evaluation, and the PTQ
   level (the held-out KL of the untrained student, which quantizes exactly as PTQ does);
-- layers.png: per-layer relative output error of every quantized linear, PTQ vs QAT, on teacher
-  activations of held-out text;
-- size_ppl.png: file size vs llama.cpp perplexity of the three files (geometric mean over the
+- layers.png (GGUF): per-layer relative output error of every quantized linear, PTQ vs QAT, on
+  teacher activations of held-out text;
+- size_ppl.png: file size vs the runtime's perplexity of the three files (geometric mean over the
   held-out domains);
 - domains.png: per held-out domain, the share of PTQ's perplexity gap closed and the KLD of PTQ
   and QAT to the teacher; in-domain domains hatched and left out of the headline mean.
@@ -19,34 +21,12 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 from .atomic import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
-LABELS = {"teacher": "float teacher", "ptq": "llama.cpp PTQ", "qat": "qatkit QAT"}
 COLORS = {"teacher": "tab:gray", "ptq": "tab:red", "qat": "tab:blue"}
-
-
-@torch.no_grad()
-def layer_errors(teacher, ptq_weights: dict[str, torch.Tensor], qat_weights: dict[str, torch.Tensor], ids: torch.Tensor) -> dict[str, dict[str, float]]:
-    """Relative output error ||X Wq^T - X W^T|| / ||X W^T|| per linear (module name), X the
-    teacher's own input to that layer on `ids` (1, L)."""
-    inputs: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_pre_hook(lambda mod, args, n=n: inputs.__setitem__(n, args[0].detach())) for n, m in teacher.named_modules() if n in ptq_weights]
-    try:
-        teacher(ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    out = {}
-    for name, x in inputs.items():
-        w = teacher.get_submodule(name).weight
-        ref = x @ w.T
-        norm = ref.norm()
-        out[name] = {k: float((x @ ws[name].T - ref).norm() / norm) for k, ws in (("ptq", ptq_weights), ("qat", qat_weights))}
-    return out
 
 
 def plot_training(rows: list[dict], path: Path) -> None:
@@ -64,12 +44,12 @@ def plot_training(rows: list[dict], path: Path) -> None:
     _finish(fig, ax, path, "optimizer step", "KL(teacher || student), nats/token", "QAT distillation")
 
 
-def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
+def plot_layers(errors: dict[str, dict[str, float]], path: Path, labels: dict[str, str]) -> None:
     names = list(errors)
     x = range(len(names))
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(10, 6.5), dpi=110, sharex=True, gridspec_kw={"height_ratios": [2, 1]})
     for key in ("ptq", "qat"):
-        ax.plot(x, [100 * errors[n][key] for n in names], ".-", color=COLORS[key], lw=1, label=LABELS[key])
+        ax.plot(x, [100 * errors[n][key] for n in names], ".-", color=COLORS[key], lw=1, label=labels[key])
     ax.set_ylim(bottom=0)
     ax.set_ylabel("relative output error, %")
     ax.set_title("Per-layer quantization error on held-out activations")
@@ -83,7 +63,7 @@ def plot_layers(errors: dict[str, dict[str, float]], path: Path) -> None:
     _finish(fig, ax2, path, "quantized linear layer (model order: attention q, k, v, o, then MLP gate, up, down, per block)", "QAT / PTQ", "")
 
 
-def plot_size_ppl(files: dict[str, dict], path: Path, labels: dict[str, str] = LABELS, kind: str = "GGUF", runtime: str = "llama.cpp") -> None:
+def plot_size_ppl(files: dict[str, dict], path: Path, labels: dict[str, str], kind: str, runtime: str) -> None:
     fig, ax = plt.subplots(figsize=(6, 4.5), dpi=110)
     for key, f in files.items():
         if "file_bytes" in f:
@@ -94,7 +74,7 @@ def plot_size_ppl(files: dict[str, dict], path: Path, labels: dict[str, str] = L
     _finish(fig, ax, path, f"{kind} file size, MB (log scale)", f"perplexity in {runtime} (held-out text)", "Size vs quality", grid_which="both")
 
 
-def plot_domains(domains: dict[str, dict], path: Path, mean: float | None) -> None:
+def plot_domains(domains: dict[str, dict], path: Path, mean: float | None, labels: dict[str, str]) -> None:
     names = list(domains)
     x = range(len(names))
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
@@ -111,7 +91,7 @@ def plot_domains(domains: dict[str, dict], path: Path, mean: float | None) -> No
     _finish(fig, ax, None, "", "PTQ perplexity gap closed, %", "Gap closure per domain")
     w = 0.38
     for off, key in ((-w / 2, "ptq"), (w / 2, "qat")):
-        ax2.bar([i + off for i in x], [domains[n][key]["kld"] for n in names], w, color=COLORS[key], label=LABELS[key])
+        ax2.bar([i + off for i in x], [domains[n][key]["kld"] for n in names], w, color=COLORS[key], label=labels[key])
     ax2.set_xticks(list(x), names, rotation=15)
     _finish(fig, ax2, path, "", "mean KLD to the teacher, nats/token", "KL divergence per domain")
 
@@ -172,84 +152,64 @@ def domain_lines(report: dict, plain: bool = False) -> list[str]:
     return lines
 
 
-def write_markdown(report: dict, out: Path) -> None:
-    f = report["files"]
-    lines = [
-        *_intro(report, report["format"].upper()),
-        f"All quality figures measured in llama.cpp (perplexity as llama-perplexity computes it), on {len(report['domains'])} domains of text, {f['teacher']['tokens']} scored tokens in the held-out ones.",
-        "",
-        *domain_lines(report),
-        "",
-        "![gap closure and KLD per domain](domains.png)",
-        "",
-        "Files (PPL: geometric mean over the held-out domains; KLD and same top: their mean):",
-        "",
-        "| file | PPL | KLD to teacher | same top token | size MB | bits/weight | decode tok/s | load RSS MB |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for key in ("teacher", "ptq", "qat"):
-        r = f[key]
-        lines.append(f"| {LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {r['file_bytes'] / 1e6:.1f} | {r.get('bits_per_weight', float('nan')):.2f} | {r.get('decode_tps', float('nan')):.1f} | {r.get('load_rss_mb', float('nan')):.0f} |")
-    g = report["export_gap"]
-    lines += [
-        "",
-        f"**Export gap** (llama.cpp on the QAT file vs the trained student, {g['tokens']} tokens): mean KLD {g['faithful']['kld']:.2e} with llama.cpp's activation roundings modelled, {g['plain']['kld']:.2e} with float activations; same top token {g['faithful']['same_top']:.2f}%.",
-        "",
-        "![training curves](training.png)",
-        "",
-        "![per-layer error](layers.png)",
-        "",
-        "![size vs perplexity](size_ppl.png)",
-        "",
-    ]
-    write_text(out / "report.md", "\n".join(lines))
+FILE_COLUMNS = (  # (report key, column title, format): a column shows when any file has the figure
+    ("bits_per_weight", "bits/weight", "{:.2f}"),
+    ("prefill_tps", "prefill tok/s", "{:.1f}"),
+    ("decode_tps", "decode tok/s", "{:.1f}"),
+    ("load_rss_mb", "load RSS MB", "{:.0f}"),
+)
 
 
-def write_report(report: dict, rows: list[dict], errors: dict | None, out: Path) -> None:
-    plot_training(rows, out / "training.png")
-    if errors:
-        plot_layers(errors, out / "layers.png")
-    plot_size_ppl(report["files"], out / "size_ppl.png")
-    plot_domains(report["domains"], out / "domains.png", report.get("gap_closure"))
-    write_markdown(report, out)
-
-
-MOBILE_LABELS = {"teacher": "float teacher (torch)", "ptq": "PTQ .pte", "qat": "qatkit QAT .pte"}
-
-
-def write_mobile_report(report: dict, rows: list[dict], out: Path) -> None:
-    """report.md and plots of `qatkit run --format mobile` (figures measured in ExecuTorch)."""
-    plot_training(rows, out / "training.png")
-    plot_size_ppl(report["files"], out / "size_ppl.png", MOBILE_LABELS, kind=".pte", runtime="ExecuTorch (XNNPACK)")
-    plot_domains(report["domains"], out / "domains.png", report.get("gap_closure"))
-    f, plan = report["files"], report["plan"]
-    int_lists = ", ".join(f"{k} {' '.join(v)}" for k, v in plan.items() if k in ("int2", "int8", "keep") and v) or "no per-tensor exceptions"
-    lines = [
-        *_intro(report, "mobile format (ExecuTorch / XNNPACK)", f"Plan: {plan['mobile_weights']} Linears ({int_lists}), embedding {plan['embedding']} per row, {plan['activations']} int8 activations."),
-        f"Perplexity of the .pte files measured in the ExecuTorch runtime on {len(report['domains'])} domains of text, {f['teacher']['tokens']} scored tokens in the held-out ones; the teacher and the KL reference in torch on the same chunks.",
-        "",
-        *domain_lines(report),
-        "",
-        "![gap closure and KLD per domain](domains.png)",
-        "",
-        "Files (PPL: geometric mean over the held-out domains; KLD and same top: their mean):",
-        "",
-        "| file | PPL | KLD to teacher | same top token | size MB | prefill tok/s | decode tok/s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for key in ("teacher", "ptq", "qat"):
-        r = f[key]
+def file_table(files: dict[str, dict], labels: dict[str, str]) -> list[str]:
+    """The files' table: quality, size, and whichever speed and memory figures the target measured."""
+    cols = [c for c in FILE_COLUMNS if any(f.get(c[0]) for f in files.values())]
+    lines = ["| file | PPL | KLD to teacher | same top token | size MB | " + " | ".join(c[1] for c in cols) + " |", "|---" * (5 + len(cols)) + "|"]
+    for key, r in files.items():
         size = f"{r['file_bytes'] / 1e6:.1f}" if "file_bytes" in r else "-"
-        speed = [f"{r[k]:.1f}" if r.get(k) else "-" for k in ("prefill_tps", "decode_tps")]
-        lines.append(f"| {MOBILE_LABELS[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {size} | {speed[0]} | {speed[1]} |")
-    g = report["export_gap"]
-    lines += [
+        extra = [fmt.format(r[k]) if r.get(k) else "-" for k, _, fmt in cols]
+        lines.append(f"| {labels[key]} | {r['ppl']:.3f} | {r['kld']:.4f} | {r['same_top']:.1f}% | {size} | " + " | ".join(extra) + " |")
+    return lines
+
+
+def plan_line(plan: dict) -> str:
+    """The mobile plan in words."""
+    exceptions = ", ".join(f"{k} {' '.join(v)}" for k, v in plan.items() if k in ("int2", "int8", "keep") and v) or "no per-tensor exceptions"
+    return f"Plan: {plan['mobile_weights']} Linears ({exceptions}), embedding {plan['embedding']} per row, {plan['activations']} int8 activations."
+
+
+def write_markdown(report: dict, out: Path) -> None:
+    f, g, labels = report["files"], report["export_gap"], report["labels"]
+    gap = f"mean KLD {g['kld']:.2e}"
+    if "plain" in g:
+        gap += f" {report['gap_note']}, {g['plain']['kld']:.2e} with float activations"
+    lines = [
+        *_intro(report, report["title"], *([plan_line(report["plan"])] if "plan" in report else [])),
+        f"{report['measured']}, on {len(report['domains'])} domains of text, {f['teacher']['tokens']} scored tokens in the held-out ones.",
         "",
-        f"**Export gap** (ExecuTorch on the QAT program vs the trained student, {g['tokens']} tokens): mean KLD {g['kld']:.2e}, same top token {g['same_top']:.2f}%.",
+        *domain_lines(report),
+        "",
+        "![gap closure and KLD per domain](domains.png)",
+        "",
+        "Files (PPL: geometric mean over the held-out domains; KLD and same top: their mean):",
+        "",
+        *file_table(f, labels),
+        "",
+        f"**Export gap** ({report['runtime']} on the QAT file vs the trained student, {g['tokens']} tokens): {gap}; same top token {g['same_top']:.2f}%.",
         "",
         "![training curves](training.png)",
         "",
+        *(["![per-layer error](layers.png)", ""] if report.get("layer_errors") else []),
         "![size vs perplexity](size_ppl.png)",
         "",
     ]
     write_text(out / "report.md", "\n".join(lines))
+
+
+def write_report(report: dict, rows: list[dict], out: Path) -> None:
+    """report.md and the plots of one run, any target; `rows`: the training's metrics log."""
+    plot_training(rows, out / "training.png")
+    if report.get("layer_errors"):
+        plot_layers(report["layer_errors"], out / "layers.png", report["labels"])
+    plot_size_ppl(report["files"], out / "size_ppl.png", report["labels"], kind=report["file_kind"], runtime=report["runtime"])
+    plot_domains(report["domains"], out / "domains.png", report.get("gap_closure"), report["labels"])
+    write_markdown(report, out)

@@ -3,7 +3,7 @@
 
 def test_public_api_names_the_pipeline():
     from qatkit import api
-    from qatkit.export.model import export_model
+    from qatkit.export.gguf import export_model
     from qatkit.models.load import load, resolve
     from qatkit.prepare import convert, model_plan, prepare
     from qatkit.runtime.llamacpp import score

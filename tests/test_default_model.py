@@ -5,10 +5,10 @@ tensor for tensor, and it loads in llama.cpp and says something sensible. Minute
 import numpy as np
 import pytest
 
-from qatkit.export.gguf import read_gguf_tensors
-from qatkit.export.model import export_model, float_reference
+from qatkit.export.gguf import export_model, read_gguf_tensors
 from qatkit.models.load import load, resolve
 from qatkit.runtime.llamacpp import generate, llama_quantize, score
+from qatkit.targets.gguf import float_reference
 from qatkit.train.data import default_eval_text
 
 pytestmark = pytest.mark.slow

@@ -40,7 +40,9 @@ def test_run_report_agrees_with_eval(tmp_path, capsys):
     assert len(report["layer_errors"]) == 14 and all(0 < e["ptq"] < 1 for e in report["layer_errors"].values())
     for name in ("report.md", "training.png", "layers.png", "size_ppl.png"):
         assert (out / name).stat().st_size > 500, name
-    assert "Gap closure" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    assert "Gap closure" in md and "llama.cpp on the QAT file vs the trained student" in md and "activation roundings modelled" in md
+    assert report["runtime"] == "llama.cpp" and "plan" not in report
     assert report["tokens_seen"] == 6 * 32
     # the same numbers from `qatkit eval --json`
     capsys.readouterr()
@@ -129,6 +131,10 @@ def test_run_mobile_report_agrees_with_eval(tmp_path, capsys):
     assert report["export_gap"]["kld"] < 1e-6 and "decode_tps" in f["qat"]  # a random tiny model may stop at once
     for name in ("report.md", "training.png", "size_ppl.png"):
         assert (out / name).stat().st_size > 500, name
+    md = (out / "report.md").read_text()
+    assert "Plan: int4 Linears (int2 *.down_proj), embedding int8 per row, static int8 activations." in md
+    assert "ExecuTorch (XNNPACK) on the QAT file vs the trained student" in md and "| float teacher (torch) |" in md
+    assert not (out / "layers.png").exists() and "load RSS" not in md  # what the target does not measure is left out
     capsys.readouterr()
     assert main(["eval", f["ptq"]["path"], f["qat"]["path"], "--text", str(tmp_path / "held.txt"), "--chunks", "1", "--json"]) == 0
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

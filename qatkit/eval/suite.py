@@ -218,15 +218,3 @@ def summarize(domains: dict[str, dict]) -> dict:
         "means": files,
     }
 
-
-def score_gguf_suite(paths: dict[str, str], texts: dict[str, str], chunks: int, train_sources: list[str]) -> dict[str, dict]:
-    """Score {'teacher', 'ptq', 'qat'} GGUF files on every domain in llama.cpp (KL to the teacher,
-    which runs once per chunk) -> {domain: domain_row}."""
-    from ..runtime.llamacpp import score_files
-
-    keys = ("teacher", "ptq", "qat")
-    out = {}
-    for name, text in texts.items():
-        rows = score_files([paths[k] for k in keys], text, ref_path=paths["teacher"], max_chunks=chunks)
-        out[name] = domain_row(dict(zip(keys, rows)), in_domain(name, train_sources))
-    return out

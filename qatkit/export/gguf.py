@@ -1,4 +1,5 @@
-"""A torch causal LM -> a GGUF file llama.cpp loads, through the `gguf` package.
+"""A torch causal LM -> a GGUF file llama.cpp loads, through the `gguf` package (`export_model`:
+the model, its plan and metadata; `write_gguf`: the bytes).
 
 Tensor bytes come from qatkit.formats (bit-identical to ggml's reference quantizers; learned
 Q4_0 scales are written as they are). Metadata is the GGUF source's own (as llama-quantize keeps
@@ -25,8 +26,9 @@ from ..atomic import atomic_path
 from ..formats import BY_GGML_TYPE, FORMATS, decode, encode
 from ..models import gguf_meta
 from ..models.arch import Arch, from_gguf_tensor, gguf_name, hparams, to_gguf_tensor
+from ..models.load import Source
 from ..models.tokenizer_meta import tokenizer_metadata
-from ..plan import FILE_TYPE
+from ..plan import FILE_TYPE, default_plan
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,34 @@ def hf_metadata(model: torch.nn.Module, tokenizer, arch: Arch, pre: str | None =
         meta[key] = gguf_meta.typed(value)
     meta.update(tokenizer_metadata(tokenizer, config.vocab_size, arch.name, pre))
     return meta
+
+
+def file_metadata(source: Source, model: torch.nn.Module, tokenizer) -> gguf_meta.Metadata:
+    """The source GGUF's own metadata, or what the converter writes for an HF source."""
+    meta = source.gguf_metadata
+    if meta is not None:
+        return meta
+    return hf_metadata(model, tokenizer, source.arch)
+
+
+def export_model(
+    model: torch.nn.Module,
+    tokenizer,
+    source: Source,
+    out: str | os.PathLike,
+    fmt: str,
+    pure: bool = False,
+    q4_0_scales: dict[str, torch.Tensor] | None = None,
+    progress: bool = True,
+    plan: dict[str, str] | None = None,
+) -> dict:
+    """Write `model` (the float model or a trained student's float weights) as a GGUF file.
+    `plan`: the per-tensor plan the student was prepared with (computed here when absent)."""
+    tensors = gguf_tensors(model, source.arch)
+    if plan is None:
+        plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
+    sizes = write_gguf(out, tensors, plan, file_metadata(source, model, tokenizer), fmt, q4_0_scales, progress)
+    return {"path": str(out), "format": fmt, "pure": pure, "plan": plan, "tensor_bytes": sum(sizes.values()), "file_bytes": os.path.getsize(out)}
 
 
 def write_gguf(

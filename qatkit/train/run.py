@@ -1,5 +1,5 @@
 """A whole QAT training: MODEL + data -> run directory with config, checkpoints and metrics, and
-the trained student in memory (`export/model.export_trained` writes its file).
+the trained student in memory (`targets.export_trained` writes its file).
 
     run_dir/config.json      what was asked (enough to resume the run from the directory alone)
     run_dir/checkpoint.pt    trainable tensors, optimizer, step, data position (atomic)
