@@ -47,7 +47,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("gguf").setLevel(logging.WARNING)
     train = TrainConfig(steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum, kl_positions=args.kl_positions, eval_every=args.eval_every, ckpt_every=args.ckpt_every, faithful=args.faithful, teacher_topk=args.teacher_topk)
-    from qatkit.train.data import DEFAULT_DATA_FREE
+    from qatkit.config import DEFAULT_DATA_FREE
 
     free = args.data_free if args.data_free is not None else (0.0 if args.data else DEFAULT_DATA_FREE)
     cfg = RunConfig(model=args.model, data=args.data, data_free=free, qat=QATConfig(learn_scales=args.learn_scales), train=train)

@@ -1,8 +1,8 @@
 """qatkit's command line. Thin: parse, call the library, print. Bad input exits 2 in one line.
 
-Over 400 lines for now: every subcommand's options are written out here, with their help text.
-They are to be generated from the config dataclasses' field metadata (issue 11), which will
-also take the cross-field checks out of this file."""
+The run's settings (format, plan, data, training) are options generated from the config
+dataclasses (qatkit/config.py: names, defaults, help and the rules between them live there);
+what is written out here are each command's own: MODEL, files, --out, what to score."""
 
 from __future__ import annotations
 
@@ -12,16 +12,11 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from . import QatkitError, __version__
-from .formats import TRAINABLE
+from .config import QATConfig, RunConfig, TrainConfig, add_options, check_gguf_fields, from_args
 from .models.load import DEFAULT_MODEL
-from .plan import FILE_FORMATS, MOBILE_EMBEDDINGS, MOBILE_WEIGHTS
-from .train.loop import TrainConfig as TrainDefaults
-
-if TYPE_CHECKING:
-    from .train.run import RunConfig
+from .plan import FILE_FORMATS
 
 RUN_STEPS = 150  # `qatkit run`'s training length: about 15 minutes in all on 2 CPU cores
 RUN_CHUNKS = 4  # 512-token chunks `qatkit run` scores of each held-out domain (1,020 scored tokens each)
@@ -46,8 +41,16 @@ Exit codes: 0 success, 2 bad input (one line on stderr, no output file left), 13
 """
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Descriptions as written, and every option's default shown."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions as written, and an option's default shown where it says something (not for
+    switches, empty lists or defaults the help text explains)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        if "%(default)" in text or d is argparse.SUPPRESS or d in (None, False, "", (), []) or not action.option_strings:
+            return text
+        return f"{text} (default: {' '.join(d) if isinstance(d, (list, tuple)) else d})"
 
 
 def _add_export(sub) -> None:
@@ -62,39 +65,11 @@ def _add_export(sub) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=[*FILE_FORMATS, "mobile"], help="file format (default q4_0; mobile: an ExecuTorch .pte)")
-    p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format, like llama-quantize --pure")
-    p.add_argument("--ptq", choices=["qatkit", "llama.cpp"], default="qatkit", help="who quantizes (default qatkit)")
+    p.add_argument("--format", default="q4_0", choices=[*FILE_FORMATS, "mobile"], help="file format (mobile: an ExecuTorch .pte)")
+    p.add_argument("--ptq", choices=["qatkit", "llama.cpp"], default="qatkit", help="who quantizes")
     p.add_argument("--to", choices=["gguf", "executorch"], default=None, help="target runtime (default: gguf; executorch for --format mobile)")
-    _add_mobile_knobs(p)
+    add_options(p, QATConfig, skip=("fmt", "learn_scales"))
     p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf|FILE.pte")
-
-
-def _add_mobile_knobs(p) -> None:
-    g = p.add_argument_group("mobile format (ExecuTorch/XNNPACK: channel-wise weights, int8 activations)")
-    g.add_argument("--weights", default="int4", choices=list(MOBILE_WEIGHTS), help="Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel")
-    g.add_argument("--int2", nargs="+", default=[], metavar="GLOB", help="Linears to store in int2 (carried in int4 codes by XNNPACK), by module-name pattern, e.g. '*.mlp.down_proj' 'model.layers.1[0-7].*'")
-    g.add_argument("--int8", nargs="+", default=[], metavar="GLOB", help="Linears to store in int8 per channel (wins over --int2)")
-    g.add_argument("--keep", nargs="+", default=[], metavar="GLOB", help="Linears to leave in float32 (wins over --int8 and --int2)")
-    g.add_argument("--embedding", default="int8", choices=list(MOBILE_EMBEDDINGS), help="token embedding per row, weight-only; a tied head uses the same codes")
-    g.add_argument("--max-context", type=int, default=512, help="KV-cache length of the .pte")
-    g.add_argument("--activations", default="dynamic", choices=["dynamic", "static"], help="int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs need; per-channel weights only)")
-
-
-def _mobile_fields(args) -> dict:
-    """The mobile plan's options as QATConfig fields."""
-    return {"mobile_weights": args.weights, "int2": tuple(args.int2), "int8": tuple(args.int8), "keep": tuple(args.keep),
-            "embedding": args.embedding, "max_context": args.max_context, "activations": args.activations}
-
-
-def _check_mobile_knobs(args) -> None:
-    """The mobile plan's options mean nothing to a GGUF format: refuse them rather than ignore them."""
-    knobs = argparse.ArgumentParser(add_help=False)
-    _add_mobile_knobs(knobs)
-    defaults = {k: v for k, v in vars(knobs.parse_args([])).items() if k != "max_context"}
-    given = [k for k, v in defaults.items() if getattr(args, k, v) != v]
-    if given and args.format != "mobile":
-        raise QatkitError(f"--{given[0].replace('_', '-')} is a mobile-format option; add --format mobile (got --format {args.format})")
 
 
 def _add_eval(sub) -> None:
@@ -128,19 +103,16 @@ def _add_run(sub) -> None:
         "OUT/report.json and plots. The headline is the mean share of PTQ's perplexity gap closed over "
         "the held-out domains. A second run reuses the cached float model, reference and "
         "PTQ files; --resume continues an interrupted training.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
-    p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=[*TRAINABLE, "mobile"], help="mobile: the ExecuTorch program instead of a GGUF, PTQ and QAT scored in the ExecuTorch runtime (add --learn-scales; the mobile options below choose the plan)")
-    _add_data(p)
+    p.add_argument("--model", default=DEFAULT_MODEL, metavar="MODEL", help="a GGUF file, a Hugging Face model directory, or the default model's name")
     p.add_argument("--text", type=Path, default=None, help="one held-out text to score instead of the suite")
     _add_domains(p)
     p.add_argument("--chunks", type=int, default=RUN_CHUNKS, help="512-token chunks of each held-out domain to score")
     p.add_argument("--out", type=Path, default=Path("runs/latest"), help="run directory")
     p.add_argument("--resume", action="store_true", help="continue the training in OUT/train")
     p.add_argument("--quick", action="store_true", help="a short run for trying it out (20 steps, 2 chunks)")
-    _add_mobile_knobs(p)
-    _add_train_knobs(p)
+    _add_config_options(p)
     p.set_defaults(steps=RUN_STEPS)
 
 
@@ -152,24 +124,13 @@ def _add_train(sub) -> None:
         "(the one the exporter uses), distilled from MODEL as a frozen float teacher with KL(teacher || "
         "student). Writes RUN_DIR/config.json, checkpoint.pt (every --ckpt-every steps and on Ctrl-C), "
         "metrics.jsonl, and with --export the trained GGUF. --resume continues a run from RUN_DIR alone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--format", default="q4_0", choices=[*TRAINABLE, "mobile"], help="file format the student trains for (mobile: ExecuTorch .pte)")
-    p.add_argument("--pure", action="store_true", help="every 2-D tensor in --format (llama-quantize --pure)")
-    _add_mobile_knobs(p)
-    _add_data(p)
     p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
-    p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf at the end")
+    p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf (or qat-mobile.pte) at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
-    _add_train_knobs(p)
-
-
-def _add_data(p) -> None:
-    from .train.data import DEFAULT_DATA_FREE
-
-    p.add_argument("--data", nargs="*", default=argparse.SUPPRESS, metavar="TEXT", help="training text: files, folders, .jsonl with a 'text' field, or the named corpora 'pydoc' (CPython's reference prose, the part never scored), 'code' (CPython's standard library source), 'shakespeare' (default: pydoc code, mixed with sequences sampled from the teacher: see --data-free)")
-    p.add_argument("--data-free", type=float, default=argparse.SUPPRESS, metavar="SHARE", help=f"share of the training sequences sampled from the teacher itself (LLM-QAT; 1: no text at all), sampled once and cached under ~/.cache/qatkit/teacher-samples (default: {DEFAULT_DATA_FREE:.2f} with the default text, 0 with --data)")
+    _add_config_options(p)
 
 
 def _add_domains(p) -> None:
@@ -178,55 +139,17 @@ def _add_domains(p) -> None:
     p.add_argument("--domains", nargs="+", default=argparse.SUPPRESS, choices=list(DOMAINS), metavar="DOMAIN", help=f"domains of the held-out suite to score (default: all: {', '.join(DOMAINS)}; docs is in-domain for the default training text)")
 
 
-def _add_train_knobs(p) -> None:
-    d = TrainDefaults
-    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps")
-    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate (warm-up, then cosine)")
-    p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="the cosine ends at lr x this (1 = constant lr)")
-    p.add_argument("--scale-lr", type=float, default=d.scale_lr, help="learning rate of the learned weight scales (with --learn-scales)")
-    p.add_argument("--act-scale-lr", type=float, default=d.act_scale_lr, help="learning rate of the static int8 activation scales' logarithms (mobile --activations static)")
-    p.add_argument("--seq-len", type=int, default=d.seq_len, help="tokens per training sequence")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="micro-batches per step")
-    p.add_argument("--kl-positions", type=float, default=d.kl_positions, help="fraction of positions where the loss is computed")
-    p.add_argument("--temperature", type=float, default=d.temperature)
-    p.add_argument("--ce-weight", type=float, default=d.ce_weight, help="mix of cross-entropy on the data into the loss")
-    p.add_argument("--fq-warmup", type=int, default=d.fq_warmup, help="steps before fake-quant switches on")
-    p.add_argument("--learn-scales", action="store_true", help="learn the Q4_0 block scales or the mobile channel scales (LSQ-style; exported exactly)")
-    p.add_argument("--ckpt-every", type=int, default=d.ckpt_every)
-    p.add_argument("--eval-every", type=int, default=d.eval_every, help="held-out KL every N steps")
-    p.add_argument("--grad-checkpointing", action="store_true", help="recompute decoder activations in backward: less memory, one more forward pass of time")
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--teacher-topk", type=int, default=d.teacher_topk, metavar="K", help="read the teacher's top-K next-token log-probs from a disk cache filled on first use, instead of running the teacher every step (0: off); pays off from the second pass over the same data (more epochs, resumed runs, sweeps); the logged kl is then that top-K + rest KL at --temperature")
-    p.add_argument("--teacher-cache", default=d.teacher_cache_dir or None, metavar="DIR", help="root of that cache (default ~/.cache/qatkit/teacher-topk; keyed by teacher, data, K and temperature)")
-    p.add_argument("--faithful", action="store_true", help="the student rounds activations where llama.cpp's CPU backend does (Q8_0 inputs, f16 KV, ggml's GELU table), straight-through in backward (GGUF formats only)")
+def _add_config_options(p) -> None:
+    """The run's settings, generated from the config dataclasses (qatkit/config.py)."""
+    add_options(p, QATConfig, "what the student trains for")
+    add_options(p, RunConfig, "training text")
+    add_options(p, TrainConfig, "training")
 
 
 def _run_config(args) -> RunConfig:
-    from .prepare import QATConfig
-    from .train.loop import TrainConfig
-    from .train.run import RunConfig
-
-    train = TrainConfig(
-        steps=args.steps, lr=args.lr, seq_len=args.seq_len, batch_size=args.batch_size, grad_accum=args.grad_accum,
-        kl_positions=args.kl_positions, temperature=args.temperature, ce_weight=args.ce_weight, fq_warmup=args.fq_warmup,
-        ckpt_every=args.ckpt_every, eval_every=args.eval_every, seed=args.seed,
-        min_lr_ratio=args.min_lr_ratio, scale_lr=args.scale_lr, grad_checkpointing=args.grad_checkpointing,
-        act_scale_lr=args.act_scale_lr, teacher_topk=args.teacher_topk, teacher_cache_dir=args.teacher_cache or "", faithful=args.faithful,
-        warmup_steps=min(TrainDefaults.warmup_steps, max(1, args.steps // 10)),
-    )
-    _check_mobile_knobs(args)
-    mobile = _mobile_fields(args) if hasattr(args, "int2") else {}
-    qat = QATConfig(fmt=args.format, pure=getattr(args, "pure", False), learn_scales=args.learn_scales, seed=args.seed, **mobile)
-    if train.faithful and qat.fmt == "mobile":
-        raise QatkitError("--faithful rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
-    from .train.data import DEFAULT_DATA_FREE
-
-    data = getattr(args, "data", None) or []
-    free = getattr(args, "data_free", 0.0 if data else DEFAULT_DATA_FREE)
-    if not 0 <= free <= 1:
-        raise QatkitError(f"--data-free {free}: a share of the training sequences, between 0 and 1")
-    return RunConfig(model=args.model, data=[str(p) for p in data], data_free=free, qat=qat, train=train)
+    train = from_args(TrainConfig, args)
+    qat = from_args(QATConfig, args, seed=train.seed)
+    return from_args(RunConfig, args, model=args.model, qat=qat, train=train)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -271,7 +194,8 @@ def cmd_export(args) -> int:
     from .models.load import load, resolve
     from .targets.gguf import ptq_llama_cpp
 
-    _check_mobile_knobs(args)
+    if args.format != "mobile":
+        check_gguf_fields(args.format, vars(args))
     to = args.to or ("executorch" if args.format == "mobile" else "gguf")
     if (to == "executorch") != (args.format == "mobile"):
         raise QatkitError("--to executorch goes with --format mobile (GGUF formats go --to gguf)")
@@ -293,7 +217,6 @@ def cmd_export(args) -> int:
 
 def _export_mobile(args) -> int:
     from .models.load import load, resolve
-    from .prepare import QATConfig
     from .runtime.executorch import require_executorch
     from .targets.executorch import ptq_program
 
@@ -301,12 +224,13 @@ def _export_mobile(args) -> int:
         raise QatkitError(f"--out {args.out}: an ExecuTorch program's name must end in .pte")
     if args.ptq != "qatkit":
         raise QatkitError("--ptq llama.cpp makes GGUF files only")
+    qat = from_args(QATConfig, args, fmt="mobile")
     require_executorch()
     t0 = time.time()
     source = resolve(args.model)
     model, tokenizer = load(source)
-    info = ptq_program(source, model, tokenizer, QATConfig(fmt="mobile", **_mobile_fields(args)), args.out)  # static scales from the default training text
-    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {args.weights}, {len(args.int2)} int2 / {len(args.int8)} int8 / {len(args.keep)} float patterns, embedding {args.embedding}, {args.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    info = ptq_program(source, model, tokenizer, qat, args.out)  # static scales from the default training text
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {qat.mobile_weights}, {len(qat.int2)} int2 / {len(qat.int8)} int8 / {len(qat.keep)} float patterns, embedding {qat.embedding}, {qat.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0
 
 

@@ -16,49 +16,18 @@ produce (checked) while putting the weight inside its level.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from . import QatkitError
+from .config import QATConfig
 from .formats import FORMATS, decode, encode, get
 from .models.arch import Arch, gguf_name, to_gguf_tensor
 from .nn import FakeQuantLinear
 from .plan import default_plan, gguf_shapes
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class QATConfig:
-    fmt: str = "q4_0"  # the file format: q4_0 / q8_0 (GGUF, llama.cpp's mix) or mobile (ExecuTorch)
-    pure: bool = False  # every 2-D tensor in fmt, like llama-quantize --pure
-    learn_scales: bool = False  # LSQ-style learned scales (Q4_0 blocks, mobile channels)
-    freeze_embedding: bool = True  # the token embedding (and tied head) fixed at its file values
-    settle_boundaries: bool = True  # see the module docstring
-    seed: int = 0
-    # the mobile format's plan (qatkit.plan.mobile_plan)
-    mobile_weights: str = "int4"
-    int2: tuple[str, ...] = ()
-    int8: tuple[str, ...] = ()  # Linears in int8 per channel (glob patterns)
-    keep: tuple[str, ...] = ()  # Linears left in float32 (glob patterns)
-    embedding: str = "int8"
-    max_context: int = 512  # the exported .pte's KV-cache length
-    activations: str = "dynamic"  # int8 per token ("dynamic") or learned per-tensor scales ("static")
-
-    def __post_init__(self):
-        if self.fmt not in ("q4_0", "q8_0", "mobile"):
-            raise QatkitError(f"QAT format {self.fmt!r}: choose q4_0, q8_0 or mobile")
-        if self.learn_scales and self.fmt == "q8_0":
-            raise QatkitError("learned scales are for --format q4_0 and mobile")
-        self.int2, self.int8, self.keep = tuple(self.int2), tuple(self.int8), tuple(self.keep)
-        if self.activations not in ("dynamic", "static"):
-            raise QatkitError(f"activations {self.activations!r}: choose dynamic or static")
-        if self.activations == "static" and self.fmt != "mobile":
-            raise QatkitError(f"static int8 activations are for the mobile format, not {self.fmt}")
-        if self.activations == "static" and "g" in self.mobile_weights:
-            raise QatkitError(f"static int8 activations take per-channel weights (int4, int8); XNNPACK cannot run {self.mobile_weights} with them")
 
 
 def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:

@@ -1,6 +1,6 @@
 """The package's stages import only earlier stages (or their own), so data flows one way:
 
-    foundation (errors, metrics, atomic writes, cache places) -> formats -> models -> runtime -> plan ->
+    foundation (errors, metrics, atomic writes, cache places) -> formats -> models -> runtime -> plan -> config ->
     nn / prepare -> train -> export and targets -> eval -> report -> pipeline -> cli
 
 Every import in every module counts, those inside functions too (read from the source's AST)."""
@@ -16,6 +16,7 @@ STAGES = [
     {"qatkit.models"},
     {"qatkit.runtime"},
     {"qatkit.plan"},
+    {"qatkit.config"},
     {"qatkit.nn", "qatkit.prepare"},
     {"qatkit.train"},
     {"qatkit.export", "qatkit.targets"},

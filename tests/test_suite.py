@@ -7,8 +7,9 @@ import re
 import pytest
 
 from qatkit import QatkitError
+from qatkit.config import DEFAULT_TRAIN_DATA
 from qatkit.eval import suite
-from qatkit.train.data import DEFAULT_TRAIN_DATA, _paragraphs, read_texts
+from qatkit.train.data import _paragraphs, read_texts
 
 HELD_OUT = [d.name for d in suite.SUITE if not d.train_source or d.train_source not in DEFAULT_TRAIN_DATA]
 

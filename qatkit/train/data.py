@@ -174,12 +174,6 @@ def default_train_texts() -> list[str]:
 
 
 NAMED_TEXTS = {"pydoc": default_train_texts, "code": code_texts, "shakespeare": shakespeare_texts}
-# The default training text: technical prose and code. The held-out suite (eval/suite.py) scores
-# fiction, drama, speeches and email, none of which any of these contains.
-DEFAULT_TRAIN_DATA = ["pydoc", "code"]
-# The default recipe's share of training sequences sampled from the teacher itself (chosen by
-# benchmarks/generalize.py, see RESULTS.md); the rest is DEFAULT_TRAIN_DATA's text.
-DEFAULT_DATA_FREE = 2 / 3
 
 
 # ------------------------------------------------------------------------------------- packing

@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 from typing import Callable, ContextManager
@@ -31,55 +31,13 @@ from tqdm.auto import tqdm
 
 from .. import QatkitError
 from ..atomic import atomic_path
+from ..config import TrainConfig
 from ..metrics import compare
 from ..nn import FakeQuantLinear
 from .data import Batches
 from .teacher_cache import TeacherCache, topk_kl
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    steps: int = 100
-    batch_size: int = 1
-    seq_len: int = 256
-    grad_accum: int = 1
-    lr: float = 1e-5
-    scale_lr: float = 1e-5  # learned Q4_0 scales
-    act_scale_lr: float = 1e-3  # static int8 activation scales (learned as logarithms: relative steps)
-    warmup_steps: int = 5
-    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    temperature: float = 1.0
-    kl_positions: float = 0.25  # fraction of positions where the loss is computed (CPU cost cutter)
-    ce_weight: float = 0.0  # weight of cross-entropy on the data, mixed into the KL loss
-    fq_warmup: int = 0  # steps with fake-quant off (float fine-tuning first)
-    eval_every: int = 50  # each costs two full forwards of the held-out and watched sequences
-    ckpt_every: int = 50  # each writes the trainable tensors and AdamW state (1.2 GB for the default model)
-    seed: int = 0
-    grad_checkpointing: bool = False
-    teacher_topk: int = 0  # > 0: the teacher's top-k log-probs from a disk cache (teacher_cache.py)
-    teacher_cache_dir: str = ""  # where that cache lives ("" = ~/.cache/qatkit/teacher-topk)
-    faithful: bool = False  # the student rounds activations as llama.cpp's CPU backend (runtime/faithful/)
-
-    @property
-    def tokens_per_step(self) -> int:
-        return self.batch_size * self.grad_accum * self.seq_len
-
-    def __post_init__(self):
-        for name in ("steps", "batch_size", "seq_len", "grad_accum"):
-            if getattr(self, name) < 1:
-                raise QatkitError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.kl_positions <= 1:
-            raise QatkitError(f"kl_positions is a fraction in (0, 1], got {self.kl_positions}")
-        if self.temperature <= 0 or self.lr <= 0:
-            raise QatkitError("temperature and lr must be > 0")
-        if self.teacher_topk < 0:
-            raise QatkitError(f"teacher_topk must be >= 0 (0: no cache), got {self.teacher_topk}")
-        if self.faithful and self.grad_checkpointing:
-            raise QatkitError("the llama.cpp-faithful student cannot recompute its forward in backward: drop grad checkpointing or faithful")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

@@ -9,10 +9,8 @@ the trained student in memory (`targets.export_trained` writes its file).
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,40 +18,15 @@ import torch
 
 from .. import QatkitError
 from ..atomic import write_text
+from ..config import RunConfig
 from ..models.load import load, resolve
-from ..prepare import QATConfig, calibrate_static, linear_weight_types, prepare
-from .data import DEFAULT_TRAIN_DATA, default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
-from .loop import TrainConfig, default_device, train
+from ..prepare import calibrate_static, linear_weight_types, prepare
+from .data import default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
+from .loop import default_device, train
 
 log = logging.getLogger(__name__)
 
 CALIBRATION_SEQS = 8  # training sequences that set the static int8 activation scales
-
-
-@dataclass
-class RunConfig:
-    model: str
-    data: list[str] = field(default_factory=list)  # empty: the default training text (DEFAULT_TRAIN_DATA)
-    data_free: float = 0.0  # share of the training sequences sampled from the teacher (LLM-QAT); 1: no text
-    held_out: int = 4  # sequences of the training corpus kept aside for held-out KL
-    qat: QATConfig = field(default_factory=QATConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-
-    @property
-    def train_sources(self) -> list[str]:
-        """The training text's sources as given (named corpora, paths); none when only sampled."""
-        return [] if self.data_free >= 1 else (self.data or list(DEFAULT_TRAIN_DATA))
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> "RunConfig":
-        d = json.loads(text)
-        free = d.get("data_free", 0)
-        if isinstance(free, int) and free > 1:  # earlier runs stored a count of sampled sequences (and no text)
-            free = 1.0
-        return cls(model=d["model"], data=d["data"], data_free=float(free), held_out=d["held_out"], qat=QATConfig(**d["qat"]), train=TrainConfig(**d["train"]))
 
 
 def calibrate_on_default_text(model, tokenizer, seq_len: int = 256) -> int:
