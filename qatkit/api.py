@@ -16,14 +16,15 @@
 target (GGUF / ExecuTorch) that writes, scores and verifies files of a format.
 """
 
+from .config import QATConfig, RunConfig, TrainConfig
 from .export.gguf import export_model as export
 from .models.load import load, resolve
-from .prepare import QATConfig, convert, prepare
+from .prepare import convert, prepare
 from .prepare import model_plan as plan
 from .runtime.llamacpp import score, score_files
 from .targets import export_trained, for_format
-from .train.loop import TrainConfig, train
-from .train.run import RunConfig, qat_run
+from .train.loop import train
+from .train.run import qat_run
 
 __all__ = ["resolve", "load", "plan", "prepare", "train", "convert", "export", "score", "score_files", "qat_run", "export_trained", "for_format",
            "QATConfig", "TrainConfig", "RunConfig"]

@@ -44,4 +44,17 @@ for spec in "datasets-moby-dick:package/data/*.txt" "datasets-sotu:package/data/
   mkdir -p "$CORPORA" && rm -rf "$CORPORA/$pkg" && mv "$tmp/x" "$CORPORA/$pkg"
   rm -rf "$tmp"
 done
+# llama.cpp's own HF -> GGUF converter, from the source archive of the same llama-cpp-python release
+# (~75 MB download, 2 MB kept): the Gemma 4 tests compare qatkit's GGUF files with what it writes.
+# qatkit never imports it; it runs as a separate program with its own gguf-py.
+CONVERTER=.venv/share/llama.cpp-convert
+if [ ! -f "$CONVERTER/convert_hf_to_gguf.py" ]; then
+  echo "[setup] llama.cpp's converter (from the llama-cpp-python 0.3.36 source archive)" >&2
+  tmp=$(mktemp -d)
+  pip download -q --no-deps --no-binary :all: "llama-cpp-python==0.3.36" -d "$tmp"
+  src=llama_cpp_python-0.3.36/vendor/llama.cpp
+  tar xzf "$tmp"/llama_cpp_python-0.3.36.tar.gz -C "$tmp" "$src/convert_hf_to_gguf.py" "$src/conversion" "$src/gguf-py"
+  rm -rf "$CONVERTER" && mkdir -p "$(dirname "$CONVERTER")" && mv "$tmp/$src" "$CONVERTER"
+  rm -rf "$tmp"
+fi
 echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba", "executorch")))')" >&2

@@ -60,9 +60,9 @@ def test_schedule():
 
 
 def test_bad_settings():
-    with pytest.raises(QatkitError, match="kl_positions"):
+    with pytest.raises(QatkitError, match="--kl-positions"):
         TrainConfig(kl_positions=0)
-    with pytest.raises(QatkitError, match="steps"):
+    with pytest.raises(QatkitError, match="--steps must be >= 1"):
         TrainConfig(steps=0)
 
 
@@ -125,5 +125,5 @@ def test_faithful_training_rounds_like_llama_cpp(tmp_path, monkeypatch):
     monkeypatch.setattr(loop, "partial", real)
     with pytest.raises(QatkitError, match="weight type"):
         train(student, teacher, tr, None, cfg, tmp_path / "b", progress=False)
-    with pytest.raises(QatkitError, match="grad checkpointing"):
+    with pytest.raises(QatkitError, match="drop --grad-checkpointing or --faithful"):
         TrainConfig(faithful=True, grad_checkpointing=True)
