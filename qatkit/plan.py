@@ -2,11 +2,13 @@
 
 The default follows llama.cpp's own choice for a Q4_0 (or Q8_0) file, so that qatkit's file and
 `llama-quantize`'s can be compared tensor for tensor:
-- 1-D tensors (norms, biases): f32;
-- the output head, or the token embedding when it doubles as the head (tied): Q6_K where its
-  row width is a multiple of 256, else Q8_0 (Q8_0 in a Q8_0 file);
-- every other 2-D weight: the file's format.
-`pure` puts every 2-D tensor in the file's format, like `llama-quantize --pure`.
+- tensors llama-quantize never quantizes keep their type, f32 (`kept_as_is`: 1-D tensors such as
+  norms, biases and layer scalars; 2-D norms; MoE routers; Gemma 4's per_layer_model_proj);
+- the output head, or when the head is tied, every token-embedding table (token_embd, and Gemma
+  4's per_layer_token_embd, which llama.cpp files in the same category): Q6_K where the row width
+  is a multiple of 256, else Q8_0 (Q8_0 in a Q8_0 file);
+- every other 2-D or 3-D (MoE experts) weight: the file's format.
+`pure` puts every quantizable tensor in the file's format, like `llama-quantize --pure`.
 
 A row width the format cannot take (not whole blocks) falls back to f16 with a warning, or is
 refused under `pure`. A plan is a plain dict {GGUF tensor name: format name}, saved as JSON.
@@ -19,7 +21,7 @@ import logging
 from . import QatkitError
 from .formats import FORMATS, fits
 from .formats.mobile import WeightSpec, parse_spec
-from .models.arch import gguf_name
+from .models.arch import generated_tensors, gguf_name
 
 log = logging.getLogger(__name__)
 
@@ -32,23 +34,36 @@ def gguf_shapes(model, arch) -> dict[str, tuple[int, ...]]:
     """GGUF tensor name -> shape of every tensor the exporter writes for `model` (llama.cpp's
     converter transforms keep shapes; a tied head is written once, as token_embd)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    return {gguf_name(arch, hf): tuple(w.shape) for hf, w in model.state_dict().items() if not (hf == "lm_head.weight" and tied)}
+    shapes = {name: tuple(t.shape) for name, t in generated_tensors(arch, model.config).items()}
+    shapes.update({gguf_name(arch, hf): tuple(w.shape) for hf, w in model.state_dict().items() if not (hf == "lm_head.weight" and tied)})
+    return shapes
+
+
+TOKEN_EMBEDDINGS = ("token_embd.weight", "per_layer_token_embd.weight")  # llama-quantize's TOKEN_EMBD category
+
+
+def kept_as_is(name: str, shape: tuple[int, ...]) -> bool:
+    """Tensors llama-quantize leaves in their input type whatever the file type (its
+    tensor_allows_quantization, src/llama-quant.cpp): under 2-D, names not ending in 'weight'
+    (e.g. Gemma 4's ffn_gate_inp.scale), norms, MoE routers, per_layer_model_proj."""
+    return (len(shape) < 2 or not name.endswith("weight") or "_norm.weight" in name
+            or "ffn_gate_inp.weight" in name or "per_layer_model_proj" in name)
 
 
 def default_plan(shapes: dict[str, tuple[int, ...]], fmt: str, pure: bool = False) -> dict[str, str]:
-    """shapes: GGUF tensor name -> numpy-order shape (rows, width)."""
+    """shapes: GGUF tensor name -> numpy-order shape (rows, width) or (experts, rows, width)."""
     if fmt not in FILE_FORMATS:
         raise QatkitError(f"format {fmt!r} is not one qatkit writes (choose from: {', '.join(FILE_FORMATS)})")
-    head = "output.weight" if "output.weight" in shapes else "token_embd.weight"
+    heads = {"output.weight"} if "output.weight" in shapes else set(TOKEN_EMBEDDINGS)
     plan: dict[str, str] = {}
     fallbacks: list[str] = []
     for name, shape in shapes.items():
         width = shape[-1]
-        if len(shape) < 2 or fmt == "f32":
+        if kept_as_is(name, shape) or fmt == "f32":
             plan[name] = "f32"
             continue
         want = fmt
-        if name == head and not pure and fmt in ("q4_0", "q8_0"):
+        if name in heads and not pure and fmt in ("q4_0", "q8_0"):
             want = "q6_k" if fmt == "q4_0" and fits("q6_k", width) else "q8_0"
         if not fits(want, width):
             if pure:

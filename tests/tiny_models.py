@@ -59,6 +59,61 @@ def tiny_model(family: str, seed: int = 0, **kw):
     return model
 
 
+# --------------------------------------------------------------------------------- Gemma 4
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>"]  # ids 0-3, as in Gemma's own vocabulary
+
+
+def gemma_tokenizer(vocab_size: int = 400):
+    """A tiny BPE with byte fallback in Gemma's style ('▁' for spaces, <0xNN> byte tokens), the
+    kind llama.cpp's converter reads for Gemma 4 (gguf-py's LlamaHfVocab)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=GEMMA_SPECIALS + [f"<0x{i:02X}>" for i in range(256)])
+    tok.train_from_iterator([TEXT.replace(" ", "▁")], trainer)
+    tok.post_processor = TemplateProcessing(single="<bos> $A", pair="<bos> $A $B", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>")
+
+
+# E-style: per-layer embeddings, the last 2 layers sharing K/V (producers: layer 3 full, layer 2
+# sliding, as llama.cpp requires), double-wide MLP on them, a 2:1 sliding pattern, softcap 30.
+GEMMA4_E = dict(
+    hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=1, head_dim=32, global_head_dim=64,
+    layer_types=["sliding_attention", "sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+    sliding_window=16, final_logit_softcapping=30.0, hidden_size_per_layer_input=32, num_kv_shared_layers=2, use_double_wide_mlp=True,
+)
+
+
+def tiny_gemma4(seed: int = 0, vocab_size: int = 400, **kw):
+    """A random Gemma4ForCausalLM (`gemma4_text`) of the E-style shape unless `kw` says otherwise;
+    norms, layer scalars and the rest of the 1-D tensors randomised so that their export is tested."""
+    from transformers import AutoModelForCausalLM, Gemma4TextConfig
+
+    cfg = Gemma4TextConfig(**{**GEMMA4_E, **kw}, vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, max_position_embeddings=1024,
+                           rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+        for layer in model.model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.0)
+    return model
+
+
+def gemma4_dir(path, seed: int = 0, **kw):
+    """A tiny Gemma 4 and its tokenizer saved as a Hugging Face directory at `path`."""
+    tok = gemma_tokenizer()
+    tiny_gemma4(seed, vocab_size=len(tok), **kw).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 # ------------------------------------------------------------------ helpers shared by test files
 def hf_dir(path, family="llama", **kw):
     """A tiny model and its tokenizer saved as a Hugging Face directory at `path`."""

@@ -25,7 +25,7 @@ from .. import QatkitError
 from ..atomic import atomic_path
 from ..formats import BY_GGML_TYPE, FORMATS, decode, encode
 from ..models import gguf_meta
-from ..models.arch import Arch, from_gguf_tensor, gguf_name, hparams, to_gguf_tensor
+from ..models.arch import Arch, from_gguf_tensor, generated_tensors, gguf_name, hparams, to_gguf_tensor
 from ..models.load import Source
 from ..models.tokenizer_meta import tokenizer_metadata
 from ..plan import FILE_TYPE, default_plan
@@ -34,10 +34,11 @@ log = logging.getLogger(__name__)
 
 
 def gguf_tensors(model: torch.nn.Module, arch: Arch) -> dict[str, torch.Tensor]:
-    """GGUF name -> tensor in llama.cpp's layout (norm offset added, rotary rows reordered)."""
+    """GGUF name -> tensor in llama.cpp's layout (norm offset added, rotary rows reordered), the
+    tensors the converter generates (Gemma 4's rope_freqs) first, as it writes them."""
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = dict(generated_tensors(arch, config))
     for hf, w in model.state_dict().items():
         if hf == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd as the head when output.weight is absent
@@ -53,7 +54,7 @@ def hf_metadata(model: torch.nn.Module, tokenizer, arch: Arch, pre: str | None =
     name = getattr(config, "name_or_path", "") or arch.name
     meta["general.name"] = ["STRING", Path(str(name)).name or arch.name]
     for key, value in hparams(arch, config).items():
-        meta[key] = gguf_meta.typed(value)
+        meta[key] = value if isinstance(value, list) else gguf_meta.typed(value)
     meta.update(tokenizer_metadata(tokenizer, config.vocab_size, arch.name, pre))
     return meta
 

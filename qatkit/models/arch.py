@@ -1,18 +1,22 @@
 """Per-family tables: how a transformers model's tensors and config become llama.cpp's.
 
 For each supported family: the GGUF architecture name, the tensor-name map (HF -> GGUF), what
-the converter changes on the way (Gemma's RMSNorm stores 1 + w; Llama's q/k rows are reordered
-for llama.cpp's rotary layout), and the hyper-parameter keys llama.cpp reads.
+the converter changes on the way (Gemma 3's RMSNorm stores 1 + w; Llama's q/k rows are reordered
+for llama.cpp's rotary layout), the hyper-parameter keys llama.cpp reads, and for families with
+more than a plain decoder (Gemma 4: per-layer embeddings, layer scalars, generated rope factors)
+their own names, keys and checks (models/gemma4.py).
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
 from .. import QatkitError
+from . import gemma4
 
 _ATTN = {
     "self_attn.q_proj": "attn_q",
@@ -35,6 +39,11 @@ class Arch:
     norm_offset: float = 0.0  # added to every norm weight on export
     permute_qk: bool = False  # reorder q/k rows into llama.cpp's rotary layout
     extra_keys: tuple[str, ...] = field(default=())  # families' own hparams (see hparams())
+    top_map: dict[str, str] = field(default_factory=dict)  # more whole-model tensors: HF name -> GGUF name
+    layer_params: dict[str, str] = field(default_factory=dict)  # per-layer tensors without .weight/.bias (buffers, 3-D experts) -> GGUF suffix
+    family_hparams: Callable | None = None  # config -> typed {key: [type, value]}: the family's whole key set
+    generated: Callable | None = None  # config -> {GGUF name: tensor} the converter makes (no HF tensor)
+    check: Callable | None = None  # config -> None, raising for a layout llama.cpp cannot run
 
 
 ARCHS: dict[str, Arch] = {
@@ -54,15 +63,43 @@ ARCHS: dict[str, Arch] = {
         norm_offset=1.0,
         extra_keys=("sliding_window",),
     ),
+    "gemma4": Arch(
+        "gemma4",
+        ("gemma4_text",),
+        {
+            **_ATTN,
+            **_QK_NORM,
+            "post_attention_layernorm": "post_attention_norm",
+            "pre_feedforward_layernorm": "ffn_norm",
+            "post_feedforward_layernorm": "post_ffw_norm",
+            "per_layer_input_gate": "inp_gate",
+            "per_layer_projection": "proj",
+            "post_per_layer_input_norm": "post_norm",
+        },
+        top_map={
+            "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
+            "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
+            "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
+        },
+        layer_params={"layer_scalar": "layer_output_scale.weight"},
+        family_hparams=gemma4.hparams,
+        generated=lambda config: {"rope_freqs.weight": gemma4.rope_freqs(config)},
+        check=gemma4.check,
+    ),
 }
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
 
 
 def arch_for_config(config) -> Arch:
+    """The table for a transformers config; raises for a family (or a layout of it) qatkit or
+    llama.cpp cannot take."""
     for arch in ARCHS.values():
         if config.model_type in arch.model_types:
+            if arch.check is not None:
+                arch.check(config)
             return arch
     supported = ", ".join(sorted(t for a in ARCHS.values() for t in a.model_types))
     raise QatkitError(f"unsupported architecture {config.model_type!r} (supported: {supported})")
@@ -80,10 +117,20 @@ def gguf_name(arch: Arch, hf_name: str) -> str | None:
     silently dropped."""
     if hf_name in _TOP:
         return _TOP[hf_name]
+    if hf_name in arch.top_map:
+        return arch.top_map[hf_name]
     m = _LAYER.match(hf_name)
     if m and m.group(2) in arch.layer_map:
         return f"blk.{m.group(1)}.{arch.layer_map[m.group(2)]}.{m.group(3)}"
+    m = _LAYER_PARAM.match(hf_name)
+    if m and m.group(2) in arch.layer_params:
+        return f"blk.{m.group(1)}.{arch.layer_params[m.group(2)]}"
     raise QatkitError(f"{arch.name}: no GGUF name for tensor {hf_name!r}; this model has parts qatkit does not know")
+
+
+def generated_tensors(arch: Arch, config) -> dict[str, torch.Tensor]:
+    """Tensors llama.cpp's converter writes that the HF model has none of (Gemma 4's rope_freqs)."""
+    return arch.generated(config) if arch.generated is not None else {}
 
 
 def _permute_rotary(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -151,8 +198,11 @@ def rope_base_and_factor(config, layer_type: str = "full_attention") -> tuple[fl
     return float(rope["rope_theta"]), 1.0
 
 
-def hparams(arch: Arch, config) -> dict[str, int | float | str]:
-    """The `{arch}.*` keys llama.cpp reads, from a transformers config."""
+def hparams(arch: Arch, config) -> dict[str, int | float | str | list]:
+    """The `{arch}.*` keys llama.cpp reads, from a transformers config: plain values (typed the
+    converter's way on writing), or [type, value] entries where the family types its own."""
+    if arch.family_hparams is not None:
+        return arch.family_hparams(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     a = arch.name
     out: dict[str, int | float | str] = {

@@ -3,7 +3,10 @@
 Two kinds, chosen the way llama.cpp's converter chooses them, from the tokenizer itself:
 - byte-level BPE (GPT-2 style: Llama 3, Qwen): model "gpt2", tokens + merges;
 - BPE with byte fallback (SentencePiece style: Gemma, Llama 2): model "llama", tokens with
-  scores (earlier id = higher priority) and byte tokens <0xNN> typed BYTE.
+  scores (earlier id = higher priority) and byte tokens <0xNN> typed BYTE;
+- Gemma 4's: the same BPE with byte fallback, but written as model "gemma4" with its merges,
+  every score -1000 and the chat-format tokens typed USER_DEFINED (so that they are rendered),
+  as llama.cpp's converter writes it (conversion/gemma.py, Gemma4Model.set_vocab).
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 # Pre-tokenizer names llama.cpp knows, by family (the converter identifies them by hashing the
 # tokenization of a probe text; qatkit goes by family and lets the caller override).
 PRE_BY_ARCH = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "gemma3": "default"}
+# Gemma 4's tokens the converter types USER_DEFINED: always rendered, so a chat parser can read them
+GEMMA4_VISIBLE = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'})
 
 
 def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | None = None) -> Metadata:
@@ -42,7 +47,21 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
         types[i] = CONTROL if i in special else USER_DEFINED if tok in added else NORMAL
     byte_fallback = bool(model.get("byte_fallback"))
     meta: Metadata = {"tokenizer.ggml.tokens": ["ARRAY", "STRING", tokens]}
-    if byte_fallback:
+    if arch_name == "gemma4":
+        if not byte_fallback:
+            raise QatkitError("gemma4: the tokenizer must be a BPE with byte fallback, as Gemma's is")
+        base = len(model["vocab"])
+        for tok, i in vocab.items():
+            is_byte = len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+            types[i] = (BYTE if is_byte and i < base else CONTROL if i in special else
+                        USER_DEFINED if tok in GEMMA4_VISIBLE or i >= base else NORMAL)
+        meta["tokenizer.ggml.model"] = ["STRING", "gemma4"]
+        meta["tokenizer.ggml.scores"] = ["ARRAY", "FLOAT32", [-1000.0] * vocab_size]
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        if merges:
+            meta["tokenizer.ggml.merges"] = ["ARRAY", "STRING", merges]
+        meta["tokenizer.ggml.add_space_prefix"] = ["BOOL", False]
+    elif byte_fallback:
         meta["tokenizer.ggml.model"] = ["STRING", "llama"]
         for i, tok in enumerate(tokens):
             if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
@@ -62,7 +81,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
         if tid is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = ["UINT32", int(tid)]
     probe = tokenizer("a")["input_ids"]
-    add_bos = tokenizer.bos_token_id is not None and probe[:1] == [tokenizer.bos_token_id]
+    add_bos = tokenizer.bos_token_id is not None and (probe[:1] == [tokenizer.bos_token_id] or arch_name == "gemma4")  # llama.cpp forces it for gemma4
     meta["tokenizer.ggml.add_bos_token"] = ["BOOL", add_bos]
     meta["tokenizer.ggml.add_eos_token"] = ["BOOL", tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id] and len(probe) > 1]
     template = getattr(tokenizer, "chat_template", None)

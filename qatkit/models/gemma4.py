@@ -1,0 +1,123 @@
+"""Gemma 4 (transformers `gemma4_text`; llama.cpp arch `gemma4`): what its GGUF file holds beyond
+the common decoder, as llama.cpp's converter writes it (conversion/gemma.py, Gemma4Model).
+
+Read from the checkpoint's own config.json (`config.to_dict()`: the Gemma4TextConfig defaults
+match no released model, and full-attention layers keep their head size in `per_layer_config`):
+- per-layer embeddings (PLE): `embedding_length_per_layer_input`, 0 when the model has none;
+- two attention shapes: full layers' head size as key/value_length and rope.dimension_count,
+  sliding layers' as the `_swa` keys; the sliding pattern as a bool per layer;
+- the last `shared_kv_layers` layers reuse K/V of earlier ones; with the double-wide MLP their
+  feed-forward length doubles, so feed_forward_length becomes a per-layer array;
+- proportional RoPE on full layers, emulated in llama.cpp by the `rope_freqs` tensor: factor 1
+  for the rotated pairs and 1e30 (no rotation) for the rest of a full head's pairs.
+
+Layouts llama.cpp cannot run are refused here, before a file is written: its KV-cache map sends
+a shared sliding layer to layer n-2 and a shared full layer to layer n-1 (n = the first shared
+layer), which is what transformers does only when layer n-1 is full and n-2 sliding; any other
+layout makes llama.cpp abort while loading (GGML_ASSERT in llama-kv-cache.cpp).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import QatkitError
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+UNROTATED = 1e30  # llama.cpp's rope frequency divisor for a pair that does not rotate
+
+
+def _raw(config) -> dict:
+    return config.to_dict()
+
+
+def _full_layer_override(d: dict, key: str):
+    """A full-attention layer's own value of `key` (per_layer_config), or None."""
+    types = d.get("layer_types") or []
+    for idx, over in sorted((d.get("per_layer_config") or {}).items(), key=lambda kv: int(kv[0])):
+        i = int(idx)
+        if i < len(types) and types[i] == FULL and key in over:
+            return over[key]
+    return d.get(f"global_{key}") if key == "head_dim" else None
+
+
+def check(config) -> None:
+    """Refuse a Gemma 4 text config qatkit or llama.cpp cannot run, in one line."""
+    d = _raw(config)
+    types = d.get("layer_types") or []
+    n = d["num_hidden_layers"]
+    if len(types) != n or set(types) - {SLIDING, FULL}:
+        raise QatkitError(f"gemma4: layer_types must name {n} layers, each sliding_attention or full_attention")
+    if d.get("enable_moe_block") or d.get("num_experts"):
+        raise QatkitError("gemma4: the MoE block (26B-A4B) is not supported yet")
+    if d.get("attention_k_eq_v"):
+        raise QatkitError("gemma4: attention_k_eq_v (K = V on full layers) is not supported yet")
+    if d.get("use_bidirectional_attention"):
+        raise QatkitError(f"gemma4: use_bidirectional_attention={d['use_bidirectional_attention']!r} is not supported (text decoding is causal)")
+    rope = d.get("rope_parameters") or {}
+    full, sliding = rope.get(FULL) or {}, rope.get(SLIDING) or {}
+    if full.get("rope_type") != "proportional" or sliding.get("rope_type", "default") != "default":
+        raise QatkitError(f"gemma4: rope {full.get('rope_type')!r} / {sliding.get('rope_type')!r} on full / sliding layers; llama.cpp's gemma4 takes proportional / default")
+    if _full_layer_override(d, "head_dim") is None:
+        raise QatkitError("gemma4: no head size for the full-attention layers (per_layer_config or global_head_dim)")
+    shared = int(d.get("num_kv_shared_layers") or 0)
+    if shared:
+        first = n - shared
+        if first < 2 or types[first - 1] != FULL or types[first - 2] != SLIDING:
+            got = ", ".join(types[max(0, first - 2):first]) or "none"
+            raise QatkitError(f"gemma4: the {shared} KV-sharing layers need layer {first - 1} full and layer {first - 2} sliding before them "
+                              f"(got {got}); llama.cpp maps them that way and aborts on any other layout")
+
+
+def hparams(config) -> dict:
+    """The `gemma4.*` keys, valued and typed as the converter writes them ([type, value] or
+    ["ARRAY", type, list] entries for gguf_meta)."""
+    check(config)
+    d = _raw(config)
+    a, n = "gemma4", d["num_hidden_layers"]
+    u32 = lambda v: ["UINT32", int(v)]  # noqa: E731
+    f32 = lambda v: ["FLOAT32", float(v)]  # noqa: E731
+    types = d["layer_types"]
+    swa = [t == SLIDING for t in types]
+    head_full, head_swa = int(_full_layer_override(d, "head_dim")), int(d["head_dim"])
+    rope = d["rope_parameters"]
+    out = {
+        f"{a}.block_count": u32(n),
+        f"{a}.context_length": u32(d["max_position_embeddings"]),
+        f"{a}.embedding_length": u32(d["hidden_size"]),
+        f"{a}.feed_forward_length": u32(d["intermediate_size"]),
+        f"{a}.attention.head_count": u32(d["num_attention_heads"]),
+        f"{a}.attention.head_count_kv": u32(d["num_key_value_heads"]),
+        f"{a}.rope.freq_base": f32(rope[FULL]["rope_theta"]),
+        f"{a}.rope.freq_base_swa": f32(rope[SLIDING]["rope_theta"]),
+        f"{a}.attention.layer_norm_rms_epsilon": f32(d["rms_norm_eps"]),
+        f"{a}.attention.key_length": u32(head_full),
+        f"{a}.attention.value_length": u32(head_full),
+        f"{a}.attention.sliding_window": u32(d["sliding_window"]),
+        f"{a}.attention.shared_kv_layers": u32(d.get("num_kv_shared_layers") or 0),
+        f"{a}.embedding_length_per_layer_input": u32(d.get("hidden_size_per_layer_input") or 0),
+        f"{a}.attention.sliding_window_pattern": ["ARRAY", "BOOL", swa],
+        f"{a}.attention.key_length_swa": u32(head_swa),
+        f"{a}.attention.value_length_swa": u32(head_swa),
+        f"{a}.rope.dimension_count": u32(head_full),  # the whole head: rope_freqs says which pairs turn
+        f"{a}.rope.dimension_count_swa": u32(int(head_swa * float(rope[SLIDING].get("partial_rotary_factor", 1.0)))),
+    }
+    if d.get("final_logit_softcapping"):
+        out[f"{a}.final_logit_softcapping"] = f32(d["final_logit_softcapping"])
+    if d.get("use_double_wide_mlp"):
+        first_shared = n - int(d.get("num_kv_shared_layers") or 0)
+        ff = int(d["intermediate_size"])
+        out[f"{a}.feed_forward_length"] = ["ARRAY", "UINT32", [ff if i < first_shared else 2 * ff for i in range(n)]]
+    kv_full = _full_layer_override(d, "num_key_value_heads")
+    if kv_full is not None:
+        out[f"{a}.attention.head_count_kv"] = ["ARRAY", "UINT32", [int(d["num_key_value_heads"]) if s else int(kv_full) for s in swa]]
+    return out
+
+
+def rope_freqs(config) -> torch.Tensor:
+    """The full layers' frequency factors: proportional RoPE rotates only the first
+    int(head_dim x partial_rotary_factor / 2) of a head's pairs (at the whole head's frequencies)."""
+    d = _raw(config)
+    head_full = int(_full_layer_override(d, "head_dim"))
+    n_rot = int(head_full * float(d["rope_parameters"][FULL]["partial_rotary_factor"]) / 2)
+    return torch.tensor([1.0] * n_rot + [UNROTATED] * (head_full // 2 - n_rot), dtype=torch.float32)

@@ -1,0 +1,102 @@
+"""Gemma 4 (E-style tiny random models): qatkit's GGUF is the file llama.cpp's own converter writes
+from the same directory, its Q4_0 is byte for byte llama-quantize's, and layouts llama.cpp cannot
+run are refused before a file exists.
+
+The converter is llama.cpp's `convert_hf_to_gguf.py` from the llama-cpp-python 0.3.36 source
+archive (unpacked by scripts/setup.sh), run as its own program with its own gguf-py."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from gguf import GGUFReader
+
+from qatkit.cli import main
+from qatkit.runtime.llamacpp import chunk_logits, llama_quantize, open_model
+from tiny_models import gemma4_dir
+
+CONVERTER = Path(sys.prefix) / "share" / "llama.cpp-convert"
+
+
+@pytest.fixture(autouse=True)
+def _cache(private_cache):
+    return private_cache
+
+
+def llama_convert(src: Path, out: Path) -> Path:
+    script = CONVERTER / "convert_hf_to_gguf.py"
+    assert script.exists(), f"{script} is missing: run scripts/setup.sh (it unpacks llama.cpp's converter)"
+    env = {**os.environ, "PYTHONPATH": str(CONVERTER / "gguf-py")}
+    r = subprocess.run([sys.executable, str(script), str(src), "--outtype", "f32", "--outfile", str(out)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out
+
+
+def tensors(path) -> dict:
+    return {t.name: (t.tensor_type.name, [int(x) for x in t.shape], np.asarray(t.data).view(np.uint8).tobytes()) for t in GGUFReader(path).tensors}
+
+
+def fields(path, prefixes=("gemma4.", "tokenizer.ggml.")) -> dict:
+    return {k: f.contents() for k, f in GGUFReader(path).fields.items() if k.startswith(prefixes)}
+
+
+@pytest.fixture(scope="module")
+def e_model(tmp_path_factory):
+    """The E-style directory, and llama.cpp's converter's F32 file of it (made once)."""
+    d = tmp_path_factory.mktemp("g4")
+    src = gemma4_dir(d / "e")
+    return src, llama_convert(src, d / "converter-f32.gguf")
+
+
+def test_f32_export_is_the_converters_file(e_model, tmp_path, capsys):
+    src, ref = e_model
+    ours = tmp_path / "qatkit-f32.gguf"
+    assert main(["export", str(src), "--format", "f32", "--out", str(ours)]) == 0
+    a, b = tensors(ours), tensors(ref)
+    assert sorted(a) == sorted(b) and len(a) == 102
+    assert {"per_layer_token_embd.weight", "per_layer_model_proj.weight", "rope_freqs.weight", "blk.5.layer_output_scale.weight", "blk.0.inp_gate.weight"} <= set(a)
+    assert "blk.4.attn_k.weight" not in a  # the K/V-sharing layers have no K/V of their own
+    assert [n for n in a if a[n] != b[n]] == []  # names, types, shapes and bytes
+    fa, fb = fields(ours), fields(ref)
+    assert fa.pop("tokenizer.ggml.add_eos_token") is False and fa == fb  # every architecture and tokenizer key, valued alike
+    assert fa["gemma4.feed_forward_length"] == [96, 96, 96, 96, 192, 192] and fa["gemma4.attention.shared_kv_layers"] == 2
+    # so llama.cpp computes the same: bit-identical logits from the two files
+    ids = [2] + [(7 * i) % 390 + 4 for i in range(60)]
+    la, lb = (chunk_logits(open_model(str(p), n_ctx=64), ids) for p in (ours, ref))
+    assert np.array_equal(la, lb) and np.isfinite(la).all() and la.std() > 0
+
+
+@pytest.mark.parametrize("pure", [False, True])
+def test_q4_0_is_llama_quantize_byte_for_byte(e_model, tmp_path, capsys, pure):
+    """qatkit's Q4_0 file equals llama-quantize's on the F32 file, tensor for tensor; the mix is
+    llama.cpp's for gemma4: both token-embedding tables at the tied-head type, per_layer_model_proj,
+    norms, layer scalars and rope_freqs left in F32."""
+    src, ref = e_model
+    ours, theirs = tmp_path / "qatkit-q4_0.gguf", tmp_path / "llama-q4_0.gguf"
+    assert main(["export", str(src), "--format", "q4_0", *(["--pure"] if pure else []), "--out", str(ours)]) == 0
+    llama_quantize(str(ref), str(theirs), ftype="q4_0", pure=pure)
+    a, b = tensors(ours), tensors(theirs)
+    assert sorted(a) == sorted(b) and [n for n in a if a[n] != b[n]] == []
+    emb = "Q4_0" if pure else "Q8_0"  # Q6_K wants rows of 256: these are 64 and 192 wide
+    assert a["token_embd.weight"][0] == a["per_layer_token_embd.weight"][0] == emb
+    assert a["per_layer_model_proj.weight"][0] == a["rope_freqs.weight"][0] == a["blk.0.layer_output_scale.weight"][0] == "F32"
+    assert a["blk.5.ffn_down.weight"][0] == a["blk.0.proj.weight"][0] == a["blk.0.inp_gate.weight"][0] == "Q4_0"
+
+
+@pytest.mark.parametrize("layout, words", [
+    (dict(layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]),
+     "need layer 3 full and layer 2 sliding before them"),
+    (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32), "MoE block"),
+])
+def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, words):
+    """A config transformers accepts but llama.cpp aborts on (or qatkit cannot export yet): one
+    line, exit 2, no file."""
+    src = gemma4_dir(tmp_path / "m", **layout)
+    out = tmp_path / "x.gguf"
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and err.startswith("qatkit: error: gemma4: "), err
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
