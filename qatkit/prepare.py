@@ -2,8 +2,10 @@
 
 prepare swaps, by the per-tensor plan (the same plan the exporter uses), every Linear whose
 weight the file stores as Q4_0/Q8_0 for a FakeQuantLinear of that format, in place. The token
-embedding (and the head tied to it) is frozen by default at the file's values: dequantize(
-quantize(w)) is computed once, and the exporter re-quantizes those values to the same bytes.
+embedding (and the head tied to it), and any other token-embedding table (Gemma 4's per-layer
+embeddings), are frozen by default at the file's values: dequantize(quantize(w)) is computed
+once, and the exporter re-quantizes those values to the same bytes. A frozen table has no
+gradient and no optimizer state, which matters when it is half the model (Gemma 4 E2B).
 
 Trap (FACTS.md): a teacher dequantized from a coarser GGUF sits on a grid, and up to a third of
 its weights can lie *exactly* on a Q4_0 rounding boundary (x * (1/d) + 8.5 an integer). The
@@ -25,7 +27,7 @@ from .config import QATConfig
 from .formats import FORMATS, decode, encode, get
 from .models.arch import Arch, gguf_name, to_gguf_tensor
 from .nn import FakeQuantLinear
-from .plan import default_plan, gguf_shapes
+from .plan import TOKEN_EMBEDDINGS, default_plan, gguf_shapes
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +80,12 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
                 with torch.no_grad():
                     head.weight.copy_(file_values(head.weight, plan["output.weight"]))
                 head.weight.requires_grad_(False)
+        for mod_name, mod in model.named_modules():  # other tables of the token-embedding kind (Gemma 4's per-layer embeddings)
+            name = gguf_name(arch, f"{mod_name}.weight") if isinstance(mod, nn.Embedding) and mod is not emb else None
+            if name in TOKEN_EMBEDDINGS:
+                with torch.no_grad():
+                    mod.weight.copy_(file_values(mod.weight, plan[name]))
+                mod.weight.requires_grad_(False)
     elif tied and plan["token_embd.weight"] not in ("f32", "f16"):
         raise QatkitError("training a tied embedding through its quantizer is not supported yet; keep it frozen")
     log.info("prepared %d linears for %s fake-quant%s; %d weights moved off rounding boundaries", swapped, config.fmt, " with learned scales" if config.learn_scales else "", settled)

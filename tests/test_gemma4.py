@@ -100,3 +100,69 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, word
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and words in err and err.startswith("qatkit: error: gemma4: "), err
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
+
+
+def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypatch, capsys):
+    """A short QAT run on the E-style model exports a Q4_0 file that llama.cpp computes exactly as
+    the student did (faithful mode: float noise; plain float activations: not), whose frozen
+    embedding tables are llama-quantize's bytes; interrupted and resumed, it writes the same file."""
+    from qatkit.models.load import load, resolve
+    from qatkit.targets.gguf import export_gap, file_twin
+    from qatkit.train import loop
+    from tiny_models import TEXT
+
+    src = gemma4_dir(tmp_path / "e")
+    (tmp_path / "train.txt").write_text(TEXT * 6)
+    args = ["train", str(src), "--data", str(tmp_path / "train.txt"), "--steps", "4", "--seq-len", "32", "--lr", "1e-3", "--export"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 0
+    qat = tmp_path / "a" / "qat-q4_0.gguf"
+    source = resolve(str(src))
+    teacher, _ = load(source)
+    twin, types = file_twin(teacher, source.arch, str(qat))
+    assert types["model.layers.4.mlp.down_proj"] == "q4_0" and types["model.per_layer_model_projection"] == "f32"
+    gap = export_gap(twin, types, str(qat), TEXT, n_tokens=96)
+    assert gap["faithful"]["kld"] < 1e-9 and gap["faithful"]["same_top"] == 100.0
+    assert gap["plain"]["kld"] > 100 * gap["faithful"]["kld"]  # the roundings modelled are what makes it exact
+    ptq = tmp_path / "ptq.gguf"
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(ptq)]) == 0
+    a, b = tensors(qat), tensors(ptq)
+    assert a["per_layer_token_embd.weight"] == b["per_layer_token_embd.weight"] and a["token_embd.weight"] == b["token_embd.weight"]
+    assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]  # the decoder did train
+
+    real_step, calls = loop._step, []
+
+    def ctrl_c_in_step_3(*a):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real_step(*a)
+
+    monkeypatch.setattr(loop, "_step", ctrl_c_in_step_3)
+    assert main([*args, "--out", str(tmp_path / "b")]) == 130
+    monkeypatch.setattr(loop, "_step", real_step)
+    assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0
+    assert (tmp_path / "b" / "qat-q4_0.gguf").read_bytes() == qat.read_bytes()
+
+
+def test_prepare_freezes_both_embedding_tables_at_their_file_values():
+    """The per-layer embedding table (half of E2B) is frozen like the token embedding: at the
+    values its Q8_0/Q6_K bytes decode to, with no gradient (so no optimizer state either)."""
+    import torch
+
+    from qatkit.config import QATConfig
+    from qatkit.formats import decode, encode
+    from qatkit.models.arch import arch_for_config
+    from qatkit.nn import FakeQuantLinear
+    from qatkit.prepare import prepare
+    from tiny_models import tiny_gemma4
+
+    model = tiny_gemma4()
+    before = model.model.embed_tokens_per_layer.weight.detach().clone()
+    plan = prepare(model, arch_for_config(model.config), QATConfig())
+    table = model.model.embed_tokens_per_layer.weight
+    assert plan["per_layer_token_embd.weight"] == "q8_0" and not table.requires_grad and not model.model.embed_tokens.weight.requires_grad
+    want = decode(encode(before, "q8_0"), 8, tuple(before.shape))
+    assert torch.equal(table, torch.from_numpy(want.copy())) and not torch.equal(table, before)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "model.embed_tokens_per_layer.weight" not in trainable and "model.per_layer_model_projection.weight" in trainable
+    assert isinstance(model.model.layers[0].per_layer_input_gate, FakeQuantLinear) and not isinstance(model.model.per_layer_model_projection, FakeQuantLinear)

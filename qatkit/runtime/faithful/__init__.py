@@ -49,10 +49,10 @@ from .ops import (
     _ROW_MULTIPLE,
     ACTIVATION_ROUNDING,
     ATTN_IMPLEMENTATION,
+    GELU_FAMILIES,
     Q8_K_BLOCK,
     TableGELU,
     _faithful,
-    _ggml_apply_rotary_pos_emb,
     _register_attention,
     _rms_norm_hook,
     _rotary_hook,
@@ -60,6 +60,7 @@ from .ops import (
     f16_round,
     faithful_attention,
     gelu_table,
+    ggml_apply_rotary_for,
     ggml_rms_norm,
     ggml_rope_cos_sin,
     ggml_rotate,
@@ -166,7 +167,7 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
                 handles.append(module.register_forward_hook(product))
         if exact:
             for module in model.modules():
-                if type(module).__name__.endswith("MLP") and family != "gemma3_text":
+                if type(module).__name__.endswith("MLP") and family not in GELU_FAMILIES:
                     handles.extend(_swiglu_hooks(module))  # after the Linear hooks: sees their outputs
         token = _EXACT.set((build,) if exact else None)
         rotary = [(n, m) for n, m in model.named_modules() if type(m).__name__.endswith("RotaryEmbedding")]
@@ -182,11 +183,13 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
             handles.append(module.register_forward_hook(_rotary_hook(config, name), with_kwargs=True))
         for mod in attn_modules:  # the attention forward calls the modeling file's global
             patched.append((mod, mod.apply_rotary_pos_emb))
-            mod.apply_rotary_pos_emb = _ggml_apply_rotary_pos_emb
-        if family == "gemma3_text":
-            # llama.cpp's gemma3 graph always uses GELU (LLM_FFN_GELU), whatever the HF config says
+            mod.apply_rotary_pos_emb = ggml_apply_rotary_for(mod.apply_rotary_pos_emb)
+        if family in GELU_FAMILIES:
+            # llama.cpp's gemma3/gemma4 graphs always use GELU (LLM_FFN_GELU), whatever the HF config
+            # says, and so does Gemma 4's per-layer-input gate (the decoder layer's own act_fn)
             for module in model.modules():
-                if type(module).__name__.endswith("MLP") and hasattr(module, "act_fn"):
+                gelu_user = type(module).__name__.endswith("MLP") or hasattr(module, "per_layer_input_gate")
+                if gelu_user and hasattr(module, "act_fn"):
                     swapped.append((module, module.act_fn))
                     module.act_fn = TableGELU()
         model.set_attn_implementation(ATTN_IMPLEMENTATION)

@@ -16,6 +16,7 @@ from torch import nn
 
 from ...formats import FORMATS, q6_k
 from ...formats._ste import straight_through
+from ...models import gemma4
 from ...models.arch import arch_for_config, rope_base_and_factor
 from ..ggml import libm, row_kernels
 from .lanes import _EXACT, _matmul
@@ -27,7 +28,9 @@ Q8_K_BLOCK = q6_k.ACT_BLOCK
 
 # model_type -> whether llama.cpp multiplies Q by the attention scale *before* the f16 K*Q
 # product (src/models/gemma3.cpp) rather than inside soft_max_ext (llama, qwen2, qwen3).
-_Q_PRESCALED = {"gemma3_text": True, "llama": False, "qwen2": False, "qwen3": False}
+_Q_PRESCALED = {"gemma3_text": True, "gemma4_text": False, "llama": False, "qwen2": False, "qwen3": False}
+# families whose feed-forward llama.cpp computes with GELU (ggml's f16 table) rather than SwiGLU
+GELU_FAMILIES = ("gemma3_text", "gemma4_text")
 
 
 f16_round = FORMATS["f16"].activation_rounding  # round to the nearest f16, back in x's dtype
@@ -88,7 +91,7 @@ class TableGELU(nn.Module):
 
 # --- RMSNorm: ggml's sum of squares ------------------------------------------------------------
 
-def ggml_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def ggml_rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """ggml_compute_forward_rms_norm_f32 then the weight product (ggml_mul, or the fused
     rms_norm+mul, same roundings): the squares are float32 and summed in double (`ggml_float`),
     mean = (float)(sum/n), scale = 1.0f/sqrtf(mean + eps), y = (x*scale)*w.
@@ -96,14 +99,16 @@ def ggml_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
     transformers sums the squares in float32, so its mean, and with it a whole row, is an ulp off
     for ~10% of rows; enough to move a Q8_0 block scale (fp16(amax/127)) or an f16 q/k now and then.
     The double sum here is pairwise, not sequential: both are within ~1e-16 of the exact sum, so the
-    float32 mean differs only when that sum lies within ~1e-16 of a float32 rounding boundary."""
+    float32 mean differs only when that sum lies within ~1e-16 of a float32 rounding boundary.
+    A norm without a weight (Gemma 4's V norm) stops at x*scale."""
     xf = x.float()
     mean = ((xf * xf).double().sum(-1, keepdim=True) / x.shape[-1]).float()
     # Trap: torch's float32 sqrt on CPU is not correctly rounded (an ulp or two off, e.g. at
     # 3.6889088e-4); sqrtf is. The float64 root of a float32, rounded to float32, is.
     root = torch.sqrt((mean + np.float32(eps)).double()).float()
     scale = torch.ones_like(root) / root  # tensor / tensor: one rounding, as 1.0f/sqrtf(...)
-    return ((xf * scale) * weight.float()).to(x.dtype)
+    y = xf * scale
+    return (y if weight is None else y * weight.float()).to(x.dtype)
 
 
 def _rms_norm_hook(eps: float, offset: float):
@@ -111,7 +116,9 @@ def _rms_norm_hook(eps: float, offset: float):
     exported file holds it: w + offset in float32, Gemma's 1 + w); the gradient stays transformers'."""
 
     def hook(module, args, output):
-        w = module.weight.float() + offset if offset else module.weight
+        w = getattr(module, "weight", None)
+        if w is not None and offset:
+            w = w.float() + offset
         with torch.no_grad():
             exact = ggml_rms_norm(args[0], w, eps)
         return straight_through(output, exact.to(output.dtype))
@@ -139,9 +146,10 @@ _ROPE_TABLE_MIN = 256
 
 
 @functools.lru_cache(maxsize=16)
-def _rope_table(n_pos: int, n_dims: int, freq_base: float, freq_scale: float) -> tuple[np.ndarray, np.ndarray]:
+def _rope_table(n_pos: int, n_dims: int, freq_base: float, freq_scale: float, freq_factors: tuple[float, ...] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """cos, sin (n_pos, n_dims/2) float32 as ggml_rope_cache_init computes them for positions
-    0..n_pos-1 (freq_base and freq_scale are float32 values, as llama.cpp holds them)."""
+    0..n_pos-1 (freq_base and freq_scale are float32 values, as llama.cpp holds them); with
+    `freq_factors` (a rope_freqs tensor) pair i's angle is divided by factor i first."""
     cmath = libm()
     exponent = np.float32(-2.0) / np.float32(n_dims)
     if cmath is not None:
@@ -151,7 +159,7 @@ def _rope_table(n_pos: int, n_dims: int, freq_base: float, freq_scale: float) ->
     theta = np.empty((n_pos, n_dims // 2), dtype=np.float32)
     t = np.arange(n_pos, dtype=np.float32)
     for i in range(n_dims // 2):
-        theta[:, i] = t
+        theta[:, i] = t if freq_factors is None else t / np.float32(freq_factors[i])  # rope_yarn(theta/ff, ...)
         t = t * theta_scale  # float32 * float32 scalar: one float32 rounding, as `theta *= theta_scale`
     theta = theta * np.float32(freq_scale)  # rope_yarn: theta_interp = freq_scale * theta_extrap
     if cmath is not None:
@@ -164,13 +172,13 @@ def _rope_table(n_pos: int, n_dims: int, freq_base: float, freq_scale: float) ->
     return cos, sin
 
 
-def ggml_rope_cos_sin(position_ids: torch.Tensor, n_dims: int, freq_base: float, freq_scale: float = 1.0):
+def ggml_rope_cos_sin(position_ids: torch.Tensor, n_dims: int, freq_base: float, freq_scale: float = 1.0, freq_factors: tuple[float, ...] | None = None):
     """ggml's cos/sin for `position_ids` in transformers' layout: (..., n_dims), both halves equal."""
     if position_ids.numel() and int(position_ids.min()) < 0:
         raise ValueError("negative positions")
     n = int(position_ids.max()) + 1 if position_ids.numel() else 1
     n_pos = max(_ROPE_TABLE_MIN, 1 << (n - 1).bit_length())  # tables grow by powers of two
-    cos, sin = _rope_table(n_pos, n_dims, float(np.float32(freq_base)), float(np.float32(freq_scale)))
+    cos, sin = _rope_table(n_pos, n_dims, float(np.float32(freq_base)), float(np.float32(freq_scale)), freq_factors)
     idx = position_ids.detach().long().cpu()
     cos, sin = torch.from_numpy(cos)[idx], torch.from_numpy(sin)[idx]
     return (torch.cat((cos, cos), -1).to(position_ids.device), torch.cat((sin, sin), -1).to(position_ids.device))
@@ -195,9 +203,22 @@ def ggml_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.
 
 
 def _ggml_apply_rotary_pos_emb(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-    """Stands in for a modeling file's apply_rotary_pos_emb inside the context."""
+    """Stands in for a modeling file's apply_rotary_pos_emb(q, k, cos, sin) inside the context."""
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     return ggml_rotate(q, cos, sin), ggml_rotate(k, cos, sin)
+
+
+def _ggml_apply_rotary_one(x, cos, sin, unsqueeze_dim=1):
+    """Stands in for Gemma 4's apply_rotary_pos_emb(x, cos, sin), which rotates one tensor."""
+    return ggml_rotate(x, cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim))
+
+
+def ggml_apply_rotary_for(original):
+    """The stand-in of the same signature as a modeling file's apply_rotary_pos_emb."""
+    import inspect
+
+    first = next(iter(inspect.signature(original).parameters))
+    return _ggml_apply_rotary_one if first == "x" else _ggml_apply_rotary_pos_emb
 
 
 def _rotary_hook(config, module_name: str):
@@ -209,11 +230,17 @@ def _rotary_hook(config, module_name: str):
         if layer_type is None:
             # transformers < 5 Gemma 3 has a second module for its sliding-window layers
             layer_type = "sliding_attention" if module_name.endswith("_local") else "full_attention"
-        base, factor = rope_base_and_factor(config, layer_type)
+        factors = None
+        if config.model_type == "gemma4_text":  # proportional RoPE on full layers: llama.cpp's rope_freqs
+            base, factor = float(config.rope_parameters[layer_type]["rope_theta"]), 1.0
+            if layer_type == gemma4.FULL:
+                factors = tuple(gemma4.rope_freqs(config).tolist())
+        else:
+            base, factor = rope_base_and_factor(config, layer_type)
         cos, sin = output
         # llama.cpp: freq_scale = 1.0f/ropescale, in float32
         scale = float(np.float32(1.0) / np.float32(factor))
-        gcos, gsin = ggml_rope_cos_sin(position_ids, cos.shape[-1], base, scale)
+        gcos, gsin = ggml_rope_cos_sin(position_ids, cos.shape[-1], base, scale, factors)
         return gcos.to(cos.dtype), gsin.to(sin.dtype)
 
     return hook
