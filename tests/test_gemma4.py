@@ -166,3 +166,40 @@ def test_prepare_freezes_both_embedding_tables_at_their_file_values():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert "model.embed_tokens_per_layer.weight" not in trainable and "model.per_layer_model_projection.weight" in trainable
     assert isinstance(model.model.layers[0].per_layer_input_gate, FakeQuantLinear) and not isinstance(model.model.per_layer_model_projection, FakeQuantLinear)
+
+
+def test_multimodal_gemma4_is_stripped_to_its_decoder(tmp_path, capsys):
+    """A Gemma4ForConditionalGeneration with vision and audio towers: qatkit keeps the decoder as
+    a Gemma4ForCausalLM that computes the same logits on text, and exports it like the text model."""
+    import json
+
+    import torch
+    from transformers import Gemma4AudioConfig, Gemma4Config, Gemma4ForConditionalGeneration, Gemma4VisionConfig
+
+    from qatkit.models.load import load, resolve
+    from tiny_models import gemma_tokenizer, tiny_gemma4
+
+    tok = gemma_tokenizer()
+    text = tiny_gemma4(vocab_size=len(tok)).config
+    vision = Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, head_dim=16,
+                                patch_size=8, position_embedding_size=64)
+    audio = Gemma4AudioConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, subsampling_conv_channels=(8, 4), output_proj_dims=32)
+    torch.manual_seed(0)
+    mm = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=audio.to_dict(),
+                                                     bos_token_id=2, eos_token_id=1, pad_token_id=0)).eval()
+    src = tmp_path / "mm"
+    mm.save_pretrained(src)
+    tok.save_pretrained(src)
+    source = resolve(str(src))
+    assert source.hf_dir.name == "text-only" and source.arch.name == "gemma4"
+    assert json.loads((source.hf_dir / "config.json").read_text())["architectures"] == ["Gemma4ForCausalLM"]
+    model, _ = load(source)
+    names = list(model.state_dict())
+    assert not any(k in n for n in names for k in ("vision", "audio")) and "model.embed_tokens_per_layer.weight" in names
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in mm.model.language_model.parameters())
+    ids = torch.tensor([tok("It was the best of times")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, mm(input_ids=ids).logits)
+    out = tmp_path / "t.gguf"
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 0
+    assert "per_layer_token_embd.weight" in tensors(out) and not any(n.startswith(("v.", "a.", "mm.")) for n in tensors(out))

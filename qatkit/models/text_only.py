@@ -1,7 +1,8 @@
 """Text-only stripping: a multimodal checkpoint -> the causal language model inside it.
 
 Gemma 3 from 4B up ships as `Gemma3ForConditionalGeneration`: a SigLIP vision tower and a
-projector beside a `gemma3_text` decoder. A phone or laptop that only needs text pays for the
+projector beside a `gemma3_text` decoder. Gemma 4 (`Gemma4ForConditionalGeneration`) adds an audio
+tower: model.vision_tower / audio_tower / embed_vision / embed_audio beside model.language_model. A phone or laptop that only needs text pays for the
 vision weights in every file it loads, so qatkit writes the decoder alone as a Hugging Face
 directory (its `text_config` as config.json, the `language_model` tensors under the names the
 text-only class expects, the tokenizer files) and works on that. The tensors are copied, not
@@ -23,7 +24,7 @@ from ..atomic import atomic_path
 log = logging.getLogger(__name__)
 
 # multimodal model_type -> (the text-only class, its model_type)
-TEXT_ONLY = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text")}
+TEXT_ONLY = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma4": ("Gemma4ForCausalLM", "gemma4_text")}
 
 # where the language model's tensors live in a multimodal checkpoint -> their text-only names
 # (the first is what Google's checkpoints and transformers' save_pretrained write)
@@ -97,7 +98,7 @@ def strip_text_only(src: Path, dest: Path) -> dict:
                 shutil.copy2(f, tmp / f.name)  # tokenizer, generation config, chat template
     if not (dest / "config.json").exists():
         raise QatkitError(f"{dest}: an incomplete text-only copy is in the way; delete it")
-    log.info("text-only: kept %d tensors (%.1f MB), dropped %d (%.1f MB: vision tower and projector) -> %s",
+    log.info("text-only: kept %d tensors (%.1f MB), dropped %d (%.1f MB: the vision / audio towers and projectors) -> %s",
              stats["kept"], stats["kept_bytes"] / 1e6, stats["dropped"], stats["dropped_bytes"] / 1e6, dest)
     return stats
 
