@@ -32,6 +32,7 @@ from torch import nn
 from . import QatkitError
 from .formats import TRAINABLE, get, mobile
 from .formats._ste import straight_through
+from .models.gemma4 import EXPERT_WEIGHTS
 
 WEIGHT_FORMATS = TRAINABLE  # the GGUF formats with a training-time fake-quant (formats registry)
 OBSERVE_PER_CALL = 1 << 15  # values of each input and output a calibrating forward keeps
@@ -162,3 +163,37 @@ class FakeQuantLinear(nn.Linear):
         if self.spec is not None:
             learned += ", static int8 activations" if self.act == "static" else ", int8 activations per token"
         return f"{super().extra_repr()}, fmt={self.fmt}{learned}, enabled={self.enabled}"
+
+
+# ------------------------------------------------------------------------------- MoE experts
+
+
+class FakeQuantExperts:
+    """Fake-quant for a module of MoE experts held as 3-D Parameters (Gemma 4's
+    Gemma4TextExperts: gate_up_proj (E, 2I, H), down_proj (E, H, I)), installed on the module
+    itself: its forward runs with every expert's weight through the file format's quantizer,
+    row by row along the last dimension, which is the block layout ggml stores a 3-D tensor in.
+    Each weight is fake-quantized once per forward (the experts' loop then indexes it), the
+    Parameters keep their names (checkpoints and the exporter see nothing new), and the gradient
+    reaches them straight through. `remove()` takes it off again."""
+
+    def __init__(self, module: nn.Module, fmt: str):
+        self.module, self.fmt, self.enabled = module, fmt, True
+        self._inside = False
+        self._original = module.forward
+        module.forward = self.forward  # an instance attribute: the class's forward stays as it is
+        module.qat = self
+
+    def forward(self, *args, **kwargs):
+        if self._inside or not self.enabled:
+            return self._original(*args, **kwargs)
+        weights = {n: get(self.fmt).fake_quant(getattr(self.module, n)) for n in EXPERT_WEIGHTS}
+        self._inside = True
+        try:  # functional_call runs the module's own forward (back here: the flag sends it on) with these weights
+            return torch.func.functional_call(self.module, weights, args, kwargs, strict=False)
+        finally:
+            self._inside = False
+
+    def remove(self) -> None:
+        del self.module.forward
+        del self.module.qat

@@ -26,7 +26,7 @@ from . import QatkitError
 from .config import QATConfig
 from .formats import FORMATS, decode, encode, get
 from .models.arch import Arch, gguf_name, to_gguf_tensor
-from .nn import FakeQuantLinear
+from .nn import EXPERT_WEIGHTS, FakeQuantExperts, FakeQuantLinear
 from .plan import TOKEN_EMBEDDINGS, default_plan, gguf_shapes
 
 log = logging.getLogger(__name__)
@@ -68,6 +68,18 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
         parent, child = _parent(model, name)
         setattr(parent, child, FakeQuantLinear.from_linear(lin, fmt, config.learn_scales and fmt == "q4_0"))
         swapped += 1
+    for mod_name, mod in model.named_modules():  # MoE experts: 3-D Parameters, not Linears
+        if all(isinstance(getattr(mod, n, None), nn.Parameter) and getattr(mod, n).dim() == 3 for n in EXPERT_WEIGHTS):
+            fmts = {plan[gguf_name(arch, f"{mod_name}.{n}")] for n in EXPERT_WEIGHTS}
+            if len(fmts) != 1 or not fmts <= {"q4_0", "q8_0"}:
+                continue
+            fmt = fmts.pop()
+            if config.settle_boundaries:
+                for n in EXPERT_WEIGHTS:
+                    w = getattr(mod, n)
+                    settled += settle_boundaries(w.data.view(-1, w.shape[-1]), fmt, gen)
+            FakeQuantExperts(mod, fmt)
+            swapped += 1
     if config.freeze_embedding:
         emb = model.get_input_embeddings()
         fmt = plan["token_embd.weight"]
@@ -88,7 +100,7 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
                 mod.weight.requires_grad_(False)
     elif tied and plan["token_embd.weight"] not in ("f32", "f16"):
         raise QatkitError("training a tied embedding through its quantizer is not supported yet; keep it frozen")
-    log.info("prepared %d linears for %s fake-quant%s; %d weights moved off rounding boundaries", swapped, config.fmt, " with learned scales" if config.learn_scales else "", settled)
+    log.info("prepared %d linears (and expert blocks) for %s fake-quant%s; %d weights moved off rounding boundaries", swapped, config.fmt, " with learned scales" if config.learn_scales else "", settled)
     return plan
 
 
@@ -212,9 +224,13 @@ def settle_boundaries(w: torch.Tensor, fmt: str, gen: torch.Generator) -> int:
 
 
 def convert(model: nn.Module, arch: Arch) -> dict[str, torch.Tensor]:
-    """Swap FakeQuantLinears back to nn.Linear (latent weights) in place; returns the learned
-    Q4_0 scales by GGUF name for the exporter (empty without learned scales)."""
+    """Swap FakeQuantLinears back to nn.Linear (latent weights) and take fake-quant off MoE
+    experts, in place; returns the learned Q4_0 scales by GGUF name for the exporter (empty
+    without learned scales)."""
     scales: dict[str, torch.Tensor] = {}
+    for mod in model.modules():
+        if isinstance(getattr(mod, "qat", None), FakeQuantExperts):
+            mod.qat.remove()
     for name, mod in _linears(model).items():
         if isinstance(mod, FakeQuantLinear):
             if mod.scale is not None:

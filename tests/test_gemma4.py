@@ -1,6 +1,8 @@
-"""Gemma 4 (E-style tiny random models): qatkit's GGUF is the file llama.cpp's own converter writes
-from the same directory, its Q4_0 is byte for byte llama-quantize's, and layouts llama.cpp cannot
-run are refused before a file exists.
+"""Gemma 4 on tiny random models of two shapes (tiny_models.GEMMA4_SHAPES): E-style (per-layer
+embeddings, K/V sharing, double-wide MLP) and 26B-style (MoE beside the dense MLP, K = V, per-layer
+KV heads). qatkit's GGUF is the file llama.cpp's own converter writes from the same directory, its
+Q4_0 is byte for byte llama-quantize's, QAT exports a file llama.cpp computes exactly as the
+student did, and layouts llama.cpp cannot run are refused before a file exists.
 
 The converter is llama.cpp's `convert_hf_to_gguf.py` from the llama-cpp-python 0.3.36 source
 archive (unpacked by scripts/setup.sh), run as its own program with its own gguf-py."""
@@ -43,26 +45,32 @@ def fields(path, prefixes=("gemma4.", "tokenizer.ggml.")) -> dict:
     return {k: f.contents() for k, f in GGUFReader(path).fields.items() if k.startswith(prefixes)}
 
 
-@pytest.fixture(scope="module")
-def e_model(tmp_path_factory):
-    """The E-style directory, and llama.cpp's converter's F32 file of it (made once)."""
+@pytest.fixture(scope="module", params=["e", "moe"])
+def model_dir(request, tmp_path_factory):
+    """(shape, directory, llama.cpp's converter's F32 file of it), made once per shape."""
     d = tmp_path_factory.mktemp("g4")
-    src = gemma4_dir(d / "e")
-    return src, llama_convert(src, d / "converter-f32.gguf")
+    src = gemma4_dir(d / request.param, shape=request.param)
+    return request.param, src, llama_convert(src, d / "converter-f32.gguf")
 
 
-def test_f32_export_is_the_converters_file(e_model, tmp_path, capsys):
-    src, ref = e_model
+def test_f32_export_is_the_converters_file(model_dir, tmp_path, capsys):
+    shape, src, ref = model_dir
     ours = tmp_path / "qatkit-f32.gguf"
     assert main(["export", str(src), "--format", "f32", "--out", str(ours)]) == 0
     a, b = tensors(ours), tensors(ref)
-    assert sorted(a) == sorted(b) and len(a) == 102
-    assert {"per_layer_token_embd.weight", "per_layer_model_proj.weight", "rope_freqs.weight", "blk.5.layer_output_scale.weight", "blk.0.inp_gate.weight"} <= set(a)
-    assert "blk.4.attn_k.weight" not in a  # the K/V-sharing layers have no K/V of their own
+    assert sorted(a) == sorted(b) and len(a) == {"e": 102, "moe": 133}[shape]
     assert [n for n in a if a[n] != b[n]] == []  # names, types, shapes and bytes
     fa, fb = fields(ours), fields(ref)
     assert fa.pop("tokenizer.ggml.add_eos_token") is False and fa == fb  # every architecture and tokenizer key, valued alike
-    assert fa["gemma4.feed_forward_length"] == [96, 96, 96, 96, 192, 192] and fa["gemma4.attention.shared_kv_layers"] == 2
+    if shape == "e":
+        assert {"per_layer_token_embd.weight", "per_layer_model_proj.weight", "rope_freqs.weight", "blk.5.layer_output_scale.weight", "blk.0.inp_gate.weight"} <= set(a)
+        assert "blk.4.attn_k.weight" not in a  # the K/V-sharing layers have no K/V of their own
+        assert fa["gemma4.feed_forward_length"] == [96, 96, 96, 96, 192, 192] and fa["gemma4.attention.shared_kv_layers"] == 2
+    else:
+        assert a["blk.0.ffn_gate_up_exps.weight"][1] == [64, 64, 4] and a["blk.0.ffn_down_exps.weight"][1] == [32, 64, 4]
+        assert {"blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_inp.scale", "blk.0.ffn_down_exps.scale", "blk.0.pre_ffw_norm_2.weight"} <= set(a)
+        assert "blk.2.attn_v.weight" not in a and "blk.1.attn_v.weight" in a  # K = V on full layers
+        assert fa["gemma4.attention.head_count_kv"] == [1, 1, 2, 1, 1, 2] and fa["gemma4.expert_used_count"] == 2
     # so llama.cpp computes the same: bit-identical logits from the two files
     ids = [2] + [(7 * i) % 390 + 4 for i in range(60)]
     la, lb = (chunk_logits(open_model(str(p), n_ctx=64), ids) for p in (ours, ref))
@@ -70,26 +78,31 @@ def test_f32_export_is_the_converters_file(e_model, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("pure", [False, True])
-def test_q4_0_is_llama_quantize_byte_for_byte(e_model, tmp_path, capsys, pure):
+def test_q4_0_is_llama_quantize_byte_for_byte(model_dir, tmp_path, capsys, pure):
     """qatkit's Q4_0 file equals llama-quantize's on the F32 file, tensor for tensor; the mix is
-    llama.cpp's for gemma4: both token-embedding tables at the tied-head type, per_layer_model_proj,
-    norms, layer scalars and rope_freqs left in F32."""
-    src, ref = e_model
+    llama.cpp's for gemma4: both token-embedding tables at the tied-head type, 3-D experts in
+    Q4_0; per_layer_model_proj, the router, norms, scales and rope_freqs left in F32."""
+    shape, src, ref = model_dir
     ours, theirs = tmp_path / "qatkit-q4_0.gguf", tmp_path / "llama-q4_0.gguf"
     assert main(["export", str(src), "--format", "q4_0", *(["--pure"] if pure else []), "--out", str(ours)]) == 0
     llama_quantize(str(ref), str(theirs), ftype="q4_0", pure=pure)
     a, b = tensors(ours), tensors(theirs)
     assert sorted(a) == sorted(b) and [n for n in a if a[n] != b[n]] == []
     emb = "Q4_0" if pure else "Q8_0"  # Q6_K wants rows of 256: these are 64 and 192 wide
-    assert a["token_embd.weight"][0] == a["per_layer_token_embd.weight"][0] == emb
-    assert a["per_layer_model_proj.weight"][0] == a["rope_freqs.weight"][0] == a["blk.0.layer_output_scale.weight"][0] == "F32"
-    assert a["blk.5.ffn_down.weight"][0] == a["blk.0.proj.weight"][0] == a["blk.0.inp_gate.weight"][0] == "Q4_0"
+    assert a["token_embd.weight"][0] == emb and a["rope_freqs.weight"][0] == a["blk.0.layer_output_scale.weight"][0] == "F32"
+    if shape == "e":
+        assert a["per_layer_token_embd.weight"][0] == emb and a["per_layer_model_proj.weight"][0] == "F32"
+        assert a["blk.5.ffn_down.weight"][0] == a["blk.0.proj.weight"][0] == a["blk.0.inp_gate.weight"][0] == "Q4_0"
+    else:
+        assert a["blk.0.ffn_gate_up_exps.weight"][0] == a["blk.0.ffn_down_exps.weight"][0] == "Q4_0"
+        assert a["blk.0.ffn_gate_inp.weight"][0] == a["blk.0.ffn_gate_inp.scale"][0] == a["blk.0.ffn_down_exps.scale"][0] == "F32"
 
 
 @pytest.mark.parametrize("layout, words", [
     (dict(layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]),
      "need layer 3 full and layer 2 sliding before them"),
-    (dict(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32), "MoE block"),
+    (dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6}, "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+     "llama.cpp's gemma4 takes proportional / default"),
 ])
 def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, words):
     """A config transformers accepts but llama.cpp aborts on (or qatkit cannot export yet): one
@@ -102,16 +115,18 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, word
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
-def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypatch, capsys):
-    """A short QAT run on the E-style model exports a Q4_0 file that llama.cpp computes exactly as
-    the student did (faithful mode: float noise; plain float activations: not), whose frozen
-    embedding tables are llama-quantize's bytes; interrupted and resumed, it writes the same file."""
+@pytest.mark.parametrize("shape", ["e", "moe"])
+def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypatch, capsys, shape):
+    """A short QAT run exports a Q4_0 file that llama.cpp computes exactly as the student did
+    (faithful mode: float noise; plain float activations: not), whose frozen embedding tables are
+    llama-quantize's bytes and whose 3-D experts trained; interrupted and resumed, it writes the
+    same file."""
     from qatkit.models.load import load, resolve
     from qatkit.targets.gguf import export_gap, file_twin
     from qatkit.train import loop
     from tiny_models import TEXT
 
-    src = gemma4_dir(tmp_path / "e")
+    src = gemma4_dir(tmp_path / shape, shape=shape)
     (tmp_path / "train.txt").write_text(TEXT * 6)
     args = ["train", str(src), "--data", str(tmp_path / "train.txt"), "--steps", "4", "--seq-len", "32", "--lr", "1e-3", "--export"]
     assert main([*args, "--out", str(tmp_path / "a")]) == 0
@@ -119,15 +134,18 @@ def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypa
     source = resolve(str(src))
     teacher, _ = load(source)
     twin, types = file_twin(teacher, source.arch, str(qat))
-    assert types["model.layers.4.mlp.down_proj"] == "q4_0" and types["model.per_layer_model_projection"] == "f32"
+    assert types["model.layers.4.mlp.down_proj"] == "q4_0"
+    assert types["model.per_layer_model_projection"] == "f32" if shape == "e" else types["model.layers.0.experts.gate_up_proj"] == "q4_0"
     gap = export_gap(twin, types, str(qat), TEXT, n_tokens=96)
     assert gap["faithful"]["kld"] < 1e-9 and gap["faithful"]["same_top"] == 100.0
     assert gap["plain"]["kld"] > 100 * gap["faithful"]["kld"]  # the roundings modelled are what makes it exact
     ptq = tmp_path / "ptq.gguf"
     assert main(["export", str(src), "--format", "q4_0", "--out", str(ptq)]) == 0
     a, b = tensors(qat), tensors(ptq)
-    assert a["per_layer_token_embd.weight"] == b["per_layer_token_embd.weight"] and a["token_embd.weight"] == b["token_embd.weight"]
+    assert a["token_embd.weight"] == b["token_embd.weight"] and a.get("per_layer_token_embd.weight") == b.get("per_layer_token_embd.weight")
     assert a["blk.0.attn_q.weight"] != b["blk.0.attn_q.weight"]  # the decoder did train
+    if shape == "moe":
+        assert a["blk.0.ffn_gate_up_exps.weight"] != b["blk.0.ffn_gate_up_exps.weight"] and a["blk.0.ffn_down_exps.weight"] != b["blk.0.ffn_down_exps.weight"]
 
     real_step, calls = loop._step, []
 

@@ -88,12 +88,23 @@ GEMMA4_E = dict(
 )
 
 
+# 26B-style: no per-layer embeddings or K/V sharing; a MoE block (4 experts, top 2) beside the dense
+# MLP in every layer; full layers with K = V (no v_proj) and their own KV-head count.
+GEMMA4_MOE = dict(
+    GEMMA4_E, hidden_size_per_layer_input=0, num_kv_shared_layers=0, use_double_wide_mlp=False,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+    attention_k_eq_v=True, num_global_key_value_heads=2, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
+)
+GEMMA4_SHAPES = {"e": GEMMA4_E, "moe": GEMMA4_MOE}
+
+
 def tiny_gemma4(seed: int = 0, vocab_size: int = 400, **kw):
-    """A random Gemma4ForCausalLM (`gemma4_text`) of the E-style shape unless `kw` says otherwise;
+    """A random Gemma4ForCausalLM (`gemma4_text`) of shape `shape` ('e' or 'moe'; `kw` overrides);
     norms, layer scalars and the rest of the 1-D tensors randomised so that their export is tested."""
     from transformers import AutoModelForCausalLM, Gemma4TextConfig
 
-    cfg = Gemma4TextConfig(**{**GEMMA4_E, **kw}, vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, max_position_embeddings=1024,
+    shape = GEMMA4_SHAPES[kw.pop("shape", "e")]
+    cfg = Gemma4TextConfig(**{**shape, **kw}, vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size, max_position_embeddings=1024,
                            rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()

@@ -26,6 +26,7 @@ from ..atomic import atomic_path
 from ..formats import BY_GGML_TYPE, FORMATS, decode, encode
 from ..models import gguf_meta
 from ..models.arch import Arch, from_gguf_tensor, generated_tensors, gguf_name, hparams, to_gguf_tensor
+from ..models.gemma4 import EXPERT_WEIGHTS
 from ..models.load import Source
 from ..models.tokenizer_meta import tokenizer_metadata
 from ..plan import FILE_TYPE, default_plan
@@ -154,7 +155,8 @@ def read_gguf_tensors(path: str | os.PathLike) -> dict[str, tuple[int, np.ndarra
 def load_gguf_weights(model: torch.nn.Module, arch: Arch, path: str | os.PathLike) -> dict[str, str]:
     """Put the dequantized weights of a GGUF file (one of qatkit's exports of this model) into
     `model`, in place: the torch twin of what llama.cpp computes with. Returns {HF module name:
-    format} for the model's Linear layers (for the runtime-faithful mode)."""
+    format} for the model's Linear layers and {parameter name: format} for 3-D MoE expert weights
+    (for the runtime-faithful mode)."""
     tensors = read_gguf_tensors(path)
     config = model.config
     state = model.state_dict()
@@ -170,7 +172,9 @@ def load_gguf_weights(model: torch.nn.Module, arch: Arch, path: str | os.PathLik
             w = torch.from_numpy(decode(data, ggml_type, shape).copy())
             p.copy_(from_gguf_tensor(arch, config, name, w).reshape(p.shape))
             module = hf[: -len(".weight")]
+            f = BY_GGML_TYPE.get(ggml_type)
             if hf.endswith(".weight") and module in linears:
-                f = BY_GGML_TYPE.get(ggml_type)
                 types[module] = f.name if f else f"ggml{ggml_type}"
+            elif hf.rsplit(".", 1)[-1] in EXPERT_WEIGHTS and p.dim() == 3:  # MoE experts
+                types[hf] = f.name if f else f"ggml{ggml_type}"
     return types

@@ -135,16 +135,20 @@ class F16(Format):
 
 
 def _encode_blocks(w: torch.Tensor, rows_to_bytes: Callable[[torch.Tensor, int], np.ndarray], fmt: Format) -> np.ndarray:
+    """Rows of the last dimension -> their blocks; a 3-D tensor (MoE experts) is its experts'
+    rows one after another, as ggml lays it out, and keeps its leading shape."""
     w = w.detach().float().cpu()
-    if w.dim() != 2:
-        raise ValueError(f"{fmt.name} is for 2-D tensors, got shape {tuple(w.shape)}")
+    if w.dim() not in (2, 3):
+        raise ValueError(f"{fmt.name} is for 2-D and 3-D tensors, got shape {tuple(w.shape)}")
+    lead = tuple(w.shape[:-1])
+    w = w.reshape(-1, w.shape[-1])
     out = np.empty((w.shape[0], fmt.row_bytes(w.shape[1])), np.uint8)
     # Row chunks of ~256K elements: small temporaries are reused by the allocator instead of
     # page-faulting fresh memory for every elementwise step (measured 3-10x faster whole).
     step = max(1, _CHUNK_ELEMENTS // max(1, w.shape[1]))
     for i in range(0, w.shape[0], step):
         out[i : i + step] = rows_to_bytes(w[i : i + step], i)
-    return out
+    return out.reshape(*lead, out.shape[-1])
 
 
 class _Trainable(Format):

@@ -75,13 +75,23 @@ ARCHS: dict[str, Arch] = {
             "per_layer_input_gate": "inp_gate",
             "per_layer_projection": "proj",
             "post_per_layer_input_norm": "post_norm",
+            "router.proj": "ffn_gate_inp",  # the MoE block (26B-A4B): router, experts and their norms
+            "pre_feedforward_layernorm_2": "pre_ffw_norm_2",
+            "post_feedforward_layernorm_1": "post_ffw_norm_1",
+            "post_feedforward_layernorm_2": "post_ffw_norm_2",
         },
         top_map={
             "model.embed_tokens_per_layer.weight": "per_layer_token_embd.weight",
             "model.per_layer_model_projection.weight": "per_layer_model_proj.weight",
             "model.per_layer_projection_norm.weight": "per_layer_proj_norm.weight",
         },
-        layer_params={"layer_scalar": "layer_output_scale.weight"},
+        layer_params={
+            "layer_scalar": "layer_output_scale.weight",
+            "router.scale": "ffn_gate_inp.scale",
+            "router.per_expert_scale": "ffn_down_exps.scale",
+            "experts.gate_up_proj": "ffn_gate_up_exps.weight",  # 3-D (experts, 2 x ffn, hidden), kept fused
+            "experts.down_proj": "ffn_down_exps.weight",  # 3-D (experts, hidden, ffn)
+        },
         family_hparams=gemma4.hparams,
         generated=lambda config: {"rope_freqs.weight": gemma4.rope_freqs(config)},
         check=gemma4.check,

@@ -24,6 +24,7 @@ import torch
 from .. import QatkitError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the MoE experts' 3-D Parameters: (experts, 2 x ffn, hidden), (experts, hidden, ffn)
 UNROTATED = 1e30  # llama.cpp's rope frequency divisor for a pair that does not rotate
 
 
@@ -48,10 +49,6 @@ def check(config) -> None:
     n = d["num_hidden_layers"]
     if len(types) != n or set(types) - {SLIDING, FULL}:
         raise QatkitError(f"gemma4: layer_types must name {n} layers, each sliding_attention or full_attention")
-    if d.get("enable_moe_block") or d.get("num_experts"):
-        raise QatkitError("gemma4: the MoE block (26B-A4B) is not supported yet")
-    if d.get("attention_k_eq_v"):
-        raise QatkitError("gemma4: attention_k_eq_v (K = V on full layers) is not supported yet")
     if d.get("use_bidirectional_attention"):
         raise QatkitError(f"gemma4: use_bidirectional_attention={d['use_bidirectional_attention']!r} is not supported (text decoding is causal)")
     rope = d.get("rope_parameters") or {}
@@ -102,6 +99,10 @@ def hparams(config) -> dict:
         f"{a}.rope.dimension_count": u32(head_full),  # the whole head: rope_freqs says which pairs turn
         f"{a}.rope.dimension_count_swa": u32(int(head_swa * float(rope[SLIDING].get("partial_rotary_factor", 1.0)))),
     }
+    if d.get("enable_moe_block"):
+        out[f"{a}.expert_count"] = u32(d["num_experts"])
+        out[f"{a}.expert_used_count"] = u32(d["top_k_experts"])
+        out[f"{a}.expert_feed_forward_length"] = u32(d["moe_intermediate_size"])
     if d.get("final_logit_softcapping"):
         out[f"{a}.final_logit_softcapping"] = f32(d["final_logit_softcapping"])
     if d.get("use_double_wide_mlp"):

@@ -33,7 +33,7 @@ from .. import QatkitError
 from ..atomic import atomic_path
 from ..config import TrainConfig
 from ..metrics import compare
-from ..nn import FakeQuantLinear
+from ..nn import FakeQuantExperts, FakeQuantLinear
 from .data import Batches
 from .teacher_cache import TeacherCache, topk_kl
 
@@ -155,6 +155,8 @@ def _set_fake_quant(student, on: bool) -> None:
     for m in student.modules():
         if isinstance(m, FakeQuantLinear):
             m.enabled = on
+        elif isinstance(getattr(m, "qat", None), FakeQuantExperts):
+            m.qat.enabled = on
 
 
 def default_device() -> torch.device:

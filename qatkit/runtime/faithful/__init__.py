@@ -43,6 +43,8 @@ import torch
 from torch import nn
 
 from ...models.arch import arch_for_config
+from ...models.gemma4 import EXPERT_WEIGHTS
+from . import moe
 from .lanes import _EXACT, GgmlCpu, _linear_exact, ggml_cpu_build, q0_matmul, tinyblas_matmul
 from .ops import (
     _Q_PRESCALED,
@@ -86,6 +88,8 @@ def _check(model: nn.Module, weight_types: dict[str, str]) -> dict[str, nn.Linea
         if wtype not in ACTIVATION_ROUNDING:
             raise ValueError(f"weight type {wtype!r} of {name!r} is not one of {sorted(ACTIVATION_ROUNDING)}")
         module = modules.get(name)
+        if module is None and name.rsplit(".", 1)[-1] in EXPERT_WEIGHTS:
+            continue  # a 3-D expert weight (a Parameter, not a module): moe.py rounds for it
         if not isinstance(module, nn.Linear):
             raise ValueError(f"{name!r} is not an nn.Linear of the model (got {type(module).__name__})")
         multiple = _ROW_MULTIPLE.get(wtype, 1)
@@ -153,6 +157,7 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
     handles = []
     swapped = []  # (mlp module, original activation)
     patched = []  # (modeling module, its own apply_rotary_pos_emb)
+    overridden = []  # (module, attribute) set on the instance: deleted on exit
     token = None
     try:
         build = ggml_cpu_build() if exact else None
@@ -192,6 +197,10 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
                 if gelu_user and hasattr(module, "act_fn"):
                     swapped.append((module, module.act_fn))
                     module.act_fn = TableGELU()
+        if not model.training:  # the MoE block in llama.cpp's order (measurement only)
+            names = {m: n for n, m in model.named_modules()}
+            for layer in moe.moe_layers(model):
+                overridden.extend(moe.install(layer, names[layer], weight_types, config.rms_norm_eps))
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
             # transformers only logs a warning for models that cannot switch
@@ -206,4 +215,6 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
             module.act_fn = act
         for mod, fn in patched:
             mod.apply_rotary_pos_emb = fn
+        for module, attr in overridden:
+            delattr(module, attr)
         model.set_attn_implementation(original_attn)
