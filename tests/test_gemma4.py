@@ -221,3 +221,37 @@ def test_multimodal_gemma4_is_stripped_to_its_decoder(tmp_path, capsys):
     out = tmp_path / "t.gguf"
     assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 0
     assert "per_layer_token_embd.weight" in tensors(out) and not any(n.startswith(("v.", "a.", "mm.")) for n in tensors(out))
+
+
+def test_sharded_bf16_checkpoint_and_hostile_ones(tmp_path, capsys):
+    """Sharded bf16 safetensors (as Google ships them) load and export as the converter's file;
+    a cut shard or an expert block of the wrong shape: one line, exit 2, no file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import gemma_tokenizer, tiny_gemma4
+
+    tok = gemma_tokenizer()
+    src = tmp_path / "bf16"
+    tiny_gemma4(shape="moe", vocab_size=len(tok)).to(torch.bfloat16).save_pretrained(src, max_shard_size="200KB")
+    tok.save_pretrained(src)
+    shards = sorted(src.glob("*.safetensors"))
+    assert len(shards) > 2 and (src / "model.safetensors.index.json").exists()
+    ours = tmp_path / "ours.gguf"
+    assert main(["export", str(src), "--format", "f32", "--out", str(ours)]) == 0
+    a, b = tensors(ours), tensors(llama_convert(src, tmp_path / "theirs.gguf"))
+    assert sorted(a) == sorted(b) and [n for n in a if a[n] != b[n]] == []
+    capsys.readouterr()
+
+    experts = next(f for f in shards if any(k.endswith("experts.down_proj") for k in load_file(f)))
+    tensors_in = load_file(experts)
+    name = next(k for k in tensors_in if k.endswith("experts.down_proj"))
+    save_file({**tensors_in, name: tensors_in[name][..., :16].contiguous()}, str(experts), metadata={"format": "pt"})
+    out = tmp_path / "x.gguf"
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tensor {name} is (4, 64, 16), but the model's config.json makes it (4, 64, 32)" in err, err
+    experts.write_bytes(experts.read_bytes()[:1000])  # cut short
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unreadable safetensors file" in err and not out.exists()

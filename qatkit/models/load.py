@@ -130,11 +130,38 @@ def check_finite(model: torch.nn.Module, where: object) -> None:
             raise QatkitError(f"{where}: tensor {name} {tuple(p.shape)} has {bad} NaN/Inf values")
 
 
+def check_checkpoint(hf_dir: Path, config) -> None:
+    """Every safetensors file readable, and every tensor the model knows of the shape its
+    config.json gives it: a cut shard or a tensor of the wrong shape (an expert block, a
+    projection) is named in one line instead of failing deep in transformers."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if not files:
+        return  # other weight formats: transformers checks them
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    for file in files:
+        try:
+            with safe_open(str(file), "pt") as f:
+                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a cut or corrupt file
+            raise QatkitError(f"{file}: unreadable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
+        for name, shape in shapes.items():
+            if name in want and want[name] != shape:
+                raise QatkitError(f"{file.name}: tensor {name} is {shape}, but the model's config.json makes it {want[name]}")
+
+
 def load(source: Source, dtype: torch.dtype = torch.float32):
     """Source -> (model in eval mode, tokenizer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=dtype)
+    check_checkpoint(source.hf_dir, AutoConfig.from_pretrained(source.hf_dir))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise QatkitError(f"{source.spec}: transformers cannot load this model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     check_finite(model, source.spec)
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)
     arch_for_config(model.config)
