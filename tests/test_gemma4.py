@@ -1,6 +1,6 @@
-"""Gemma 4 on tiny random models of two shapes (tiny_models.GEMMA4_SHAPES): E-style (per-layer
-embeddings, K/V sharing, double-wide MLP) and 26B-style (MoE beside the dense MLP, K = V, per-layer
-KV heads). qatkit's GGUF is the file llama.cpp's own converter writes from the same directory, its
+"""Gemma 4 on tiny random models of three shapes: E-style (per-layer embeddings, K/V sharing,
+double-wide MLP), 26B-style (MoE beside the dense MLP, K = V, per-layer KV heads) and the 12B
+"unified" kind (a multimodal checkpoint without towers, stripped to its decoder). qatkit's GGUF is the file llama.cpp's own converter writes from the same directory, its
 Q4_0 is byte for byte llama-quantize's, QAT exports a file llama.cpp computes exactly as the
 student did, and layouts llama.cpp cannot run are refused before a file exists.
 
@@ -45,7 +45,7 @@ def fields(path, prefixes=("gemma4.", "tokenizer.ggml.")) -> dict:
     return {k: f.contents() for k, f in GGUFReader(path).fields.items() if k.startswith(prefixes)}
 
 
-@pytest.fixture(scope="module", params=["e", "moe"])
+@pytest.fixture(scope="module", params=["e", "moe", "unified"])
 def model_dir(request, tmp_path_factory):
     """(shape, directory, llama.cpp's converter's F32 file of it), made once per shape."""
     d = tmp_path_factory.mktemp("g4")
@@ -58,7 +58,7 @@ def test_f32_export_is_the_converters_file(model_dir, tmp_path, capsys):
     ours = tmp_path / "qatkit-f32.gguf"
     assert main(["export", str(src), "--format", "f32", "--out", str(ours)]) == 0
     a, b = tensors(ours), tensors(ref)
-    assert sorted(a) == sorted(b) and len(a) == {"e": 102, "moe": 133}[shape]
+    assert sorted(a) == sorted(b) and len(a) == {"e": 102, "moe": 133, "unified": 85}[shape]
     assert [n for n in a if a[n] != b[n]] == []  # names, types, shapes and bytes
     fa, fb = fields(ours), fields(ref)
     assert fa.pop("tokenizer.ggml.add_eos_token") is False and fa == fb  # every architecture and tokenizer key, valued alike
@@ -66,6 +66,8 @@ def test_f32_export_is_the_converters_file(model_dir, tmp_path, capsys):
         assert {"per_layer_token_embd.weight", "per_layer_model_proj.weight", "rope_freqs.weight", "blk.5.layer_output_scale.weight", "blk.0.inp_gate.weight"} <= set(a)
         assert "blk.4.attn_k.weight" not in a  # the K/V-sharing layers have no K/V of their own
         assert fa["gemma4.feed_forward_length"] == [96, 96, 96, 96, 192, 192] and fa["gemma4.attention.shared_kv_layers"] == 2
+    elif shape == "unified":  # stripped to its decoder by qatkit, converted whole by llama.cpp
+        assert fa["tokenizer.ggml.suppress_tokens"] == [3, 5] and "gemma4.expert_count" not in fa
     else:
         assert a["blk.0.ffn_gate_up_exps.weight"][1] == [64, 64, 4] and a["blk.0.ffn_down_exps.weight"][1] == [32, 64, 4]
         assert {"blk.0.ffn_gate_inp.weight", "blk.0.ffn_gate_inp.scale", "blk.0.ffn_down_exps.scale", "blk.0.pre_ffw_norm_2.weight"} <= set(a)
@@ -93,7 +95,7 @@ def test_q4_0_is_llama_quantize_byte_for_byte(model_dir, tmp_path, capsys, pure)
     if shape == "e":
         assert a["per_layer_token_embd.weight"][0] == emb and a["per_layer_model_proj.weight"][0] == "F32"
         assert a["blk.5.ffn_down.weight"][0] == a["blk.0.proj.weight"][0] == a["blk.0.inp_gate.weight"][0] == "Q4_0"
-    else:
+    elif shape == "moe":
         assert a["blk.0.ffn_gate_up_exps.weight"][0] == a["blk.0.ffn_down_exps.weight"][0] == "Q4_0"
         assert a["blk.0.ffn_gate_inp.weight"][0] == a["blk.0.ffn_gate_inp.scale"][0] == a["blk.0.ffn_down_exps.scale"][0] == "F32"
 
@@ -115,7 +117,7 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, word
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
-@pytest.mark.parametrize("shape", ["e", "moe"])
+@pytest.mark.parametrize("shape", ["e", "moe", "unified"])
 def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypatch, capsys, shape):
     """A short QAT run exports a Q4_0 file that llama.cpp computes exactly as the student did
     (faithful mode: float noise; plain float activations: not), whose frozen embedding tables are
@@ -135,7 +137,8 @@ def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypa
     teacher, _ = load(source)
     twin, types = file_twin(teacher, source.arch, str(qat))
     assert types["model.layers.4.mlp.down_proj"] == "q4_0"
-    assert types["model.per_layer_model_projection"] == "f32" if shape == "e" else types["model.layers.0.experts.gate_up_proj"] == "q4_0"
+    if shape != "unified":
+        assert types["model.per_layer_model_projection"] == "f32" if shape == "e" else types["model.layers.0.experts.gate_up_proj"] == "q4_0"
     gap = export_gap(twin, types, str(qat), TEXT, n_tokens=96)
     assert gap["faithful"]["kld"] < 1e-9 and gap["faithful"]["same_top"] == 100.0
     assert gap["plain"]["kld"] > 100 * gap["faithful"]["kld"]  # the roundings modelled are what makes it exact

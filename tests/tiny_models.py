@@ -95,7 +95,7 @@ GEMMA4_MOE = dict(
     layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
     attention_k_eq_v=True, num_global_key_value_heads=2, enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=32,
 )
-GEMMA4_SHAPES = {"e": GEMMA4_E, "moe": GEMMA4_MOE}
+GEMMA4_SHAPES = {"e": GEMMA4_E, "moe": GEMMA4_MOE}  # and "unified": gemma4_unified()
 
 
 def tiny_gemma4(seed: int = 0, vocab_size: int = 400, **kw):
@@ -118,11 +118,42 @@ def tiny_gemma4(seed: int = 0, vocab_size: int = 400, **kw):
 
 
 def gemma4_dir(path, seed: int = 0, **kw):
-    """A tiny Gemma 4 and its tokenizer saved as a Hugging Face directory at `path`."""
+    """A tiny Gemma 4 and its tokenizer saved as a Hugging Face directory at `path`; shape
+    'unified' is the 12B kind: a Gemma4UnifiedForConditionalGeneration (decoder without per-layer
+    embeddings or MoE, tiny vision and audio embedders), with suppress_tokens in its generation config."""
     tok = gemma_tokenizer()
-    tiny_gemma4(seed, vocab_size=len(tok), **kw).save_pretrained(path)
+    if kw.get("shape") == "unified":
+        gemma4_unified(seed, tok).save_pretrained(path)
+        import json
+
+        # llama.cpp's converter reads moe_intermediate_size unconditionally (conversion/gemma.py,
+        # find_hparam without optional): a unified text config has no such field, so say None
+        cfg = json.loads((path / "config.json").read_text())
+        cfg["text_config"]["moe_intermediate_size"] = None
+        (path / "config.json").write_text(json.dumps(cfg, indent=2))
+    else:
+        tiny_gemma4(seed, vocab_size=len(tok), **kw).save_pretrained(path)
     tok.save_pretrained(path)
     return path
+
+
+def gemma4_unified(seed: int, tok):
+    from transformers import Gemma4UnifiedAudioConfig, Gemma4UnifiedConfig, Gemma4UnifiedForConditionalGeneration, Gemma4UnifiedTextConfig, Gemma4UnifiedVisionConfig
+
+    moe_only = ("hidden_size_per_layer_input", "enable_moe_block", "num_experts", "top_k_experts", "moe_intermediate_size")
+    text = Gemma4UnifiedTextConfig(**{k: v for k, v in GEMMA4_MOE.items() if k not in moe_only}, vocab_size=len(tok), max_position_embeddings=1024,
+                                   rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    vision = Gemma4UnifiedVisionConfig(patch_size=8, mm_embed_dim=32, mm_posemb_size=16, output_proj_dims=64)
+    cfg = Gemma4UnifiedConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), audio_config=Gemma4UnifiedAudioConfig(audio_embed_dim=16).to_dict(),
+                              bos_token_id=2, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    model = Gemma4UnifiedForConditionalGeneration(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+    model.generation_config.suppress_tokens = [3, 5]
+    return model
 
 
 # ------------------------------------------------------------------ helpers shared by test files

@@ -57,6 +57,9 @@ def hf_metadata(model: torch.nn.Module, tokenizer, arch: Arch, pre: str | None =
     for key, value in hparams(arch, config).items():
         meta[key] = value if isinstance(value, list) else gguf_meta.typed(value)
     meta.update(tokenizer_metadata(tokenizer, config.vocab_size, arch.name, pre))
+    suppress = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
+    if config.model_type == "gemma4_unified_text" and suppress:  # the converter's Gemma4UnifiedModel writes them
+        meta["tokenizer.ggml.suppress_tokens"] = ["ARRAY", "INT32", [int(t) for t in suppress]]
     return meta
 
 

@@ -65,7 +65,7 @@ ARCHS: dict[str, Arch] = {
     ),
     "gemma4": Arch(
         "gemma4",
-        ("gemma4_text",),
+        gemma4.TEXT_TYPES,
         {
             **_ATTN,
             **_QK_NORM,

@@ -24,6 +24,7 @@ import torch
 from .. import QatkitError
 
 SLIDING, FULL = "sliding_attention", "full_attention"
+TEXT_TYPES = ("gemma4_text", "gemma4_unified_text")  # the decoders: E2B/E4B/26B/31B, and the 12B "unified" one
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the MoE experts' 3-D Parameters: (experts, 2 x ffn, hidden), (experts, hidden, ffn)
 UNROTATED = 1e30  # llama.cpp's rope frequency divisor for a pair that does not rotate
 
@@ -49,8 +50,8 @@ def check(config) -> None:
     n = d["num_hidden_layers"]
     if len(types) != n or set(types) - {SLIDING, FULL}:
         raise QatkitError(f"gemma4: layer_types must name {n} layers, each sliding_attention or full_attention")
-    if d.get("use_bidirectional_attention"):
-        raise QatkitError(f"gemma4: use_bidirectional_attention={d['use_bidirectional_attention']!r} is not supported (text decoding is causal)")
+    if d.get("use_bidirectional_attention") == "all":  # "vision" concerns image tokens only: text stays causal
+        raise QatkitError("gemma4: use_bidirectional_attention='all' is not supported (text decoding is causal)")
     rope = d.get("rope_parameters") or {}
     full, sliding = rope.get(FULL) or {}, rope.get(SLIDING) or {}
     if full.get("rope_type") != "proportional" or sliding.get("rope_type", "default") != "default":

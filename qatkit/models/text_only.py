@@ -2,7 +2,9 @@
 
 Gemma 3 from 4B up ships as `Gemma3ForConditionalGeneration`: a SigLIP vision tower and a
 projector beside a `gemma3_text` decoder. Gemma 4 (`Gemma4ForConditionalGeneration`) adds an audio
-tower: model.vision_tower / audio_tower / embed_vision / embed_audio beside model.language_model. A phone or laptop that only needs text pays for the
+tower: model.vision_tower / audio_tower / embed_vision / embed_audio beside model.language_model;
+the 12B `Gemma4UnifiedForConditionalGeneration` has no towers, only embedders (model.vision_embedder,
+embed_vision, embed_audio). A phone or laptop that only needs text pays for the
 vision weights in every file it loads, so qatkit writes the decoder alone as a Hugging Face
 directory (its `text_config` as config.json, the `language_model` tensors under the names the
 text-only class expects, the tokenizer files) and works on that. The tensors are copied, not
@@ -24,7 +26,8 @@ from ..atomic import atomic_path
 log = logging.getLogger(__name__)
 
 # multimodal model_type -> (the text-only class, its model_type)
-TEXT_ONLY = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma4": ("Gemma4ForCausalLM", "gemma4_text")}
+TEXT_ONLY = {"gemma3": ("Gemma3ForCausalLM", "gemma3_text"), "gemma4": ("Gemma4ForCausalLM", "gemma4_text"),
+             "gemma4_unified": ("Gemma4UnifiedForCausalLM", "gemma4_unified_text")}
 
 # where the language model's tensors live in a multimodal checkpoint -> their text-only names
 # (the first is what Google's checkpoints and transformers' save_pretrained write)

@@ -28,9 +28,9 @@ Q8_K_BLOCK = q6_k.ACT_BLOCK
 
 # model_type -> whether llama.cpp multiplies Q by the attention scale *before* the f16 K*Q
 # product (src/models/gemma3.cpp) rather than inside soft_max_ext (llama, qwen2, qwen3).
-_Q_PRESCALED = {"gemma3_text": True, "gemma4_text": False, "llama": False, "qwen2": False, "qwen3": False}
+_Q_PRESCALED = {"gemma3_text": True, "gemma4_text": False, "gemma4_unified_text": False, "llama": False, "qwen2": False, "qwen3": False}
 # families whose feed-forward llama.cpp computes with GELU (ggml's f16 table) rather than SwiGLU
-GELU_FAMILIES = ("gemma3_text", "gemma4_text")
+GELU_FAMILIES = ("gemma3_text", *gemma4.TEXT_TYPES)
 
 
 f16_round = FORMATS["f16"].activation_rounding  # round to the nearest f16, back in x's dtype
@@ -231,7 +231,7 @@ def _rotary_hook(config, module_name: str):
             # transformers < 5 Gemma 3 has a second module for its sliding-window layers
             layer_type = "sliding_attention" if module_name.endswith("_local") else "full_attention"
         factors = None
-        if config.model_type == "gemma4_text":  # proportional RoPE on full layers: llama.cpp's rope_freqs
+        if config.model_type in gemma4.TEXT_TYPES:  # proportional RoPE on full layers: llama.cpp's rope_freqs
             base, factor = float(config.rope_parameters[layer_type]["rope_theta"]), 1.0
             if layer_type == gemma4.FULL:
                 factors = tuple(gemma4.rope_freqs(config).tolist())
