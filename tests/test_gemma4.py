@@ -117,6 +117,14 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, word
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
+def test_a_gemma4_gguf_as_model_is_refused_in_one_line(model_dir, tmp_path, capsys):
+    """transformers 5.24 cannot read a gemma4 GGUF back (its per-layer arrays): say so, exit 2."""
+    _, _, ref = model_dir
+    assert main(["export", str(ref), "--format", "q4_0", "--out", str(tmp_path / "x.gguf")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a gemma4 GGUF cannot be the MODEL yet" in err and not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("shape", ["e", "moe", "unified"])
 def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypatch, capsys, shape):
     """A short QAT run exports a Q4_0 file that llama.cpp computes exactly as the student did

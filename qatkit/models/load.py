@@ -102,6 +102,8 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     reader = gguf_meta.open_reader(path)
     arch_name = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
     arch = arch_by_name(str(arch_name))
+    if arch.name == "gemma4":  # transformers 5.24's GGUF reader takes no per-layer arrays (feed_forward_length, head_count_kv)
+        raise QatkitError(f"{path}: a gemma4 GGUF cannot be the MODEL yet (transformers cannot read it back); give the Hugging Face checkpoint directory instead")
     meta = gguf_meta.read(reader)
     meta["general.architecture"] = ["STRING", arch.name]
     del reader
@@ -110,7 +112,7 @@ def _convert_gguf(path: Path, dest: Path) -> None:
         try:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        except (ValueError, OSError, KeyError, RuntimeError) as e:
+        except Exception as e:  # transformers' GGUF reader raises many kinds (validation, shapes, missing keys)
             raise QatkitError(f"{path}: transformers cannot load this GGUF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
         check_finite(model, path)
         # transformers marks GGUF-loaded models as quantized and refuses to save them; the
