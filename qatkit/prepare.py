@@ -82,22 +82,15 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
             swapped += 1
     if config.freeze_embedding:
         emb = model.get_input_embeddings()
-        fmt = plan["token_embd.weight"]
-        with torch.no_grad():
-            emb.weight.copy_(file_values(emb.weight, fmt))
-        emb.weight.requires_grad_(False)
+        freeze_at_file_values(emb, plan["token_embd.weight"])
         if not tied and "output.weight" in plan:
             head = model.get_output_embeddings()
             if isinstance(head, nn.Linear) and not isinstance(head, FakeQuantLinear):
-                with torch.no_grad():
-                    head.weight.copy_(file_values(head.weight, plan["output.weight"]))
-                head.weight.requires_grad_(False)
+                freeze_at_file_values(head, plan["output.weight"])
         for mod_name, mod in model.named_modules():  # other tables of the token-embedding kind (Gemma 4's per-layer embeddings)
             name = gguf_name(arch, f"{mod_name}.weight") if isinstance(mod, nn.Embedding) and mod is not emb else None
             if name in TOKEN_EMBEDDINGS:
-                with torch.no_grad():
-                    mod.weight.copy_(file_values(mod.weight, plan[name]))
-                mod.weight.requires_grad_(False)
+                freeze_at_file_values(mod, plan[name])
     elif tied and plan["token_embd.weight"] not in ("f32", "f16"):
         raise QatkitError("training a tied embedding through its quantizer is not supported yet; keep it frozen")
     log.info("prepared %d linears (and expert blocks) for %s fake-quant%s; %d weights moved off rounding boundaries", swapped, config.fmt, " with learned scales" if config.learn_scales else "", settled)
@@ -195,13 +188,43 @@ def mobile_weights(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tens
 def file_values(w: torch.Tensor, fmt: str) -> torch.Tensor:
     """What llama.cpp computes with for `w` stored as `fmt`, checked to re-quantize to the same
     bytes (so a frozen tensor exports exactly as trained)."""
-    if fmt == "f32":
-        return w.detach().clone()
-    data = encode(w, fmt)
-    values = torch.from_numpy(decode(data, FORMATS[fmt].ggml_type, tuple(w.shape)).copy()).to(w.dtype)
-    if fmt != "f16" and not (encode(values, fmt) == data).all():
+    values, data = _file_values(w, fmt)
+    if data is not None:
         raise QatkitError(f"{fmt} does not re-quantize its own values to the same bytes for a {tuple(w.shape)} tensor; cannot freeze it exactly")
     return values
+
+
+def _file_values(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, "object"]:
+    """(values llama.cpp computes with, None) when re-quantizing the values gives the same bytes;
+    (values, the bytes) when it does not (Q6_K's scale search is not idempotent)."""
+    if fmt == "f32":
+        return w.detach().clone(), None
+    data = encode(w, fmt)
+    values = torch.from_numpy(decode(data, FORMATS[fmt].ggml_type, tuple(w.shape)).copy()).to(w.dtype)
+    same = fmt == "f16" or (encode(values, fmt) == data).all()
+    return values, None if same else data
+
+
+def freeze_at_file_values(module: nn.Module, fmt: str) -> None:
+    """Freeze `module.weight` (an embedding table or a head) at the values its `fmt` bytes decode
+    to. Where re-quantizing those values would not give the bytes back (Q6_K), the bytes are kept
+    on the module (`file_bytes`), and the exporter writes them as they are (`frozen_bytes`)."""
+    values, data = _file_values(module.weight, fmt)
+    with torch.no_grad():
+        module.weight.copy_(values)
+    module.weight.requires_grad_(False)
+    if data is not None:
+        module.file_bytes = data
+
+
+def frozen_bytes(model: nn.Module, arch: Arch) -> dict[str, "object"]:
+    """{GGUF name: bytes} of the frozen tensors whose bytes the exporter must write as kept."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    out = {}
+    for name, mod in model.named_modules():
+        if getattr(mod, "file_bytes", None) is not None and not (name == "lm_head" and tied):
+            out[gguf_name(arch, f"{name}.weight")] = mod.file_bytes
+    return out
 
 
 def settle_boundaries(w: torch.Tensor, fmt: str, gen: torch.Generator) -> int:

@@ -266,3 +266,27 @@ def test_sharded_bf16_checkpoint_and_hostile_ones(tmp_path, capsys):
     assert main(["export", str(src), "--format", "q4_0", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unreadable safetensors file" in err and not out.exists()
+
+
+def test_q6_k_tables_are_frozen_and_written_as_llama_quantize_writes_them(tmp_path, capsys):
+    """With rows of 256 (as E2B's 1536 and 8960), both embedding tables are Q6_K. Q6_K does not
+    re-quantize its own values to the same bytes, so the student keeps the bytes of its frozen
+    tables and the exporter writes them: the QAT file's tables are llama-quantize's, and llama.cpp
+    still computes what the student did."""
+    from qatkit.models.load import load, resolve
+    from qatkit.targets.gguf import export_gap, file_twin
+    from tiny_models import TEXT
+
+    src = gemma4_dir(tmp_path / "e", hidden_size=256, hidden_size_per_layer_input=128)
+    (tmp_path / "train.txt").write_text(TEXT * 6)
+    assert main(["train", str(src), "--data", str(tmp_path / "train.txt"), "--steps", "2", "--seq-len", "32", "--lr", "1e-3", "--export", "--out", str(tmp_path / "r")]) == 0
+    f32, ptq = tmp_path / "f32.gguf", tmp_path / "ptq.gguf"
+    assert main(["export", str(src), "--format", "f32", "--out", str(f32)]) == 0
+    llama_quantize(str(f32), str(ptq), ftype="q4_0")
+    qat, ref = tensors(tmp_path / "r" / "qat-q4_0.gguf"), tensors(ptq)
+    for name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        assert qat[name][0] == "Q6_K" and qat[name] == ref[name], name
+    source = resolve(str(src))
+    twin, types = file_twin(load(source)[0], source.arch, str(tmp_path / "r" / "qat-q4_0.gguf"))
+    gap = export_gap(twin, types, str(tmp_path / "r" / "qat-q4_0.gguf"), TEXT, n_tokens=64)
+    assert gap["faithful"]["kld"] < 1e-9

@@ -81,13 +81,15 @@ def export_model(
     q4_0_scales: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
     plan: dict[str, str] | None = None,
+    raw: dict[str, np.ndarray] | None = None,
 ) -> dict:
     """Write `model` (the float model or a trained student's float weights) as a GGUF file.
-    `plan`: the per-tensor plan the student was prepared with (computed here when absent)."""
+    `plan`: the per-tensor plan the student was prepared with (computed here when absent);
+    `raw`: {GGUF name: bytes} of frozen tensors to write as they are (prepare.frozen_bytes)."""
     tensors = gguf_tensors(model, source.arch)
     if plan is None:
         plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
-    sizes = write_gguf(out, tensors, plan, file_metadata(source, model, tokenizer), fmt, q4_0_scales, progress)
+    sizes = write_gguf(out, tensors, plan, file_metadata(source, model, tokenizer), fmt, q4_0_scales, progress, raw)
     return {"path": str(out), "format": fmt, "pure": pure, "plan": plan, "tensor_bytes": sum(sizes.values()), "file_bytes": os.path.getsize(out)}
 
 
@@ -99,8 +101,10 @@ def write_gguf(
     file_format: str,
     q4_0_scales: dict[str, torch.Tensor] | None = None,
     progress: bool = True,
+    raw: dict[str, np.ndarray] | None = None,
 ) -> dict[str, int]:
-    """Write `tensors` (GGUF names, llama.cpp layout) in the formats `plan` gives.
+    """Write `tensors` (GGUF names, llama.cpp layout) in the formats `plan` gives; a tensor in
+    `raw` is written as those bytes, after checking that they decode to the tensor's values.
 
     Returns {tensor name: bytes}. Nothing is left at `out` unless the whole file was written."""
     out = Path(out)
@@ -120,7 +124,12 @@ def write_gguf(
             if not torch.isfinite(w).all():
                 raise QatkitError(f"tensor {name} {tuple(w.shape)} has NaN/Inf values; refusing to write it")
             scales = (q4_0_scales or {}).get(name) if fmt == "q4_0" else None
-            data = encode(w, fmt, scales)
+            data = (raw or {}).get(name)
+            if data is not None:
+                if not np.array_equal(decode(data, FORMATS[fmt].ggml_type, tuple(w.shape)), w.numpy()):
+                    raise QatkitError(f"tensor {name}: its kept {fmt} bytes do not decode to the values the model holds")
+            else:
+                data = encode(w, fmt, scales)
             _check_scales(name, w, fmt, data)
             raw_dtype = GGMLQuantizationType(FORMATS[fmt].ggml_type) if FORMATS[fmt].block > 1 else None
             writer.add_tensor(name, data, raw_dtype=raw_dtype)

@@ -92,12 +92,13 @@ class GGUFTarget(Target):
         return path
 
     def export(self, trained: dict, progress: bool = True) -> dict:
-        from ..prepare import convert
+        from ..prepare import convert, frozen_bytes
 
         cfg, student, source = trained["config"], trained["student"], trained["source"]
         scales = convert(student, source.arch)
         info = export_model(student, trained["tokenizer"], source, Path(trained["run_dir"]) / f"qat-{cfg.qat.fmt}.gguf", cfg.qat.fmt, cfg.qat.pure,
-                            q4_0_scales=scales, progress=progress, plan=trained["plan"])  # the plan the student trained under, not recomputed
+                            q4_0_scales=scales, progress=progress, plan=trained["plan"],  # the plan the student trained under, not recomputed
+                            raw=frozen_bytes(student, source.arch))
         trained.update(path=info["path"], gguf=info["path"], file_bytes=info["file_bytes"])
         return trained
 
