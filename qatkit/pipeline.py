@@ -24,7 +24,7 @@ from .atomic import write_json
 from .eval.suite import domain_row, held_out_texts, in_domain, summarize
 from .models.load import load, resolve
 from .report import write_report
-from .train.run import RunConfig, load_run_config, qat_run
+from .train.run import RunConfig, check_memory, load_run_config, qat_run
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,7 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
     about = target.about(cfg)
     runtime = about["runtime"]
     source = resolve(cfg.model)  # a bad MODEL fails here: one error line, and `out` not made yet
+    check_memory(source, cfg)
     log.info("[1/6] loading %s", cfg.model)
     teacher, tokenizer = load(source)
     job = targets.Job(cfg, source, teacher, tokenizer)

@@ -122,3 +122,49 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
             raise QatkitError(f"{name}: row width {width} is not a multiple of {base.group}, so {scheme} cannot store it (use per-channel int4)")
         plan[name] = scheme
     return plan
+
+
+# ---------------------------------------------------------------------------- memory budget
+GB = 1e9
+
+
+def training_memory(config, batch_size: int, seq_len: int, kl_positions: float = 1.0, grad_checkpointing: bool = False) -> dict[str, float]:
+    """Bytes a QAT run of this model needs on its device, estimated from the config alone (a
+    skeleton on the meta device; nothing is loaded), in float32 as qatkit trains:
+    - the teacher's and the student's weights (4 bytes each);
+    - for the student's trainable weights (all but the embedding tables, which stay frozen), a
+      gradient and AdamW's two moments (12 bytes);
+    - activations kept for backward, ~(16 hidden + 4 feed-forward) floats per token and layer
+      (one layer's worth with grad checkpointing), and the logits at the scored positions
+      (teacher, student, their log-softmax and its gradient: 4 copies).
+    An estimate, not a measurement: a GPU run prints what it really peaked at."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in skeleton.parameters())
+    frozen = sum(m.weight.numel() for m in skeleton.modules() if isinstance(m, nn.Embedding))
+    d = config.get_text_config().to_dict()
+    hidden, layers, vocab = d["hidden_size"], d["num_hidden_layers"], d["vocab_size"]
+    ffn = 2 * d["intermediate_size"] if d.get("use_double_wide_mlp") else d["intermediate_size"]
+    if d.get("enable_moe_block"):
+        ffn += d["top_k_experts"] * d["moe_intermediate_size"]
+    tokens = batch_size * seq_len
+    act_layers = 1 if grad_checkpointing else layers
+    out = {
+        "weights": 8.0 * total,
+        "grads_and_adamw": 12.0 * (total - frozen),
+        "activations": 4.0 * tokens * (act_layers * (16 * hidden + 4 * ffn) + layers * hidden),
+        "logits": 16.0 * max(1, round(tokens * kl_positions)) * vocab,
+    }
+    out["total"] = sum(out.values())
+    out["params"], out["trainable"] = float(total), float(total - frozen)
+    return out
+
+
+def describe_memory(m: dict[str, float]) -> str:
+    return (f"~{m['total'] / GB:.1f} GB: weights of teacher and student {m['weights'] / GB:.1f} GB + gradients and AdamW of "
+            f"{m['trainable'] / 1e9:.2f}B trainable weights {m['grads_and_adamw'] / GB:.1f} GB + activations {m['activations'] / GB:.1f} GB "
+            f"+ logits {m['logits'] / GB:.1f} GB")

@@ -290,3 +290,37 @@ def test_q6_k_tables_are_frozen_and_written_as_llama_quantize_writes_them(tmp_pa
     twin, types = file_twin(load(source)[0], source.arch, str(tmp_path / "r" / "qat-q4_0.gguf"))
     gap = export_gap(twin, types, str(tmp_path / "r" / "qat-q4_0.gguf"), TEXT, n_tokens=64)
     assert gap["faithful"]["kld"] < 1e-9
+
+
+E2B = dict(  # Gemma 4 E2B's text decoder (GEMMA4.md, section 1): the shapes alone, no weights
+    vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=35, num_attention_heads=8,
+    num_key_value_heads=1, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True,
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, sliding_window=512, final_logit_softcapping=30.0, tie_word_embeddings=True,
+)
+
+
+def test_memory_estimate_counts_e2b_as_documented_and_refuses_a_small_gpu(tmp_path, monkeypatch):
+    """The estimate's parameter counts for E2B's config are GEMMA4.md's budget (4.63B text
+    weights, of which the two embedding tables, 2.75B, stay frozen); a run whose estimate exceeds
+    the GPU's free memory is refused before anything is loaded."""
+    import torch
+    from transformers import Gemma4TextConfig
+
+    from qatkit import QatkitError
+    from qatkit.config import RunConfig, TrainConfig
+    from qatkit.models.load import resolve
+    from qatkit.plan import training_memory
+    from qatkit.train import run
+
+    m = training_memory(Gemma4TextConfig(**E2B), batch_size=4, seq_len=512, kl_positions=0.5)
+    assert m["params"] == pytest.approx(4.63e9, rel=0.01) and m["params"] - m["trainable"] == pytest.approx(2_348_810_240 + 402_653_184, rel=1e-6)
+    assert 8 * 4.6e9 < m["total"] < 200e9 and m["grads_and_adamw"] == 12 * m["trainable"]
+    assert training_memory(Gemma4TextConfig(**E2B), 4, 512, 0.5, grad_checkpointing=True)["activations"] < m["activations"] / 10
+
+    src = gemma4_dir(tmp_path / "e")
+    cfg = RunConfig(model=str(src), train=TrainConfig(steps=2, seq_len=32))
+    assert run.check_memory(resolve(str(src)), cfg)["total"] < 1e9  # on the CPU: logged, not refused
+    monkeypatch.setattr(run, "default_device", lambda: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1e6, 8e9))
+    with pytest.raises(QatkitError, match=r"this run needs ~0\.\d GB.*the GPU has 0\.0 of 8\.0 GB free"):
+        run.check_memory(resolve(str(src)), cfg)

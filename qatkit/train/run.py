@@ -20,6 +20,7 @@ from .. import QatkitError
 from ..atomic import write_text
 from ..config import RunConfig
 from ..models.load import load, resolve
+from ..plan import GB, describe_memory, training_memory
 from ..prepare import calibrate_static, linear_weight_types, prepare
 from .data import default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
 from .loop import default_device, train
@@ -99,6 +100,23 @@ def _watch_seqs(texts: dict[str, str], tokenizer, seq_len: int, vocab_size: int)
     return out
 
 
+def check_memory(source, cfg: RunConfig) -> dict:
+    """Log the run's memory estimate (plan.training_memory) before anything is loaded, and refuse
+    a CUDA device whose free memory cannot hold it."""
+    from transformers import AutoConfig
+
+    t = cfg.train
+    need = training_memory(AutoConfig.from_pretrained(source.hf_dir), t.batch_size, t.seq_len, t.kl_positions, t.grad_checkpointing)
+    device = default_device()
+    log.info("memory estimate for %s, batch %d x %d: %s", device.type, t.batch_size, t.seq_len, describe_memory(need))
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info()
+        if need["total"] > free:
+            raise QatkitError(f"this run needs {describe_memory(need)}; the GPU has {free / GB:.1f} of {total / GB:.1f} GB free "
+                              "(lower --batch-size or --seq-len, add --grad-checkpointing, or use a larger device)")
+    return need
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.exists():
@@ -125,6 +143,7 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
     t0 = time.time()
     if loaded is None:
         source = resolve(cfg.model)
+        check_memory(source, cfg)
         teacher, tokenizer = load(source)
     else:
         source, teacher, tokenizer = loaded
