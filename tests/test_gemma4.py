@@ -117,12 +117,44 @@ def test_layouts_llama_cpp_cannot_run_are_refused(tmp_path, capsys, layout, word
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["m"]
 
 
-def test_a_gemma4_gguf_as_model_is_refused_in_one_line(model_dir, tmp_path, capsys):
-    """transformers 5.24 cannot read a gemma4 GGUF back (its per-layer arrays): say so, exit 2."""
-    _, _, ref = model_dir
-    assert main(["export", str(ref), "--format", "q4_0", "--out", str(tmp_path / "x.gguf")]) == 2
+def test_a_gemma4_gguf_is_a_model_too(model_dir, tmp_path, capsys):
+    """A gemma4 GGUF as MODEL (transformers 5.24 cannot read one back: qatkit's own reader): the
+    converter's F32 file becomes the same model (bit-identical logits, the same tokenization) and
+    exports back to the same tensors; a file missing a tensor is one line, exit 2."""
+    import torch
+
+    from qatkit.models.load import load, resolve
+
+    shape, src, ref = model_dir
+    model, tok = load(resolve(str(ref)))
+    orig, otok = load(resolve(str(src)))
+    from tiny_models import TEXT
+
+    ids = otok(TEXT[:300])["input_ids"]
+    assert tok(TEXT[:300])["input_ids"] == ids and type(model).__name__ == "Gemma4ForCausalLM"
+    with torch.no_grad():
+        assert torch.equal(model(torch.tensor([ids])).logits, orig(torch.tensor([ids])).logits)
+    back = tmp_path / "back.gguf"
+    assert main(["export", str(ref), "--format", "f32", "--out", str(back)]) == 0
+    a, b = tensors(back), tensors(ref)
+    assert sorted(a) == sorted(b) and [n for n in a if a[n] != b[n]] == []
+
+    import gguf
+
+    cut = tmp_path / "cut.gguf"
+    r = GGUFReader(ref)
+    w = gguf.GGUFWriter(str(cut), "gemma4")
+    for k, f in r.fields.items():
+        if not k.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(k, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        if t.name != "blk.1.ffn_down.weight":
+            w.add_tensor(t.name, np.asarray(t.data))
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    capsys.readouterr()
+    assert main(["export", str(cut), "--format", "q4_0", "--out", str(tmp_path / "x.gguf")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "a gemma4 GGUF cannot be the MODEL yet" in err and not (tmp_path / "x.gguf").exists()
+    assert err.count("\n") == 1 and "tensor blk.1.ffn_down.weight missing" in err and not (tmp_path / "x.gguf").exists()
 
 
 @pytest.mark.parametrize("shape", ["e", "moe", "unified"])
