@@ -18,7 +18,7 @@ from gguf import GGUFReader
 
 from qatkit.cli import main
 from qatkit.runtime.llamacpp import chunk_logits, llama_quantize, open_model
-from tiny_models import gemma4_dir
+from tiny_models import ctrl_c_at_step, gemma4_dir
 
 CONVERTER = Path(sys.prefix) / "share" / "llama.cpp-convert"
 
@@ -190,15 +190,8 @@ def test_qat_runs_in_llama_cpp_as_trained_and_resumes_exactly(tmp_path, monkeypa
     if shape == "moe":
         assert a["blk.0.ffn_gate_up_exps.weight"] != b["blk.0.ffn_gate_up_exps.weight"] and a["blk.0.ffn_down_exps.weight"] != b["blk.0.ffn_down_exps.weight"]
 
-    real_step, calls = loop._step, []
-
-    def ctrl_c_in_step_3(*a):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real_step(*a)
-
-    monkeypatch.setattr(loop, "_step", ctrl_c_in_step_3)
+    real_step = loop._step
+    ctrl_c_at_step(monkeypatch, 3)
     assert main([*args, "--out", str(tmp_path / "b")]) == 130
     monkeypatch.setattr(loop, "_step", real_step)
     assert main([*args, "--out", str(tmp_path / "b"), "--resume"]) == 0

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from qatkit.cli import main
-from tiny_models import TEXT, hf_dir
+from tiny_models import TEXT, ctrl_c_at_step, hf_dir
 
 
 @pytest.fixture(autouse=True)
@@ -93,19 +93,11 @@ def test_run_interrupted_then_resumed(tmp_path, monkeypatch, capsys):
 
     out = tmp_path / "run"
     args = run_args(tmp_path, out, "--ckpt-every", "100")
-    real_step, calls = loop._step, []
-
-    def ctrl_c_in_step_4(*a):
-        calls.append(1)
-        if len(calls) == 4:
-            raise KeyboardInterrupt
-        return real_step(*a)
-
-    monkeypatch.setattr(loop, "_step", ctrl_c_in_step_4)
+    real_step = loop._step
+    calls = ctrl_c_at_step(monkeypatch, 4)
     assert main(args) == 130
     assert "interrupted" in capsys.readouterr().err
     assert (out / "train" / "checkpoint.pt").exists() and not (out / "report.json").exists()
-    monkeypatch.setattr(loop, "_step", real_step)
     calls.clear()
     monkeypatch.setattr(loop, "_step", lambda *a: (calls.append(1), real_step(*a))[1])
     assert main(args + ["--resume"]) == 0

@@ -209,3 +209,20 @@ def kld_np(p_logits, q_logits):
     from qatkit.metrics import compare
 
     return compare(p_logits, q_logits)["kld"]
+
+
+def ctrl_c_at_step(monkeypatch, n: int) -> list:
+    """Make the training loop's n-th optimizer step raise KeyboardInterrupt (as Ctrl-C would);
+    returns the list its calls are counted in. monkeypatch.undo() or a new setattr restores it."""
+    from qatkit.train import loop
+
+    real_step, calls = loop._step, []
+
+    def step(*a):
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real_step(*a)
+
+    monkeypatch.setattr(loop, "_step", step)
+    return calls
