@@ -196,3 +196,24 @@ def test_train_data_free(tmp_path, capsys):
     assert cfg["data_free"] == 1.0 and cfg["data"] == []
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [-1, 0, 1]
+
+
+@pytest.mark.parametrize("config, words", [
+    ("{not json", "config.json: not valid JSON"),
+    ('{"model_type": "nonexistent_xyz"}', "model type 'nonexistent_xyz' is not one transformers knows"),
+    ('{"model_type": "gpt2", "n_layer": 1}', "unsupported architecture 'gpt2'"),
+])
+def test_bad_config_is_one_line_and_nothing_else(tmp_path, config, words):
+    """In a fresh process, as a user runs it: a broken config.json, a model type transformers does
+    not know, or one qatkit does not support -> exit 2 and exactly one line on stderr (no
+    traceback, no import noise of torch, torchao or transformers before it), nothing written."""
+    import subprocess
+    import sys
+
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(config)
+    r = subprocess.run([sys.executable, "-c", "import sys; from qatkit.cli import main; sys.exit(main())", "export", str(tmp_path / "m"),
+                        "--out", str(tmp_path / "x.gguf")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("qatkit: error: ") and words in r.stderr, r.stderr
+    assert not (tmp_path / "x.gguf").exists()

@@ -23,7 +23,7 @@ import torch
 from .. import QatkitError, cache
 from ..atomic import atomic_path
 from . import gguf_meta, text_only
-from .arch import Arch, arch_by_name, arch_for_config
+from .arch import ARCHS, Arch, arch_by_name, arch_for_config
 
 log = logging.getLogger(__name__)
 
@@ -72,9 +72,7 @@ def resolve(spec: str | os.PathLike) -> Source:
     if path.is_dir():
         if not (path / "config.json").exists():
             raise QatkitError(f"{path}: a model directory needs config.json (a Hugging Face model)")
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(path)
+        config = read_config(path)
         if text_only.is_multimodal(config.model_type):
             arch = arch_for_config(config.get_text_config())
             key = cache.files_key([path / "config.json", *sorted(path.glob("*.safetensors"))])
@@ -94,6 +92,28 @@ def resolve(spec: str | os.PathLike) -> Source:
         _convert_gguf(path, dest)
     meta = gguf_meta.load(dest / "gguf_meta.json")
     return Source(spec, dest / "hf", arch_by_name(gguf_meta.get(meta, "general.architecture")), path, dest / "gguf_meta.json")
+
+
+def read_config(path: Path):
+    """The directory's config.json through transformers, or one line saying why not (not JSON, a
+    model type transformers does not know, a field it refuses)."""
+    import json
+
+    from transformers import AutoConfig
+
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except (ValueError, UnicodeDecodeError) as e:
+        raise QatkitError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+    except AttributeError:
+        raise QatkitError(f"{path / 'config.json'}: not a JSON object") from None
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:  # transformers raises ValueError, KeyError, OSError or its own validation errors
+        if model_type is None or "does not recognize this architecture" in str(e):
+            raise QatkitError(f"{path}: model type {model_type!r} is not one transformers knows, so qatkit cannot load it "
+                              f"(qatkit's families: {', '.join(ARCHS)})") from None
+        raise QatkitError(f"{path / 'config.json'}: transformers refuses it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _convert_gguf(path: Path, dest: Path) -> None:
@@ -162,9 +182,9 @@ def check_checkpoint(hf_dir: Path, config) -> None:
 
 def load(source: Source, dtype: torch.dtype = torch.float32):
     """Source -> (model in eval mode, tokenizer)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    check_checkpoint(source.hf_dir, AutoConfig.from_pretrained(source.hf_dir))
+    check_checkpoint(source.hf_dir, read_config(source.hf_dir))
     try:
         model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=dtype)
     except (OSError, ValueError, RuntimeError, KeyError) as e:
