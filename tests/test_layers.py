@@ -1,6 +1,6 @@
 """The package's stages import only earlier stages (or their own), so data flows one way:
 
-    foundation (errors, metrics, atomic writes, cache places) -> formats -> models -> runtime -> plan -> config ->
+    foundation (errors, metrics, atomic writes, cache places, progress) -> formats -> models -> runtime -> plan -> config ->
     nn / prepare -> train -> export and targets -> eval -> report -> pipeline -> cli
 
 Every import in every module counts, those inside functions too (read from the source's AST)."""
@@ -11,7 +11,7 @@ from pathlib import Path
 PKG = Path(__file__).resolve().parent.parent / "qatkit"
 
 STAGES = [
-    {"qatkit", "qatkit.metrics", "qatkit.atomic", "qatkit.cache"},
+    {"qatkit", "qatkit.metrics", "qatkit.atomic", "qatkit.cache", "qatkit.progress"},
     {"qatkit.formats"},
     {"qatkit.models"},
     {"qatkit.runtime"},

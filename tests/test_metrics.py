@@ -77,3 +77,28 @@ def test_llama_cpp_and_executorch_scorers_share_one_implementation(monkeypatch, 
     for k in ("ppl", "nll", "kld", "same_top", "tokens", "chunks", "ppl_err"):
         assert a[k] == b[k], k
     assert a["tokens"] == a["chunks"] * (32 - 1 - 16)
+
+
+def test_progress_in_a_log_is_a_few_plain_lines(caplog, monkeypatch):
+    """Where stderr is not a terminal (a log file, a pipe, here pytest's capture), a bar is a log
+    line at most every tenth of the way and one at the end, postfix figures included."""
+    import logging
+    import sys
+
+    from qatkit import progress
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)
+    monkeypatch.setattr(progress, "QUIET_S", 0.0)  # (a job shorter than QUIET_S logs nothing)
+    with caplog.at_level(logging.INFO, logger="qatkit.progress"):
+        b = progress.bar(range(1000), desc="QAT", unit="step")
+        for i in b:
+            b.set_postfix(kl=f"{1 / (i + 1):.4f}")
+    lines = [r.getMessage() for r in caplog.records if r.name == "qatkit.progress"]
+    assert 10 <= len(lines) <= 11 and lines[-1].startswith("QAT: 1000/1000 step") and "kl=0.0010" in lines[-1]
+    assert "\r" not in "".join(lines)
+    monkeypatch.setattr(progress, "QUIET_S", 60.0)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="qatkit.progress"):
+        for _ in progress.bar(range(1000), desc="quick"):
+            pass
+    assert not [r for r in caplog.records if r.name == "qatkit.progress"]

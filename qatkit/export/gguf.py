@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFWriter
-from tqdm.auto import tqdm
 
 from .. import QatkitError
 from ..atomic import atomic_path
@@ -30,6 +29,7 @@ from ..models.gemma4 import EXPERT_WEIGHTS
 from ..models.load import Source
 from ..models.tokenizer_meta import tokenizer_metadata
 from ..plan import FILE_TYPE, default_plan
+from ..progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +119,7 @@ def write_gguf(
         writer.add_file_type(FILE_TYPE[file_format])
         if any(FORMATS[f].block > 1 for f in plan.values()):
             writer.add_quantization_version(2)
-        for name, w in tqdm(tensors.items(), desc=f"quantize -> {out.name}", unit="tensor", disable=not progress, leave=False):
+        for name, w in bar(tensors.items(), desc=f"quantize -> {out.name}", unit="tensor", disable=not progress, leave=False):
             fmt = plan[name]
             if not torch.isfinite(w).all():
                 raise QatkitError(f"tensor {name} {tuple(w.shape)} has NaN/Inf values; refusing to write it")

@@ -19,11 +19,10 @@ import time
 
 import llama_cpp
 import numpy as np
-from tqdm import tqdm
 
 from qatkit import QatkitError
 
-from .. import metrics
+from .. import metrics, progress
 from ..atomic import atomic_path
 
 log = logging.getLogger(__name__)
@@ -183,8 +182,7 @@ def score_files(paths, text: str, ref_path=None, n_ctx: int = 512, max_chunks: i
             if _text_tokens(other, text) != tokens:
                 raise QatkitError(f"{paths[0]}: tokenizes the text differently from {other_path}")
         label = os.path.basename(paths[0]) + (f" +{len(paths) - 1}" if len(paths) > 1 else "")
-        bar = tqdm(total=len(chunk_list), desc=f"score {label}", unit="chunk", file=sys.stderr,
-                   disable=not sys.stderr.isatty(), leave=False)
+        bar = progress.bar(total=len(chunk_list), desc=f"score {label}", unit="chunk", leave=False)
         fns = [_logits_fn(llm) for llm in llms]
         ref_index = llms.index(ref) if ref in llms else None
         ref_fn = _logits_fn(ref) if ref is not None and ref_index is None else None
@@ -282,7 +280,6 @@ def load_rss_mb(path, n_ctx: int = 512) -> float:
     """Resident memory (MB) llama.cpp adds by loading `path` with an n_ctx context and evaluating
     a few tokens, measured in a fresh process (the file is mmapped: pages count once touched)."""
     import subprocess
-    import sys
 
     out = subprocess.run([sys.executable, "-c", _RSS_PROBE, os.fspath(path), str(n_ctx)], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])

@@ -316,7 +316,7 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, temperature: float
     private name and renamed) and read back instead of sampled again: an interrupted sampling
     resumes, and a later run with the same model and settings samples nothing. The caller keys
     the folder by model and settings (`sample_cache_dir`)."""
-    from tqdm.auto import tqdm
+    from ..progress import bar as progress_bar
 
     if n < 1 or seq_len < 2 or batch_size < 1 or temperature < 0:
         raise QatkitError(f"sample_from_model: need n >= 1, seq_len >= 2, batch_size >= 1, temperature >= 0 (got {n}, {seq_len}, {batch_size}, {temperature})")
@@ -326,7 +326,7 @@ def sample_from_model(model, tokenizer, n: int, seq_len: int, temperature: float
     was_training = model.training
     model.eval()
     out = []
-    bar = tqdm(total=n * seq_len, desc="sampling from the teacher", unit="tok")
+    bar = progress_bar(total=n * seq_len, desc="sampling from the teacher", unit="tok")
     try:
         for i, start in enumerate(range(0, n, batch_size)):
             rows = min(batch_size, n - start)  # the last batch only as large as needed

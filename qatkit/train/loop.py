@@ -27,13 +27,13 @@ from typing import Callable, ContextManager
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .. import QatkitError
 from ..atomic import atomic_path
 from ..config import TrainConfig
 from ..metrics import compare
 from ..nn import FakeQuantExperts, FakeQuantLinear
+from ..progress import bar as progress_bar
 from .data import Batches
 from .teacher_cache import TeacherCache, topk_kl
 
@@ -225,7 +225,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
         rows.append({"step": -1, **_evaluate(student, teacher, held_seqs, watch)})  # before any update
     _write_rows(metrics_path, rows)
 
-    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress)
     t_last = time.time()
     done, data_at_step, updating = start, batches.state_dict(), False
     try:
