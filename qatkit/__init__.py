@@ -12,3 +12,17 @@ __version__ = "0.1.0"
 class QatkitError(ValueError):
     """Bad user input: a file, model, plan or setting qatkit cannot take. The CLI prints it in
     one line and exits with code 2."""
+
+
+# Loggers of libraries that talk at import: torchao (pulled in by transformers when the mobile
+# extra is installed) announces every CUDA kernel library it cannot load on a CPU machine and the
+# missing triton; torch's pytree warns about torchao's enums. None of it concerns a qatkit user.
+IMPORT_NOISE = ("torchao", "torch.utils._pytree")
+
+
+def quiet_import_noise() -> None:
+    """Raise the loggers in IMPORT_NOISE to ERROR (before the imports that would talk)."""
+    import logging
+
+    for name in IMPORT_NOISE:
+        logging.getLogger(name).setLevel(logging.ERROR)

@@ -56,8 +56,6 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
         raise
 
 
-
-
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)

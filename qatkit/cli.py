@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from . import QatkitError, __version__
+from . import QatkitError, __version__, quiet_import_noise
 from .config import QATConfig, RunConfig, TrainConfig, add_options, check_gguf_fields, from_args
 from .models.load import DEFAULT_MODEL
 from .plan import FILE_FORMATS
@@ -334,19 +334,12 @@ def _quiet_transformers(verbose: bool) -> None:
         hf_logging.set_verbosity_error()
 
 
-# Loggers of libraries that talk at import: torchao (pulled in by transformers when the mobile
-# extra is installed) announces every CUDA kernel library it cannot load on a CPU machine and the
-# missing triton; torch's pytree warns about torchao's enums. None of it concerns a qatkit user.
-IMPORT_NOISE = ("torchao", "torch.utils._pytree")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if not args.verbose:
         logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py narrates every write at INFO
-        for name in IMPORT_NOISE:
-            logging.getLogger(name).setLevel(logging.ERROR)
+        quiet_import_noise()
     try:
         if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import
             _quiet_transformers(args.verbose)

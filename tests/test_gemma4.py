@@ -349,3 +349,26 @@ def test_memory_estimate_counts_e2b_as_documented_and_refuses_a_small_gpu(tmp_pa
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (1e6, 8e9))
     with pytest.raises(QatkitError, match=r"this run needs ~0\.\d GB.*the GPU has 0\.0 of 8\.0 GB free"):
         run.check_memory(resolve(str(src)), cfg)
+
+
+def test_qatkit_run_on_the_moe_shape(tmp_path, capsys):
+    """`qatkit run` end to end on the 26B-style model, and the per-layer view over the Linears
+    (the 3-D experts are not modules). Known limit: over the 512 tokens the run measures, the MoE
+    model's faithful gap is not float noise (measured 7.6e-5 mean KLD, 95% same top; 3e-6 for a
+    file trained 4 steps at lr 1e-3) as it is over 96 tokens (test above) and for the other
+    shapes over 512; llama.cpp's expert products on longer batches are not modelled yet. The
+    modelled roundings still take out >99% of the float model's gap."""
+    import json
+
+    from tiny_models import TEXT
+
+    src = gemma4_dir(tmp_path / "moe", shape="moe")
+    (tmp_path / "train.txt").write_text(TEXT * 6)
+    (tmp_path / "held.txt").write_text(TEXT.upper() * 12)
+    out = tmp_path / "run"
+    assert main(["run", "--model", str(src), "--data", str(tmp_path / "train.txt"), "--text", str(tmp_path / "held.txt"),
+                 "--steps", "3", "--seq-len", "32", "--chunks", "1", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    gap = report["export_gap"]
+    assert gap["kld"] < 1e-3 and gap["plain"]["kld"] > 100 * gap["kld"], gap
+    assert "model.layers.0.experts.gate_up_proj" not in report["layer_errors"] and "model.layers.0.mlp.down_proj" in report["layer_errors"]

@@ -108,9 +108,9 @@ def tokenizer(meta: gguf_meta.Metadata):
                                    pad_token=name.get("padding"))
 
 
-def convert(path: Path, dest: Path) -> None:
-    """Write the float Hugging Face directory of the gemma4 GGUF `path` into `dest` (a folder
-    being made; load.py writes it atomically)."""
+def convert(reader, meta: gguf_meta.Metadata, path: Path, dest: Path) -> None:
+    """Write the float Hugging Face directory of the gemma4 GGUF `path` (already open: `reader`,
+    its metadata `meta`) into `dest` (a folder being made; load.py writes it atomically)."""
     from gguf.quants import dequantize
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM
@@ -118,8 +118,6 @@ def convert(path: Path, dest: Path) -> None:
     from ..formats import BY_GGML_TYPE, decode
     from .arch import ARCHS, from_gguf_tensor, gguf_name
 
-    reader = gguf_meta.open_reader(path)
-    meta = gguf_meta.read(reader)
     raw = {t.name: t for t in reader.tensors}
     shapes = {name: tuple(int(x) for x in reversed(t.shape.tolist())) for name, t in raw.items()}
     freqs = raw.get("rope_freqs.weight")

@@ -124,15 +124,15 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     arch = arch_by_name(str(arch_name))
     meta = gguf_meta.read(reader)
     meta["general.architecture"] = ["STRING", arch.name]
-    del reader
     log.info("dequantizing %s into a float copy (once; cached in %s)", path.name, dest)
     if arch.name == "gemma4":  # transformers 5.24's GGUF reader takes no per-layer arrays (feed_forward_length, head_count_kv)
         from . import gemma4_gguf
 
         with atomic_path(dest, folder=True) as tmp:
-            gemma4_gguf.convert(path, tmp / "hf")
+            gemma4_gguf.convert(reader, meta, path, tmp / "hf")
             gguf_meta.save(meta, tmp / "gguf_meta.json")
         return
+    del reader
     with atomic_path(dest, folder=True) as tmp:
         try:
             model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)

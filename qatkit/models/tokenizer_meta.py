@@ -26,6 +26,11 @@ PRE_BY_ARCH = {"llama": "llama-bpe", "qwen2": "qwen2", "qwen3": "qwen2", "gemma3
 GEMMA4_VISIBLE = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'})
 
 
+def _is_byte_token(tok: str) -> bool:
+    """A byte-fallback token such as <0x0A>."""
+    return len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
+
+
 def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | None = None) -> Metadata:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -52,8 +57,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
             raise QatkitError("gemma4: the tokenizer must be a BPE with byte fallback, as Gemma's is")
         base = len(model["vocab"])
         for tok, i in vocab.items():
-            is_byte = len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">")
-            types[i] = (BYTE if is_byte and i < base else CONTROL if i in special else
+            types[i] = (BYTE if _is_byte_token(tok) and i < base else CONTROL if i in special else
                         USER_DEFINED if tok in GEMMA4_VISIBLE or i >= base else NORMAL)
         meta["tokenizer.ggml.model"] = ["STRING", "gemma4"]
         meta["tokenizer.ggml.scores"] = ["ARRAY", "FLOAT32", [-1000.0] * vocab_size]
@@ -64,7 +68,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
     elif byte_fallback:
         meta["tokenizer.ggml.model"] = ["STRING", "llama"]
         for i, tok in enumerate(tokens):
-            if len(tok) == 6 and tok.startswith("<0x") and tok.endswith(">"):
+            if _is_byte_token(tok):
                 types[i] = BYTE
         if model.get("unk_token") in vocab:
             types[vocab[model["unk_token"]]] = UNKNOWN

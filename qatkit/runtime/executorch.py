@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import sys
 import tempfile
@@ -18,16 +17,13 @@ from pathlib import Path
 
 import torch
 
-from .. import QatkitError, metrics
+from .. import QatkitError, metrics, quiet_import_noise
 
 MOBILE_INSTALL = "pip install 'qatkit[mobile]' (ExecuTorch and torchao)"
 
 
 def require_executorch() -> None:
-    # torchao announces at import every CUDA kernel library it cannot load on a CPU machine, and
-    # torch's pytree warns about torchao's enums: neither says anything to a user of qatkit
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
+    quiet_import_noise()  # torchao talks at import
     try:
         import executorch  # noqa: F401
         import torchao  # noqa: F401

@@ -120,7 +120,8 @@ class GGUFTarget(Target):
         gap = export_gap(twin, types, str(files["qat"]), text)
         gap = {"kld": gap["faithful"]["kld"], "same_top": gap["faithful"]["same_top"], **gap}
         ids = torch.tensor([tokenizer(text[:4000])["input_ids"][:LAYER_TOKENS]])
-        quantized = {n: f for n, f in types.items() if get_format(f).trainable and n != "lm_head"}
+        linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}  # (types also names 3-D expert weights)
+        quantized = {n: f for n, f in types.items() if get_format(f).trainable and n != "lm_head" and n in linears}
         ptq_w = {n: get_format(f).fake_quant(model.get_submodule(n).weight) for n, f in quantized.items()}  # == llama.cpp's PTQ values
         qat_w = {n: twin.get_submodule(n).weight for n in quantized}
         return gap, layer_errors(model, ptq_w, qat_w, ids)

@@ -19,7 +19,7 @@ import torch
 from .. import QatkitError
 from ..atomic import write_text
 from ..config import RunConfig
-from ..models.load import load, resolve
+from ..models.load import load, read_config, resolve
 from ..plan import GB, describe_memory, training_memory
 from ..prepare import calibrate_static, linear_weight_types, prepare
 from .data import default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
@@ -103,10 +103,8 @@ def _watch_seqs(texts: dict[str, str], tokenizer, seq_len: int, vocab_size: int)
 def check_memory(source, cfg: RunConfig) -> dict:
     """Log the run's memory estimate (plan.training_memory) before anything is loaded, and refuse
     a CUDA device whose free memory cannot hold it."""
-    from transformers import AutoConfig
-
     t = cfg.train
-    need = training_memory(AutoConfig.from_pretrained(source.hf_dir), t.batch_size, t.seq_len, t.kl_positions, t.grad_checkpointing)
+    need = training_memory(read_config(source.hf_dir), t.batch_size, t.seq_len, t.kl_positions, t.grad_checkpointing)
     device = default_device()
     log.info("memory estimate for %s, batch %d x %d: %s", device.type, t.batch_size, t.seq_len, describe_memory(need))
     if device.type == "cuda":

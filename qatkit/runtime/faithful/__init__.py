@@ -157,7 +157,7 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
     handles = []
     swapped = []  # (mlp module, original activation)
     patched = []  # (modeling module, its own apply_rotary_pos_emb)
-    overridden = []  # (module, attribute) set on the instance: deleted on exit
+    overridden = []  # (module, attribute, its instance value before or None): put back on exit
     token = None
     try:
         build = ggml_cpu_build() if exact else None
@@ -215,6 +215,9 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
             module.act_fn = act
         for mod, fn in patched:
             mod.apply_rotary_pos_emb = fn
-        for module, attr in overridden:
-            delattr(module, attr)
+        for module, attr, before in reversed(overridden):
+            if before is None:
+                delattr(module, attr)
+            else:
+                setattr(module, attr, before)
         model.set_attn_implementation(original_attn)

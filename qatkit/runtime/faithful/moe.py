@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ...formats import get
 from ...models.gemma4 import EXPERT_WEIGHTS
 from .ops import ACTIVATION_ROUNDING, gelu_table, ggml_rms_norm, ggml_softmax
 
@@ -39,8 +40,10 @@ def _round(x: torch.Tensor, wtype: str) -> torch.Tensor:
     return x if rounding is None else rounding(x)
 
 
-def install(layer: nn.Module, prefix: str, weight_types: dict[str, str], eps: float) -> list[tuple[nn.Module, str]]:
-    """Give `layer.router` and `layer.experts` llama.cpp's forward; returns what to undo."""
+def install(layer: nn.Module, prefix: str, weight_types: dict[str, str], eps: float) -> list[tuple[nn.Module, str, object]]:
+    """Give `layer.router` and `layer.experts` llama.cpp's forward; returns what to undo:
+    (module, attribute, the instance's own value before, or None). A QAT student's experts keep
+    computing with their fake-quantized weights (nn.FakeQuantExperts)."""
     router, experts = layer.router, layer.experts
     types = {n: weight_types.get(f"{prefix}.experts.{n}", "f32") for n in EXPERT_WEIGHTS}
     route: dict[str, torch.Tensor] = {}
@@ -67,6 +70,9 @@ def install(layer: nn.Module, prefix: str, weight_types: dict[str, str], eps: fl
     @torch.no_grad()
     def experts_forward(hidden_states, top_k_index, top_k_weights):
         gate_up, down = experts.gate_up_proj, experts.down_proj
+        qat = getattr(experts, "qat", None)
+        if qat is not None and qat.enabled:
+            gate_up, down = (get(qat.fmt).fake_quant(w) for w in (gate_up, down))
         x = _round(hidden_states.float(), types["gate_up_proj"])
         out = None
         for j in range(top_k_index.shape[-1]):
@@ -79,5 +85,6 @@ def install(layer: nn.Module, prefix: str, weight_types: dict[str, str], eps: fl
             out = y if out is None else out + y
         return out.to(hidden_states.dtype)
 
+    undo = [(m, "forward", m.__dict__.get("forward")) for m in (router, experts)]
     router.forward, experts.forward = router_forward, experts_forward
-    return [(router, "forward"), (experts, "forward")]
+    return undo

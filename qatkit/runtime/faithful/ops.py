@@ -223,6 +223,8 @@ def ggml_apply_rotary_for(original):
 
 def _rotary_hook(config, module_name: str):
     """Forward hook of a RotaryEmbedding module: its (cos, sin) replaced by ggml's."""
+    gemma4_family = config.model_type in gemma4.TEXT_TYPES
+    full_factors = tuple(gemma4.rope_freqs(config).tolist()) if gemma4_family else None  # llama.cpp's rope_freqs
 
     def hook(module, args, kwargs, output):
         position_ids = args[1] if len(args) > 1 else kwargs["position_ids"]
@@ -231,10 +233,9 @@ def _rotary_hook(config, module_name: str):
             # transformers < 5 Gemma 3 has a second module for its sliding-window layers
             layer_type = "sliding_attention" if module_name.endswith("_local") else "full_attention"
         factors = None
-        if config.model_type in gemma4.TEXT_TYPES:  # proportional RoPE on full layers: llama.cpp's rope_freqs
+        if gemma4_family:  # proportional RoPE on full layers, through the rope_freqs factors
             base, factor = float(config.rope_parameters[layer_type]["rope_theta"]), 1.0
-            if layer_type == gemma4.FULL:
-                factors = tuple(gemma4.rope_freqs(config).tolist())
+            factors = full_factors if layer_type == gemma4.FULL else None
         else:
             base, factor = rope_base_and_factor(config, layer_type)
         cos, sin = output
