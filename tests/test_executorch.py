@@ -23,7 +23,9 @@ from tiny_models import TEXT, tiny_model, tiny_tokenizer  # noqa: E402
 # name: (family, plan). gemma3 ties its head to the embedding (int8 codes shared), llama does not;
 # "static" has learned per-tensor int8 scales on every Linear's input and output
 CASES = {
-    "gemma3": ("gemma3", dict(int2=("*.mlp.down_proj",), layers=1)),  # one layer: ExecuTorch's lowering time grows with the graph
+    # one layer: ExecuTorch's lowering time grows with the graph; a window of 24 makes the layer's
+    # attention mask matter (90 tokens are scored)
+    "gemma3": ("gemma3", dict(int2=("*.mlp.down_proj",), layers=1, sliding_window=24)),
     "llama": ("llama", dict(mobile_weights="int4g32", int2=("model.layers.1.*",), embedding="int4",
                             int8=("model.layers.1.mlp.up_proj",), keep=("model.layers.0.self_attn.o_proj",))),
     "static": ("gemma3", dict(activations="static", int2=("model.layers.0.mlp.down_proj",), layers=1)),
@@ -40,8 +42,8 @@ def kl(p_logits, q_logits):
     return float((p.exp() * (p - torch.log_softmax(q_logits.double(), -1))).sum(-1).mean())
 
 
-def student(family, layers=2, **plan):
-    m = tiny_model(family, layers=layers)
+def student(family, layers=2, sliding_window=None, **plan):
+    m = tiny_model(family, layers=layers, **({"sliding_window": sliding_window} if sliding_window else {}))
     with torch.no_grad():  # larger weights: logits of a few units, so that errors would show
         for mod in m.modules():
             if isinstance(mod, torch.nn.Linear):

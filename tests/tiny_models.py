@@ -43,7 +43,7 @@ def tiny_config(family: str, vocab_size: int = 320, hidden: int = 64, layers: in
     if family == "qwen3":
         return Qwen3Config(**common, head_dim=32, tie_word_embeddings=True)
     if family == "gemma3":
-        return Gemma3TextConfig(**common, head_dim=32, query_pre_attn_scalar=32, sliding_window=512, tie_word_embeddings=True)
+        return Gemma3TextConfig(**{"sliding_window": 512, **common}, head_dim=32, query_pre_attn_scalar=32, tie_word_embeddings=True)
     raise ValueError(family)
 
 

@@ -104,6 +104,43 @@ class StaticInt8Linear(nn.Module):
         return qd.dequantize_per_tensor.default(qd.quantize_per_tensor.default(y, self.s_out, 0, -128, 127, torch.int8), self.s_out, 0, -128, 127, torch.int8)
 
 
+class DelegatedRMSNorm(nn.Module):
+    """An RMSNorm whose mean of squares XNNPACK runs: its mean.dim takes only 4-D NCHW averages,
+    so the plain mean(-1) stays a portable operator and splits the delegate at every norm (six
+    per Gemma layer). Here the mean is a product with a constant row of 1/width, which XNNPACK
+    runs in the same partition; the rest is the original formula ("gemma": x * rsqrt(ms + eps) *
+    (1 + w); "llama": w * (x * rsqrt(ms + eps))). The sum is ordered differently from torch's
+    mean: float noise, as every XNNPACK sum is."""
+
+    def __init__(self, kind: str, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.kind, self.eps = kind, float(eps)
+        w = weight.detach().float()
+        self.register_buffer("scale", 1.0 + w if kind == "gemma" else w.clone())
+        self.register_buffer("mean_row", torch.full((1, w.shape[0]), 1.0 / w.shape[0]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        ms = nn.functional.linear(xf * xf, self.mean_row)
+        return (xf * torch.rsqrt(ms + self.eps) * self.scale).type_as(x)
+
+
+NORM_KINDS = {"Gemma3RMSNorm": "gemma", "LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama"}
+
+
+def _delegated_norms(model: nn.Module) -> int:
+    """Replace the RMSNorms of known formulas by `DelegatedRMSNorm` (others stay as they are)."""
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            kind = NORM_KINDS.get(type(child).__name__)
+            if kind is not None:
+                eps = getattr(child, "eps", getattr(child, "variance_epsilon", None))
+                setattr(parent, name, DelegatedRMSNorm(kind, child.weight, eps))
+                n += 1
+    return n
+
+
 def _static_linear(name: str, old: nn.Module, codes: torch.Tensor, scale: torch.Tensor, spec) -> StaticInt8Linear:
     from ..formats import mobile
 
@@ -154,37 +191,76 @@ def runtime_model(student: nn.Module) -> nn.Module:
     new_emb.padding_idx = None  # only matters to gradients, and it keeps the quantized embedding op from matching
     m.config.tie_word_embeddings = False
     _spell_out_tanh_gelu(m)
+    _delegated_norms(m)
     return m
 
 
+ATTENTION = "qatkit_executorch"  # the transformers attention implementation registered below
+
+
+def _window_mask(start, length: int, cache_len: int, window: int) -> torch.Tensor:
+    """Additive float mask [length, cache_len] of a sliding-window layer: query at position
+    p = start + i sees keys j with p - window < j <= p (transformers' sliding_window_overlay)."""
+    p = (torch.arange(length) + start).unsqueeze(1)
+    j = torch.arange(cache_len).unsqueeze(0)
+    seen = (j <= p) & (j > p - window)
+    return torch.where(seen, torch.zeros((), dtype=torch.float32), torch.full((), float("-inf")))
+
+
+def _cached_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None, softcap=None, qatkit_start=None, **kwargs):
+    """transformers attention function of the exported program: writes this call's keys and values
+    into the layer's cache in place (ExecuTorch's llama::update_cache) and attends with
+    llama::custom_sdpa over the cache. Grouped KV heads are read as they are, not copied per query
+    head, and a causal call reads only positions < start + length (the static cache of the
+    earlier export expanded and multiplied all of max_context for every layer and token).
+    query [1, heads, T, D], key / value [1, kv_heads, T, D] -> [1, T, heads, D]."""
+    if softcap is not None:
+        raise QatkitError("attention logit soft-capping is not supported by the ExecuTorch export")
+    k_cache, v_cache = module.qatkit_k_cache, module.qatkit_v_cache
+    torch.ops.llama.update_cache(key.transpose(1, 2).contiguous(), k_cache, qatkit_start)
+    torch.ops.llama.update_cache(value.transpose(1, 2).contiguous(), v_cache, qatkit_start)
+    q = query.transpose(1, 2).contiguous()
+    if sliding_window is not None and sliding_window < k_cache.shape[1]:
+        mask = _window_mask(qatkit_start, q.shape[1], k_cache.shape[1], sliding_window)
+        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, qatkit_start, mask, 0.0, False, scaling), None
+    return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, qatkit_start, None, 0.0, True, scaling), None
+
+
+def _attention_layers(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "head_dim") and hasattr(m, "o_proj")]
+
+
 class KVCacheLM(nn.Module):
-    """forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab] over a static KV cache."""
+    """forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab], with one KV cache
+    [1, max_context, kv_heads, head_dim] per attention layer, updated in place."""
 
     def __init__(self, model: nn.Module, max_context: int):
         super().__init__()
-        from transformers.cache_utils import StaticCache, StaticLayer, StaticSlidingWindowLayer
-        from transformers.configuration_utils import get_head_shapes
+        from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  (registers llama::update_cache, custom_sdpa)
+        from transformers import AttentionInterface
 
+        AttentionInterface.register(ATTENTION, _cached_attention)
         self.model = model
-        cfg = model.config.get_text_config()
-        self.cache = StaticCache(config=cfg, max_cache_len=max_context)
-        # sliding-window layers get a full-length cache: their mask still limits what they see
-        for i, layer in enumerate(self.cache.layers):
-            if isinstance(layer, StaticSlidingWindowLayer):
-                self.cache.layers[i] = StaticLayer(max_context)
-        n_kv, head_dim = get_head_shapes(cfg)
-        self.cache.early_initialization(1, n_kv, head_dim, torch.float32, torch.device("cpu"))
-        for i, layer in enumerate(self.cache.layers):
-            self.register_buffer(f"key_cache_{i}", layer.keys, persistent=False)
-            self.register_buffer(f"value_cache_{i}", layer.values, persistent=False)
-            self.register_buffer(f"cumulative_length_{i}", layer.cumulative_length, persistent=False)
+        self.max_context = max_context
+        cfg = model.config.get_text_config().to_dict()
+        if cfg.get("num_kv_shared_layers") or cfg.get("attn_logit_softcapping"):
+            raise QatkitError(f"{cfg.get('model_type')}: the ExecuTorch export does not support its attention (shared KV layers or logit soft-capping) yet")
+        n_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        layers = _attention_layers(model)
+        if not layers:
+            raise QatkitError("no attention layers found to give a KV cache")
+        for attn in layers:
+            for name in ("qatkit_k_cache", "qatkit_v_cache"):
+                attn.register_buffer(name, torch.zeros(1, max_context, n_kv, attn.head_dim), persistent=False)
+        for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            c._attn_implementation = ATTENTION
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        start = input_pos[0]
-        for layer in self.cache.layers:
-            layer.cumulative_length.copy_(start)
-        position_ids = (torch.arange(tokens.shape[1], dtype=torch.long) + start).unsqueeze(0)
-        out = self.model(input_ids=tokens, position_ids=position_ids, attention_mask=None, past_key_values=self.cache, use_cache=True)
+        start = input_pos[0].item()
+        torch._check_is_size(start)
+        torch._check(start + tokens.shape[1] <= self.max_context)
+        position_ids = (torch.arange(tokens.shape[1], dtype=torch.long) + input_pos[0]).unsqueeze(0)
+        out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False, qatkit_start=start)
         return out.logits.float()
 
 
