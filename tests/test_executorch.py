@@ -88,7 +88,7 @@ def test_pte_computes_what_the_student_computes(exported):
                 mod.fmt = "q8_0"
         weight_only = loose(ids[None]).logits[0]
     pte = PteModel(out)
-    got = pte.logits(ids)  # 90 tokens: one prefill call of 90 (max_seq_len 95)
+    got = pte.logits(ids)  # one call per position through the KV cache
     per_pos = (got - want).abs().amax(-1) / want.abs().amax()
     # a float32 Linear (llama's kept o_proj) is summed in another order by XNNPACK: ulps on every
     # output, so many more int8 codes downstream flip, and only the mean KL bound applies there
@@ -101,9 +101,19 @@ def test_pte_computes_what_the_student_computes(exported):
         assert float(per_pos.max()) <= BOUND and kl(want, got) <= 1e-12, (per_pos.max(), kl(want, got))
         assert all(m.get_submodule(n).act == "static" for n, v in plan.items() if n not in ("lm_head", "model.embed_tokens"))
     assert kl(want, weight_only) > 100 * KL_BOUND  # the bound would catch a wrong activation rule
-    # token by token through the KV cache gives the same numbers
-    steps = torch.cat([pte.forward.execute([ids[i : i + 1][None], torch.tensor([i])])[0][0] for i in range(20)])
-    assert float(((steps - got[:20]).abs().amax(-1) / want.abs().amax() <= BOUND).float().mean()) >= 0.8
+    # a prefill of 60 tokens in one call (the program returns the last position's logits), then
+    # single tokens after it: the same numbers as token by token
+    pte = PteModel(out)
+    steps = [pte.forward.execute([ids[:60][None], torch.tensor([0])])[0][0]]
+    steps += [pte.forward.execute([ids[i : i + 1][None], torch.tensor([i])])[0][0] for i in range(60, 80)]
+    steps = torch.cat(steps)
+    assert steps.shape == (21, m.config.vocab_size)
+    # (a code flipped once in a prefill reaches every later position through the cache: on llama's
+    # float o_proj, summed in another order for 60 rows than for one, one flip near position 45
+    # was measured to move positions 50-80 by ~1%, KL 7e-6; the others agree exactly)
+    assert kl(got[59:80], steps) <= KL_BOUND
+    if family != "llama":
+        assert float(((steps - got[59:80]).abs().amax(-1) / want.abs().amax() <= BOUND).float().mean()) >= 0.8
 
 
 def test_llm_runner_generates_the_students_greedy_text(exported):

@@ -18,7 +18,7 @@ Runtime facts this module is built on (measured with executorch 1.5.1, torchao 0
 - torch.export must be strict, or the cache is captured as constants and lowering fails.
 
 The program follows ExecuTorch's LLM runner conventions: forward(tokens int64 [1, T],
-input_pos int64 [1] = start position) -> logits float32 [1, T, vocab], T dynamic up to
+input_pos int64 [1] = start position) -> logits float32 [1, 1, vocab] of the last position, T dynamic up to
 max_seq_len, and constant methods get_max_seq_len, get_max_context_len, get_vocab_size,
 get_bos_id, get_eos_ids, use_kv_cache, enable_dynamic_shape.
 """
@@ -259,7 +259,7 @@ def _attention_layers(model: nn.Module) -> list[nn.Module]:
 
 
 class KVCacheLM(nn.Module):
-    """forward(tokens [1, T], input_pos [1]) -> logits [1, T, vocab], with one KV cache
+    """forward(tokens [1, T], input_pos [1]) -> logits of the last position [1, 1, vocab], with one KV cache
     [1, max_context, kv_heads, head_dim] per attention layer, updated in place."""
 
     def __init__(self, model: nn.Module, max_context: int):
@@ -288,7 +288,9 @@ class KVCacheLM(nn.Module):
         torch._check_is_size(start)
         torch._check(start + tokens.shape[1] <= self.max_context)
         position_ids = (torch.arange(tokens.shape[1], dtype=torch.long) + input_pos[0]).unsqueeze(0)
-        out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False, qatkit_start=start)
+        # the head (a 262k-row product on Gemma) runs on the last position only, as ExecuTorch's
+        # own LLM exports do: a prefill of T tokens does not pay T head products
+        out = self.model(input_ids=tokens, position_ids=position_ids, use_cache=False, logits_to_keep=1, qatkit_start=start)
         return out.logits.float()
 
 

@@ -82,15 +82,14 @@ class PteModel:
         return self.program.load_method(name).execute([])[0]
 
     def logits(self, ids) -> torch.Tensor:
-        """ids: a 1-D sequence of token ids (at most max_context) -> float32 (len, vocab)."""
-        ids = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
-        if ids.shape[1] > self.max_context:
-            raise QatkitError(f"{self.path}: {ids.shape[1]} tokens exceed the program's context of {self.max_context}")
-        out = []
-        for start in range(0, ids.shape[1], self.max_seq_len):
-            piece = ids[:, start : start + self.max_seq_len].contiguous()
-            out.append(self.forward.execute([piece, torch.tensor([start], dtype=torch.long)])[0][0].clone())
-        return torch.cat(out)
+        """ids: a 1-D sequence of token ids (at most max_context) -> float32 (len, vocab). The
+        program returns the last position's logits (its head runs once per call), so every
+        position is one call through the KV cache."""
+        ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+        if ids.shape[0] > self.max_context:
+            raise QatkitError(f"{self.path}: {ids.shape[0]} tokens exceed the program's context of {self.max_context}")
+        out = [self.forward.execute([ids[i : i + 1].reshape(1, 1), torch.tensor([i], dtype=torch.long)])[0][0, -1].clone() for i in range(ids.shape[0])]
+        return torch.stack(out) if out else torch.zeros(0, self.vocab_size)
 
     def scored_logits(self, chunk, first: int) -> torch.Tensor:
         """A metrics logits function: the logits of `chunk` from position `first` on."""
