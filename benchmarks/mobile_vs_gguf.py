@@ -1,0 +1,138 @@
+"""The mobile program against the Q4_0 GGUF in llama.cpp, side by side on this machine.
+
+For the default model (Gemma 3 270M): exports the mobile program (int4 Linears per channel, the
+embedding per row in int4 by default, int8 activations per token; untrained: speed and size do
+not depend on training) with qatkit's exporter in a child process, timing it and taking its peak
+resident memory; then alternates, in fresh processes with the same thread count, ExecuTorch on
+the .pte and llama.cpp on its own PTQ Q4_0 file: a prefill of the same random prompt ids, then
+single-token decode steps, and the process's peak resident memory above what it held before
+loading. Prints medians and ratios (.pte / GGUF).
+
+    python benchmarks/mobile_vs_gguf.py [--embedding int4] [--rounds 3] [--prompt 128] [--tokens 64]
+                                        [--pte existing.pte] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+EXPORT = """
+import json, resource, sys, time
+from qatkit.models.load import load, resolve
+from qatkit.prepare import QATConfig, prepare
+from qatkit.export.executorch import export_pte
+src = resolve("gemma3-270m")
+model, tok = load(src)
+floats = sum(p.numel() for p in model.parameters()) * 4
+prepare(model, src.arch, QATConfig(fmt="mobile", embedding=sys.argv[2]))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+t0 = time.perf_counter()
+info = export_pte(model, tok, sys.argv[1], max_context=512)
+info["wall_s"] = time.perf_counter() - t0
+info["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+info["rss_before_export"] = before
+info["float32_bytes"] = floats
+print("RESULT " + json.dumps({k: v for k, v in info.items() if k != "outside_xnnpack"}))
+"""
+
+RUN = """
+import json, os, sys, time
+import numpy as np
+kind, path, n_prompt, n_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+def status(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
+ids = np.random.default_rng(0).integers(100, 200000, n_prompt + n_tokens).tolist()
+if kind == "pte":
+    import torch
+    import executorch.kernels.quantized  # noqa: F401
+    from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401
+    from executorch.runtime import Runtime
+    from pathlib import Path
+    torch.set_num_threads(threads)
+    before = status("VmRSS")
+    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    def run(tokens, pos):
+        return method.execute([torch.tensor([tokens]), torch.tensor([pos])])[0]
+    run(ids[:8], 0)  # warm-up
+    t0 = time.perf_counter(); run(ids[:n_prompt], 0); t1 = time.perf_counter()
+    for i in range(n_tokens):
+        run([ids[n_prompt + i]], n_prompt + i)
+    t2 = time.perf_counter()
+else:
+    import llama_cpp
+    from qatkit.runtime.llamacpp import open_model
+    before = status("VmRSS")
+    llm = open_model(path, n_ctx=n_prompt + n_tokens, n_threads=threads, logits_all=False)
+    llm.eval(ids[:8]); llm.reset()
+    t0 = time.perf_counter(); llm.eval(ids[:n_prompt]); llama_cpp.llama_synchronize(llm.ctx); t1 = time.perf_counter()
+    for i in range(n_tokens):
+        llm.eval([ids[n_prompt + i]])
+    llama_cpp.llama_synchronize(llm.ctx); t2 = time.perf_counter()
+print("RESULT " + json.dumps({"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_tokens / (t2 - t1), "rss": status("VmHWM") - before}))
+"""
+
+
+def child(code: str, *args, env=None) -> dict:
+    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+    if out.returncode or line is None:
+        raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
+    return json.loads(line[len("RESULT "):])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--embedding", default="int4", choices=["int4", "int8"])
+    ap.add_argument("--pte", type=Path, help="measure this program instead of exporting one")
+    ap.add_argument("--gguf", type=Path, help="the Q4_0 GGUF (default: llama.cpp's PTQ of the default model, made if missing)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    with tempfile.TemporaryDirectory() as d:
+        pte = args.pte
+        if pte is None:
+            pte = Path(d) / "mobile.pte"
+            e = child(EXPORT, pte, args.embedding, env=env)
+            print(f"export of one program: {e['wall_s']:.0f} s (torch.export {e['export_s']:.0f} s, lowering {e['lower_s']:.0f} s), "
+                  f"{e['xnnpack_partitions']} XNNPACK partitions; peak RSS {e['peak_rss'] / 1e9:.2f} GB = "
+                  f"{e['peak_rss'] / e['float32_bytes']:.2f}x the model's float32 size ({e['float32_bytes'] / 1e9:.2f} GB)")
+        gguf = args.gguf
+        if gguf is None:
+            from qatkit.models.load import resolve
+            from qatkit.targets.gguf import ptq_llama_cpp
+
+            src = resolve("gemma3-270m")
+            gguf = src.cache_dir / "ptq-llama.cpp-q4_0.gguf"
+            if not gguf.exists():
+                ptq_llama_cpp(src, gguf, "q4_0")
+        rows: dict[str, list[dict]] = {"pte": [], "gguf": []}
+        for _ in range(args.rounds):
+            for kind, path in (("pte", pte), ("gguf", gguf)):
+                rows[kind].append(child(RUN, kind, path, args.prompt, args.tokens, args.threads, env=env))
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tps", "decode_tps", "rss")} for k, v in rows.items()}
+        size = {"pte": pte.stat().st_size, "gguf": gguf.stat().st_size}
+        print(f"{args.threads} threads; prompt of {args.prompt} random token ids, then {args.tokens} single-token steps; "
+              f"median of {args.rounds} alternated rounds, each a fresh process")
+        print(f"{'':<28} {'size MB':>9} {'prefill t/s':>12} {'decode t/s':>11} {'peak RSS MB':>12}")
+        for kind, label in (("pte", f"mobile .pte (emb {args.embedding})"), ("gguf", "llama.cpp PTQ Q4_0 GGUF")):
+            m = med[kind]
+            print(f"{label:<28} {size[kind] / 1e6:9.1f} {m['prefill_tps']:12.1f} {m['decode_tps']:11.1f} {m['rss'] / 1e6:12.1f}")
+        p, g = med["pte"], med["gguf"]
+        print(f"{'ratio .pte / GGUF':<28} {size['pte'] / size['gguf']:9.2f}x {p['prefill_tps'] / g['prefill_tps']:11.2f}x "
+              f"{p['decode_tps'] / g['decode_tps']:10.2f}x {p['rss'] / g['rss']:11.2f}x")
+        print("targets: size <= 0.55x, prefill and decode >= 1.00x, peak RSS <= 0.60x")
+
+
+if __name__ == "__main__":
+    main()
