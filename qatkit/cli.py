@@ -72,6 +72,26 @@ def _add_export(sub) -> None:
     p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf|FILE.pte")
 
 
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="choose each tensor's format so that the file fits a size (--budget)",
+        description="Compute the exact bytes of every tensor in every format the target can store it in, "
+        "measure what each choice costs (the KL rise on held-out text when that tensor alone is stored lower), "
+        "and pick the mix that fits --budget with the least predicted loss. Prints a table and writes the plan "
+        "as JSON, which train, export and run take with --plan. A budget below the smallest reachable size "
+        "is refused with that size. Given a config.json (or a directory without weights), it plans from the "
+        "shapes alone (--sizes-only), with a stated prior instead of measured losses.",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("model", metavar="MODEL", help="gemma3-270m, a GGUF, a Hugging Face directory, or a config.json")
+    p.add_argument("--budget", required=True, help="the file's size, e.g. 1GB, 800MB, 1.5GiB")
+    p.add_argument("--format", default="q4_0", choices=["q4_0", "mobile"], help="q4_0: a GGUF for llama.cpp; mobile: an ExecuTorch .pte")
+    p.add_argument("--text-only", action="store_true", help="plan the language model of a multimodal config")
+    p.add_argument("--sizes-only", action="store_true", help="read no weights: sizes and a prior instead of measured losses")
+    p.add_argument("--out", type=Path, metavar="PLAN.json", help="write the plan here")
+
+
 def _add_eval(sub) -> None:
     p = sub.add_parser(
         "eval",
@@ -165,6 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_train(sub)
     _add_export(sub)
+    _add_plan(sub)
     _add_eval(sub)
     return parser
 
@@ -206,10 +227,17 @@ def cmd_export(args) -> int:
     t0 = time.time()
     source = resolve(args.model)
     if args.ptq == "llama.cpp":
+        if args.plan:
+            raise QatkitError("--plan is written by qatkit's exporter (drop --ptq llama.cpp)")
         info = ptq_llama_cpp(source, args.out, args.format, args.pure)
     else:
+        from .prepare import model_plan
+
+        if args.plan:
+            QATConfig(fmt=args.format, plan=args.plan)  # the plan's rules (q4_0 only, no --pure, the file exists)
         model, tokenizer = load(source)
-        info = export_model(model, tokenizer, source, args.out, args.format, args.pure)
+        plan = model_plan(model, source.arch, args.format, args.pure, args.plan) if args.plan else None
+        info = export_model(model, tokenizer, source, args.out, args.format, args.pure, plan=plan)
         info.pop("plan")
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {args.format}{' pure' if args.pure else ''}, by {args.ptq}) in {time.time() - t0:.1f} s")
     return 0
@@ -231,6 +259,18 @@ def _export_mobile(args) -> int:
     model, tokenizer = load(source)
     info = ptq_program(source, model, tokenizer, qat, args.out)  # static scales from the default training text
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {qat.mobile_weights}, {len(qat.int2)} int2 / {len(qat.int8)} int8 / {len(qat.keep)} float patterns, embedding {qat.embedding}, {qat.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from . import budget
+
+    r = budget.plan_budget(args.model, budget.parse_size(args.budget), args.format, args.text_only, args.sizes_only)
+    print(budget.describe(r))
+    if args.out:
+        budget.save_plan(args.out, args.format, r["choice"], {"model": args.model, "budget": r["budget"], "predicted_bytes": r["bytes"],
+                                                               "bytes_counted": r["overhead_note"], "losses": r["losses"]})
+        print(f"wrote {args.out}")
     return 0
 
 
@@ -321,7 +361,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "eval": cmd_eval, "run": cmd_run, "train": cmd_train}
+COMMANDS = {"export": cmd_export, "eval": cmd_eval, "plan": cmd_plan, "run": cmd_run, "train": cmd_train}
 
 
 def _quiet_transformers(verbose: bool) -> None:

@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
 
 from . import QatkitError
 from .formats import TRAINABLE
@@ -59,6 +60,8 @@ class QATConfig:
     freeze_embedding: bool = setting(True, "the token embedding (and a tied head) fixed at its file values", cli=False)
     settle_boundaries: bool = setting(True, "move weights off the format's rounding boundaries first (prepare.py)", cli=False)
     seed: int = setting(0, "seed of the boundary settling (the CLI passes --seed)", cli=False)
+    plan: str | None = setting(None, "per-tensor plan JSON written by `qatkit plan --budget` (instead of the default mix, or of the mobile "
+                               "options); for --format q4_0 or mobile", metavar="PLAN.json", type=str)
     # the mobile format's plan (qatkit.plan.mobile_plan); each is refused with a GGUF format
     mobile_weights: str = setting("int4", "Linear weights: int4 per channel, int4 in groups of 32, or int8 per channel", flag="--weights",
                                   group=MOBILE_GROUP, choices=MOBILE_WEIGHTS)
@@ -88,6 +91,14 @@ class QATConfig:
             raise QatkitError(f"--activations static takes per-channel weights (int4, int8); XNNPACK cannot run {self.mobile_weights} with them")
         if self.max_context < 2:
             raise QatkitError(f"--max-context {self.max_context}: needs at least 2 positions")
+        if self.plan is not None:
+            if self.fmt not in ("q4_0", "mobile") or self.pure:
+                raise QatkitError("--plan is for --format q4_0 (without --pure) or mobile")
+            if not Path(self.plan).is_file():
+                raise QatkitError(f"--plan {self.plan}: no such file")
+            given = [flag_of(f) for f in mobile_fields() if f.name not in ("max_context", "activations") and getattr(self, f.name) != f.default]
+            if given:
+                raise QatkitError(f"{given[0]} and --plan both choose the plan; give one")
 
 
 def mobile_fields() -> list[dataclasses.Field]:

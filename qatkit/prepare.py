@@ -32,9 +32,23 @@ from .plan import TOKEN_EMBEDDINGS, default_plan, gguf_shapes
 log = logging.getLogger(__name__)
 
 
-def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False) -> dict[str, str]:
-    """The exporter's per-tensor plan {GGUF name: format} for this model."""
-    return default_plan(gguf_shapes(model, arch), fmt, pure)
+def model_plan(model: nn.Module, arch: Arch, fmt: str, pure: bool = False, plan_file: str | None = None) -> dict[str, str]:
+    """The exporter's per-tensor plan {GGUF name: format} for this model: llama.cpp's default
+    mix, or a planner's file (checked to name every tensor, each in a format qatkit trains)."""
+    shapes = gguf_shapes(model, arch)
+    if plan_file is None:
+        return default_plan(shapes, fmt, pure)
+    from .budget import gguf_inventory, load_plan
+
+    plan = load_plan(plan_file, fmt)
+    allowed = {e.name: e.options for e in gguf_inventory(model, arch)}
+    if set(plan) != set(allowed):
+        odd = sorted(set(plan) ^ set(allowed))
+        raise QatkitError(f"{plan_file}: its tensors are not this model's ({len(odd)} differ, e.g. {odd[0]}); plan this model with qatkit plan")
+    bad = [n for n, f in plan.items() if f not in allowed[n]]
+    if bad:
+        raise QatkitError(f"{plan_file}: {bad[0]} cannot be {plan[bad[0]]} (choose from {', '.join(allowed[bad[0]])})")
+    return plan
 
 
 def linear_weight_types(model: nn.Module, arch: Arch, plan: dict[str, str]) -> dict[str, str]:
@@ -53,7 +67,7 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
     """Turn `model` into a QAT student in place; returns the plan it follows."""
     if config.fmt == "mobile":
         return _prepare_mobile(model, config)
-    plan = model_plan(model, arch, config.fmt, config.pure)
+    plan = model_plan(model, arch, config.fmt, config.pure, config.plan)
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     gen = torch.Generator().manual_seed(config.seed)
     swapped = settled = 0
@@ -97,6 +111,21 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
     return plan
 
 
+def _mobile_plan_file(path: str, linears: dict[str, tuple[int, int]]) -> dict[str, str]:
+    """A planner's mobile plan: every Linear int4 or int8, the embedding int4 or int8."""
+    from .budget import MOBILE_LINEAR, MOBILE_TABLE, load_plan
+
+    plan = {k: v for k, v in load_plan(path, "mobile").items() if not k.startswith("1-D")}
+    want = set(linears) | {"model.embed_tokens"}
+    if set(plan) != want:
+        odd = sorted(set(plan) ^ want)
+        raise QatkitError(f"{path}: its tensors are not this model's ({len(odd)} differ, e.g. {odd[0]}); plan this model with qatkit plan")
+    for name, scheme in plan.items():
+        if scheme not in (MOBILE_TABLE if name == "model.embed_tokens" else MOBILE_LINEAR):
+            raise QatkitError(f"{path}: {name} cannot be {scheme}")
+    return plan
+
+
 def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
     """The mobile format's student: every Linear fake-quantizes its weight (int4/int2/int8 per
     channel) and its input (int8 per token); the embedding is frozen at its int8/int4 per-row
@@ -106,7 +135,10 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     lins = {n: (m.out_features, m.in_features) for n, m in _linears(model).items() if not (n == "lm_head" and tied)}
-    plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding, config.int8, config.keep)
+    if config.plan is not None:
+        plan = _mobile_plan_file(config.plan, lins)
+    else:
+        plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding, config.int8, config.keep)
     if not config.freeze_embedding:
         raise QatkitError("the mobile format keeps the embedding frozen at its per-row values")
     emb = model.get_input_embeddings()

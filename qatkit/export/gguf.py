@@ -12,7 +12,9 @@ an interrupted or failed export leaves nothing behind.
 
 from __future__ import annotations
 
+
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -114,11 +116,7 @@ def write_gguf(
     arch = gguf_meta.get(metadata, "general.architecture")
     sizes: dict[str, int] = {}
     with atomic_path(out) as tmp:
-        writer = GGUFWriter(tmp, arch)
-        gguf_meta.apply(metadata, writer)
-        writer.add_file_type(FILE_TYPE[file_format])
-        if any(FORMATS[f].block > 1 for f in plan.values()):
-            writer.add_quantization_version(2)
+        writer = _writer(tmp, metadata, plan, file_format)
         for name, w in bar(tensors.items(), desc=f"quantize -> {out.name}", unit="tensor", disable=not progress, leave=False):
             fmt = plan[name]
             if not torch.isfinite(w).all():
@@ -139,6 +137,40 @@ def write_gguf(
         writer.write_tensors_to_file(progress=False)
         writer.close()
     return sizes
+
+
+def _writer(path, metadata: gguf_meta.Metadata, plan: dict[str, str], file_format: str) -> GGUFWriter:
+    writer = GGUFWriter(path, gguf_meta.get(metadata, "general.architecture"))
+    gguf_meta.apply(metadata, writer)
+    writer.add_file_type(FILE_TYPE[file_format])
+    if any(FORMATS[f].block > 1 for f in plan.values()):
+        writer.add_quantization_version(2)
+    return writer
+
+
+def file_bytes(metadata: gguf_meta.Metadata, plan: dict[str, str], shapes: dict[str, tuple[int, ...]], file_format: str) -> int:
+    """The exact size of the GGUF file `write_gguf` writes for this plan, without its tensors:
+    the header, metadata and tensor table as the writer packs them, padded to the alignment,
+    then each tensor's bytes padded to it."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        writer = _writer(Path(d) / "h.gguf", metadata, plan, file_format)
+        data = 0
+        for name, shape in shapes.items():
+            f = FORMATS[plan[name]]
+            nbytes = math.prod(shape[:-1]) * f.row_bytes(shape[-1])
+            raw = GGMLQuantizationType(f.ggml_type) if f.block > 1 else None
+            # the writer's tensor table takes numpy-order shapes, bytes-shaped for block formats
+            writer.add_tensor_info(name, (*shape[:-1], f.row_bytes(shape[-1])) if raw is not None else shape,
+                                   np.dtype(np.uint8 if raw is not None else np.float32 if f.name == "f32" else np.float16), nbytes, raw_dtype=raw)
+            data += GGUFWriter.ggml_pad(nbytes, writer.data_alignment)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        writer.close()
+        header = (Path(d) / "h.gguf").stat().st_size
+        return GGUFWriter.ggml_pad(header, writer.data_alignment) + data
 
 
 def _check_scales(name: str, w: torch.Tensor, fmt: str, data: np.ndarray) -> None:

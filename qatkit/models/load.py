@@ -95,25 +95,32 @@ def resolve(spec: str | os.PathLike) -> Source:
 
 
 def read_config(path: Path):
-    """The directory's config.json through transformers, or one line saying why not (not JSON, a
-    model type transformers does not know, a field it refuses)."""
+    """A model directory's config.json (or a config JSON file given as such) through
+    transformers, or one line saying why not (not JSON, a model type transformers does not
+    know, a field it refuses)."""
     import json
 
     from transformers import AutoConfig
 
+    path = Path(path)
+    file = path if path.suffix == ".json" else path / "config.json"
     try:
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        model_type = json.loads(file.read_text()).get("model_type")
+    except OSError as e:
+        raise QatkitError(f"{file}: cannot be read ({e.strerror})") from None
     except (ValueError, UnicodeDecodeError) as e:
-        raise QatkitError(f"{path / 'config.json'}: not valid JSON ({e})") from None
+        raise QatkitError(f"{file}: not valid JSON ({e})") from None
     except AttributeError:
-        raise QatkitError(f"{path / 'config.json'}: not a JSON object") from None
+        raise QatkitError(f"{file}: not a JSON object") from None
     try:
+        if file is path:
+            return AutoConfig.for_model(**json.loads(file.read_text()))
         return AutoConfig.from_pretrained(path)
     except Exception as e:  # transformers raises ValueError, KeyError, OSError or its own validation errors
-        if model_type is None or "does not recognize this architecture" in str(e):
+        if model_type is None or "does not recognize this architecture" in str(e) or "Unrecognized model" in str(e):
             raise QatkitError(f"{path}: model type {model_type!r} is not one transformers knows, so qatkit cannot load it "
                               f"(qatkit's families: {', '.join(ARCHS)})") from None
-        raise QatkitError(f"{path / 'config.json'}: transformers refuses it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise QatkitError(f"{file}: transformers refuses it ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _convert_gguf(path: Path, dest: Path) -> None:

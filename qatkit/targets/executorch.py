@@ -41,7 +41,9 @@ def ptq_program(source, model, tokenizer, qat, out: Path, seq_len: int = 256) ->
 
 def ptq_path(source, qat, seq_len: int) -> Path:
     """Where the untrained program of a mobile plan is cached beside the model."""
-    plan = json.dumps({**{k: getattr(qat, k) for k in (*PLAN_FIELDS, "max_context")}, "calibration_seq_len": seq_len}, sort_keys=True, default=list)
+    plan_file = hashlib.sha256(Path(qat.plan).read_bytes()).hexdigest() if qat.plan else None
+    plan = json.dumps({**{k: getattr(qat, k) for k in (*PLAN_FIELDS, "max_context")}, "calibration_seq_len": seq_len, "plan_file": plan_file},
+                      sort_keys=True, default=list)
     return source.cache_dir / f"ptq-mobile-{hashlib.sha256(plan.encode()).hexdigest()[:12]}.pte"
 
 

@@ -1,0 +1,347 @@
+"""The memory-budget planner: which format each tensor gets so that the file fits a size.
+
+For every tensor of a model (from its config alone: a skeleton on the meta device, no weights),
+the exact bytes it takes in each format the target can store it in:
+- q4_0 GGUF: decoder Linears (and MoE experts) Q4_0 or Q8_0 (what qatkit trains), token
+  tables (the embedding, tied to the head; Gemma 4's per-layer table) Q4_0, Q6_K (rows of
+  whole 256-blocks) or Q8_0; the rest stays as llama-quantize keeps it (F32). ggml's block
+  sizes, so the bytes are exact; with the model's metadata the GGUF header is exact too, and
+  so the whole file.
+- mobile (.pte): decoder Linears int4 per channel (4-bit codes + a float32 scale per row, the
+  qc4w kernel) or int8 (+ float32 scale per row); a tied embedding int4 or int8 per row,
+  stored twice (the lookup table and XNNPACK's copy for the head); untied lookup tables int4
+  or int8. int2 saves nothing here: XNNPACK has no 2-bit kernel and stores int2 in int4 codes.
+
+With weights, the loss of each choice is measured: the KL (teacher || model) rise on a
+held-out text when that tensor alone is stored at the lower format and every other one at the
+highest (torch, through qatkit's exact fake-quant of the format). Losses are taken as additive,
+and the mix is the greedy multiple-choice knapsack: start from every tensor at its lowest
+format, then repeatedly upgrade the tensor whose next format removes the most loss per added
+byte while the budget holds. Without weights (sizes only), the loss of a tensor at b bits is
+taken as its element count times 4^-b (quantization noise power), a prior, said as such.
+
+A plan is saved as JSON ({"format", "tensors": {name: format}, ...}) that `qatkit train`,
+`export` and `run` take with --plan.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import QatkitError
+from .formats import FORMATS, fits
+from .plan import TOKEN_EMBEDDINGS, gguf_shapes, kept_as_is
+
+log = logging.getLogger(__name__)
+
+GGUF_LINEAR = ("q4_0", "q8_0")
+GGUF_TABLE = ("q4_0", "q6_k", "q8_0")
+MOBILE_LINEAR = ("int4", "int8")
+MOBILE_TABLE = ("int4", "int8")
+BITS = {"q4_0": 4.5, "q6_k": 6.5625, "q8_0": 8.5, "int4": 4, "int8": 8, "f32": 32, "f16": 16}
+UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """'1GB', '800MB', '1.5 GiB', '241000000' -> bytes (decimal units unless ...iB)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m[2].lower() not in UNITS:
+        raise QatkitError(f"budget {text!r}: give a size such as 1GB, 800MB or 1.5GiB")
+    return int(float(m[1]) * UNITS[m[2].lower()])
+
+
+def human(n: float) -> str:
+    return f"{n / 1e9:.3f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
+@dataclass
+class Entry:
+    """One tensor: its shape and {format: bytes} of the formats it may take, lowest first."""
+
+    name: str
+    shape: tuple[int, ...]
+    kind: str  # "linear", "table" (token lookup, maybe tied to the head), "kept"
+    options: dict[str, int]
+    numel: int = 0
+    loss: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def levels(self) -> list[str]:
+        return list(self.options)
+
+
+# ------------------------------------------------------------------------------- inventories
+def skeleton(config) -> nn.Module:
+    """The model of `config` on the meta device: shapes, no memory."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+GGUF_ALIGN = 32  # gguf's default general.alignment: every tensor's data is padded to it
+
+
+def _pad(n: int) -> int:
+    return -(-n // GGUF_ALIGN) * GGUF_ALIGN
+
+
+def _rows(shape: tuple[int, ...]) -> int:
+    return math.prod(shape[:-1])
+
+
+def gguf_inventory(model: nn.Module, arch) -> list[Entry]:
+    """Every tensor the GGUF exporter writes, with its bytes in each format it may take."""
+    out = []
+    for name, shape in gguf_shapes(model, arch).items():
+        n, width = math.prod(shape), shape[-1]
+        if kept_as_is(name, shape):
+            out.append(Entry(name, shape, "kept", {"f32": _pad(4 * n)}, n))
+            continue
+        levels = GGUF_TABLE if name in TOKEN_EMBEDDINGS or name == "output.weight" else GGUF_LINEAR
+        opts = {f: _pad(_rows(shape) * FORMATS[f].row_bytes(width)) for f in levels if fits(f, width)}
+        if not opts:
+            opts = {"f16": _pad(2 * n)}
+        out.append(Entry(name, shape, "table" if name in TOKEN_EMBEDDINGS else "linear", opts, n))
+    return out
+
+
+def mobile_bytes(shape: tuple[int, ...], scheme: str) -> int:
+    """Bytes of one weight in the .pte: codes (int4 packed two to a byte, rows padded to even
+    width) plus a float32 scale per row."""
+    rows, width = _rows(shape), shape[-1]
+    if scheme == "int4":
+        return rows * ((width + 1) // 2) + 4 * rows
+    if scheme == "int8":
+        return rows * width + 4 * rows
+    if scheme == "f32":
+        return 4 * rows * width
+    raise QatkitError(f"mobile scheme {scheme!r} has no size rule")
+
+
+def mobile_inventory(model: nn.Module) -> list[Entry]:
+    """Every weight of the mobile program: Linears, the token embedding (twice when tied: the
+    lookup and the head) and other lookup tables; 1-D tensors (norms) stay float32."""
+    tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
+    emb = model.get_input_embeddings()
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and not (name == "lm_head" and tied):
+            shape = tuple(mod.weight.shape)
+            out.append(Entry(name, shape, "linear", {s: mobile_bytes(shape, s) for s in MOBILE_LINEAR}, math.prod(shape)))
+        elif isinstance(mod, nn.Embedding):
+            shape = tuple(mod.weight.shape)
+            copies = 2 if mod is emb and tied else 1
+            out.append(Entry(name, shape, "table", {s: copies * mobile_bytes(shape, s) for s in MOBILE_TABLE}, math.prod(shape)))
+    small = sum(p.numel() for p in model.parameters() if p.dim() < 2)
+    out.append(Entry("1-D tensors (norms, scalars)", (small,), "kept", {"f32": 4 * small}, small))
+    return out
+
+
+def inventory(model: nn.Module, arch, fmt: str) -> list[Entry]:
+    if fmt == "mobile":
+        return mobile_inventory(model)
+    if fmt != "q4_0":
+        raise QatkitError(f"the planner plans q4_0 GGUF files and the mobile format, not {fmt!r}")
+    return gguf_inventory(model, arch)
+
+
+# ------------------------------------------------------------------------------------ losses
+def prior_losses(entries: list[Entry]) -> str:
+    """No weights: noise power numel * 4^-bits per choice (a prior, not a measurement)."""
+    for e in entries:
+        e.loss = {f: e.numel * 4.0 ** (-BITS[f]) for f in e.levels}
+    return "prior (element count x 4^-bits; no weights were read)"
+
+
+def _weights(model: nn.Module, arch, fmt: str) -> dict[str, torch.Tensor]:
+    """{entry name: the Parameter's data} for the entries the planner chooses formats for."""
+    from .models.arch import gguf_name
+
+    out = {}
+    for hf, p in model.named_parameters():  # a tied head is the embedding's Parameter, listed once
+        if fmt == "mobile":
+            name = hf.removesuffix(".weight")
+        else:
+            name = gguf_name(arch, hf)
+        if name is not None and p.dim() >= 2:
+            out[name] = p.data
+    return out
+
+
+def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What format `fmt` leaves of w (qatkit's exact numerics; mobile: weights only)."""
+    if fmt in FORMATS:
+        return FORMATS[fmt].fake_quant(w.reshape(-1, w.shape[-1])).reshape(w.shape)
+    from .formats import mobile
+
+    spec = mobile.parse_spec(fmt)
+    return mobile.dequantize_weight(*mobile.quantize_weight(w.reshape(-1, w.shape[-1]), spec), spec).reshape(w.shape)
+
+
+@torch.no_grad()
+def measure_losses(entries: list[Entry], model: nn.Module, arch, fmt: str, ids: torch.Tensor, progress: bool = True) -> str:
+    """KL rise of each lower choice, one tensor at a time (see the module text). `ids`: [1, T]
+    held-out token ids. Restores the model's weights."""
+    from .progress import bar
+
+    weights = _weights(model, arch, fmt)
+    chosen = [e for e in entries if len(e.levels) > 1]
+    missing = [e.name for e in chosen if e.name not in weights]
+    if missing:
+        raise QatkitError(f"no weight found for {missing[0]} (and {len(missing) - 1} more)")
+    model.eval()
+    ref = torch.log_softmax(model(ids).logits.float(), -1)
+    originals = {e.name: weights[e.name].clone() for e in chosen}
+
+    def kl() -> float:
+        lp = torch.log_softmax(model(ids).logits.float(), -1)
+        return float((ref.exp() * (ref - lp)).sum(-1).mean())
+
+    try:
+        for e in chosen:
+            weights[e.name].copy_(fake_quant(originals[e.name], e.levels[-1]))
+        base = kl()
+        for e in bar(chosen, desc="sensitivity", unit="tensor", disable=not progress):
+            e.loss = {e.levels[-1]: 0.0}
+            for f in e.levels[:-1]:
+                weights[e.name].copy_(fake_quant(originals[e.name], f))
+                e.loss[f] = max(kl() - base, 0.0)
+            weights[e.name].copy_(fake_quant(originals[e.name], e.levels[-1]))
+    finally:
+        for name, w in originals.items():
+            weights[name].copy_(w)
+    for e in entries:
+        if len(e.levels) == 1:
+            e.loss = {e.levels[0]: 0.0}
+    return f"measured: KL rise on {ids.shape[1]} tokens, one tensor lowered at a time, the others at their highest format (base KL {base:.4f})"
+
+
+def fit(entries: list[Entry], budget: int, overhead: int = 0) -> tuple[dict[str, str], int]:
+    """The greedy multiple-choice knapsack (see the module text): {name: format} and the bytes
+    of the file. Raises with the smallest reachable size when even the lowest choices exceed it."""
+    choice = {e.name: e.levels[0] for e in entries}
+    total = overhead + sum(e.options[choice[e.name]] for e in entries)
+    if total > budget:
+        raise QatkitError(f"budget {human(budget)} cannot be met: the smallest this model reaches in this format is {human(total)} "
+                          f"({total} bytes, every tensor at its lowest format)")
+    while True:
+        best, best_rate = None, -1.0
+        for e in entries:
+            now = choice[e.name]
+            for nxt in e.levels[e.levels.index(now) + 1 :]:  # any higher format: losses need not be convex
+                cost = e.options[nxt] - e.options[now]
+                gain = e.loss[now] - e.loss[nxt]  # a gain measured as 0 is still taken, last, while bytes are left
+                if cost > 0 and total + cost <= budget and gain >= 0 and gain / cost > best_rate:
+                    best, best_rate = (e.name, nxt, cost), gain / cost
+        if best is None:
+            return choice, total
+        name, nxt, cost = best
+        choice[name] = nxt
+        total += cost
+
+
+def predicted_loss(entries: list[Entry], choice: dict[str, str]) -> float:
+    return sum(e.loss.get(choice[e.name], 0.0) for e in entries)
+
+
+# ----------------------------------------------------------------------------- plan files
+def save_plan(path: Path, fmt: str, choice: dict[str, str], info: dict) -> None:
+    from .atomic import atomic_path
+
+    with atomic_path(Path(path)) as tmp:
+        Path(tmp).write_text(json.dumps({"format": fmt, "tensors": choice, **info}, indent=1) + "\n")
+
+
+def load_plan(path, fmt: str) -> dict[str, str]:
+    """A plan file's {name: format}, for a student of format `fmt` (checked against it)."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise QatkitError(f"{path}: not a readable plan file ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("tensors"), dict):
+        raise QatkitError(f"{path}: not a qatkit plan (no 'tensors' table); write one with qatkit plan")
+    if data.get("format") != fmt:
+        raise QatkitError(f"{path}: a plan for the {data.get('format')} format, not {fmt}")
+    return {str(k): str(v) for k, v in data["tensors"].items()}
+
+
+# ------------------------------------------------------------------------------------ driver
+SENSITIVITY_TOKENS = 256
+
+
+def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = False, sizes_only: bool = False, progress: bool = True) -> dict:
+    """Plan MODEL (a name, GGUF, model directory, or a config.json alone) into `budget` bytes.
+    Returns the entries, the choice, the bytes and how the losses were got."""
+    from .models import load as loading
+    from .models.arch import arch_for_config
+
+    path = Path(spec)
+    config_only = path.suffix == ".json" or (path.is_dir() and not any(path.glob("*.safetensors")) and (path / "config.json").exists())
+    model = tokenizer = source = None
+    if config_only:
+        config = loading.read_config(path)
+        text = config.get_text_config()
+        if text is not config and not text_only:
+            raise QatkitError(f"{spec}: a multimodal {config.model_type} config; qatkit plans its language model: add --text-only")
+        model, arch = skeleton(text), arch_for_config(text)
+        sizes_only = True
+    else:
+        source = loading.resolve(spec)
+        arch = source.arch
+        if sizes_only:
+            model = skeleton(loading.read_config(source.hf_dir / "config.json"))
+        else:
+            model, tokenizer = loading.load(source)
+    entries = inventory(model, arch, fmt)
+    overhead, overhead_note = 0, "weights only"
+    if fmt == "q4_0" and tokenizer is not None:
+        from .export.gguf import file_bytes, file_metadata
+
+        lowest = {e.name: e.levels[0] for e in entries}
+        overhead = file_bytes(file_metadata(source, model, tokenizer), lowest, {e.name: e.shape for e in entries}, "q4_0") - sum(e.options[e.levels[0]] for e in entries)
+        overhead_note = "the whole file: header, metadata and tensor table included (exact)"
+    elif fmt == "q4_0":
+        overhead_note = "tensor data only (the header needs the tokenizer: load the model, not its config, for the whole file)"
+    elif fmt == "mobile":
+        overhead_note = "weights only: the program and its tokenizer file come on top"
+    if sizes_only:
+        how = prior_losses(entries)
+    else:
+        from .train.data import default_train_texts, pack
+
+        ids = pack(tokenizer, default_train_texts(), SENSITIVITY_TOKENS, vocab_size=model.config.vocab_size)[-1:]
+        how = measure_losses(entries, model, arch, fmt, ids, progress) + " (the last sequence of the default training text)"
+    choice, total = fit(entries, budget, overhead)
+    return {"entries": entries, "choice": choice, "bytes": total, "overhead": overhead, "overhead_note": overhead_note, "losses": how,
+            "budget": budget, "format": fmt, "params": sum(e.numel for e in entries), "model": spec}
+
+
+def describe(r: dict) -> str:
+    """The plan as a table: per format, the tensors, elements and bytes; then totals."""
+    entries, choice = r["entries"], r["choice"]
+    lines = [f"{r['model']}: {r['format']} plan for a budget of {human(r['budget'])} ({r['overhead_note']})",
+             f"losses: {r['losses']}", "",
+             f"{'format':<8} {'tensors':>8} {'params':>14} {'bytes':>15} {'bits/param':>11}  examples"]
+    groups: dict[str, list[Entry]] = {}
+    for e in entries:
+        groups.setdefault(choice[e.name], []).append(e)
+    for fmt, es in sorted(groups.items(), key=lambda kv: -sum(e.options[kv[0]] for e in kv[1])):
+        n = sum(e.numel for e in es)
+        b = sum(e.options[fmt] for e in es)
+        ex = ", ".join(e.name for e in es[:3]) + (", ..." if len(es) > 3 else "")
+        lines.append(f"{fmt:<8} {len(es):>8} {n:>14,} {b:>15,} {8 * b / max(n, 1):>11.3f}  {ex}")
+    lo = r["overhead"] + sum(e.options[e.levels[0]] for e in entries)
+    hi = r["overhead"] + sum(e.options[e.levels[-1]] for e in entries)
+    lines += ["", f"planned: {r['bytes']:,} bytes ({human(r['bytes'])}) = {8 * r['bytes'] / r['params']:.3f} bits per parameter "
+              f"over {r['params'] / 1e9:.3f}B parameters; predicted loss {predicted_loss(entries, choice):.4g}",
+              f"reachable in this format: {human(lo)} (every tensor at its lowest) to {human(hi)} (every tensor at its highest)"]
+    return "\n".join(lines)
