@@ -25,6 +25,7 @@ get_bos_id, get_eos_ids, use_kv_cache, enable_dynamic_shape.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import time
@@ -223,6 +224,65 @@ def runtime_model(student: nn.Module) -> nn.Module:
     return m
 
 
+@contextlib.contextmanager
+def _rotate_half_as_product(model: nn.Module):
+    """While exporting: transformers' rotate_half (x -> cat(-x[..., h:], x[..., :h])) as a
+    product with a constant signed permutation matrix. XNNPACK does not take the slices and the
+    concatenation over a dynamic-length tensor, so each RoPE split the delegate twice per layer;
+    as a Linear it stays inside. Exact: every output is one input times +-1 plus zeros."""
+    import sys
+
+    modules = {sys.modules[type(m).__module__] for m in _attention_layers(model)}
+    modules = [mod for mod in modules if callable(getattr(mod, "rotate_half", None))]
+    for d in {int(m.head_dim) for m in _attention_layers(model)}:  # buffers of the model: constants of the program
+        h, w = d // 2, torch.zeros(d, d)
+        w[torch.arange(h), torch.arange(h) + h] = -1.0  # out[i] = -x[i + h] for i < h
+        w[torch.arange(h) + h, torch.arange(h)] = 1.0  # out[i] = x[i - h] for i >= h
+        model.register_buffer(f"qatkit_rotate_half_{d}", w, persistent=False)
+
+    def rotate_half(x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, getattr(model, f"qatkit_rotate_half_{x.shape[-1]}"))
+
+    saved = [(mod, mod.rotate_half) for mod in modules]
+    try:
+        for mod in modules:
+            mod.rotate_half = rotate_half
+        yield
+    finally:
+        for mod, fn in saved:
+            mod.rotate_half = fn
+
+
+def _inferred_view_dims(program) -> int:
+    """Rewrite every view whose target shape names the dynamic sequence length (a symbol, as in
+    transformers' `.view(*input_shape, -1, head_dim)`) to give that one dimension as -1 and the
+    others as the integers they are (an unsqueeze of such a tensor becomes that view too). The same
+    values; XNNPACK lowers a reshape with one inferred dimension but none with a symbolic one, so
+    each such view split the delegate (three per layer, and RoPE's cos/sin unsqueeze)."""
+    from torch.fx.experimental.symbolic_shapes import is_concrete_int
+
+    aten = torch.ops.aten
+    views = (aten.view.default, aten._unsafe_view.default, aten.reshape.default)
+    n = 0
+    gm = program.graph_module
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (*views, aten.unsqueeze.default) or "val" not in node.meta:
+            continue
+        dims = list(node.meta["val"].shape)
+        symbolic = [i for i, d in enumerate(dims) if not is_concrete_int(d)]
+        if len(symbolic) != 1 or (node.target in views and all(isinstance(d, int) for d in node.args[1])):
+            continue
+        if node.target is aten.unsqueeze.default and not node.args[0].meta["val"].is_contiguous():
+            continue  # a view needs contiguous input; unsqueeze does not
+        node.target = aten.view.default if node.target is aten.unsqueeze.default else node.target
+        node.args = (node.args[0], [-1 if i in symbolic else int(d) for i, d in enumerate(dims)])
+        n += 1
+    if n:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    return n
+
+
 ATTENTION = "qatkit_executorch"  # the transformers attention implementation registered below
 
 
@@ -323,8 +383,9 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int) -> d
     max_seq = max_context - 1  # export cannot take a dynamic length equal to the cache length
     example = (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     dynamic = ({1: torch.export.Dim("seq_len", min=1, max=max_seq)}, {0: 1})
-    with torch.no_grad():
+    with torch.no_grad(), _rotate_half_as_product(wrapper.model):
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=True)
+    _inferred_view_dims(program)
     t1 = time.perf_counter()
     cfg = student.config
     eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, list) else [cfg.eos_token_id]
