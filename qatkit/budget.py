@@ -12,9 +12,9 @@ the exact bytes it takes in each format the target can store it in:
   stored twice (the lookup table and XNNPACK's copy for the head); untied lookup tables int4
   or int8. int2 saves nothing here: XNNPACK has no 2-bit kernel and stores int2 in int4 codes.
 
-With weights, the loss of each choice is measured: the KL (teacher || model) rise on a
-held-out text when that tensor alone is stored at the lower format and every other one at the
-highest (torch, through qatkit's exact fake-quant of the format). Losses are taken as additive,
+With weights, the loss of each choice is measured: the KL (teacher || model) rise on the second
+half of a 256-token sequence of the default training text (not the user's evaluation text) when
+that tensor alone is stored at the lower format and every other one at the highest (torch, through qatkit's exact fake-quant of the format). Losses are taken as additive,
 and the mix is the greedy multiple-choice knapsack: start from every tensor at its lowest
 format, then repeatedly upgrade the tensor whose next format removes the most loss per added
 byte while the budget holds. Without weights (sizes only), the loss of a tensor at b bits is
@@ -199,11 +199,12 @@ def measure_losses(entries: list[Entry], model: nn.Module, arch, fmt: str, ids: 
     if missing:
         raise QatkitError(f"no weight found for {missing[0]} (and {len(missing) - 1} more)")
     model.eval()
-    ref = torch.log_softmax(model(ids).logits.float(), -1)
+    keep = max(1, ids.shape[1] // 2)  # KL on the second half of the sequence: the head (262k rows on Gemma) runs on those only
+    ref = torch.log_softmax(model(ids, logits_to_keep=keep).logits.float(), -1)
     originals = {e.name: weights[e.name].clone() for e in chosen}
 
     def kl() -> float:
-        lp = torch.log_softmax(model(ids).logits.float(), -1)
+        lp = torch.log_softmax(model(ids, logits_to_keep=keep).logits.float(), -1)
         return float((ref.exp() * (ref - lp)).sum(-1).mean())
 
     try:
@@ -222,7 +223,8 @@ def measure_losses(entries: list[Entry], model: nn.Module, arch, fmt: str, ids: 
     for e in entries:
         if len(e.levels) == 1:
             e.loss = {e.levels[0]: 0.0}
-    return f"measured: KL rise on {ids.shape[1]} tokens, one tensor lowered at a time, the others at their highest format (base KL {base:.4f})"
+    return (f"measured: KL rise on the last {keep} of {ids.shape[1]} tokens, one tensor lowered at a time, the others at their "
+            f"highest format (base KL {base:.4f})")
 
 
 def fit(entries: list[Entry], budget: int, overhead: int = 0) -> tuple[dict[str, str], int]:

@@ -77,7 +77,8 @@ def _add_plan(sub) -> None:
         "plan",
         help="choose each tensor's format so that the file fits a size (--budget)",
         description="Compute the exact bytes of every tensor in every format the target can store it in, "
-        "measure what each choice costs (the KL rise on held-out text when that tensor alone is stored lower), "
+        "measure what each choice costs (the KL rise on 256 tokens of the default training text when that tensor "
+        "alone is stored lower; a few seconds per tensor for Gemma 3 270M on 2 CPU cores), "
         "and pick the mix that fits --budget with the least predicted loss. Prints a table and writes the plan "
         "as JSON, which train, export and run take with --plan. A budget below the smallest reachable size "
         "is refused with that size. Given a config.json (or a directory without weights), it plans from the "

@@ -86,6 +86,18 @@ class GGUFTarget(Target):
 
     def baseline(self, job: Job) -> Path:
         qat = job.cfg.qat
+        if qat.plan is not None:
+            # a planner's mix: the same per-tensor types quantized without training (qatkit's
+            # Q4_0/Q8_0/Q6_K bytes are llama-quantize's, tested), so QAT is compared at equal size
+            import hashlib
+
+            from ..prepare import model_plan
+
+            path = job.source.cache_dir / f"ptq-plan-{hashlib.sha256(Path(qat.plan).read_bytes()).hexdigest()[:12]}.gguf"
+            if not path.exists():
+                plan = model_plan(job.teacher, job.source.arch, qat.fmt, plan_file=qat.plan)
+                export_model(job.teacher, job.tokenizer, job.source, path, qat.fmt, plan=plan)
+            return path
         path = job.source.cache_dir / f"ptq-llama.cpp-{qat.fmt}{'-pure' if qat.pure else ''}.gguf"
         if not path.exists():
             ptq_llama_cpp(job.source, path, qat.fmt, qat.pure, model=job.teacher, tokenizer=job.tokenizer)
@@ -128,7 +140,7 @@ class GGUFTarget(Target):
 
     def about(self, cfg) -> dict:
         return {"runtime": "llama.cpp", "file_kind": "GGUF", "title": cfg.qat.fmt.upper() + (" pure" if cfg.qat.pure else ""),
-                "labels": {"teacher": "float teacher", "ptq": "llama.cpp PTQ", "qat": "qatkit QAT"},
+                "labels": {"teacher": "float teacher", "ptq": "PTQ of the same plan" if cfg.qat.plan else "llama.cpp PTQ", "qat": "qatkit QAT"},
                 "measured": "All quality figures measured in llama.cpp (perplexity as llama-perplexity computes it)",
                 "gap_note": "with llama.cpp's activation roundings modelled"}
 
