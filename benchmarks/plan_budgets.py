@@ -22,10 +22,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from qatkit.budget import fit, human, inventory, measure_losses, parse_size, predicted_loss
+from qatkit.budget import fit, human, inventory, parse_size, predicted_loss
 from qatkit.eval.suite import load_suite
 from qatkit.export.gguf import export_model, file_bytes, file_metadata
 from qatkit.models.load import load, resolve
+from qatkit.planner import measure_losses
 from qatkit.runtime.llamacpp import score_files
 from qatkit.targets.gguf import float_reference
 from qatkit.train.data import default_train_texts, pack

@@ -42,10 +42,9 @@ def build(layers: int, embedding: str, out: Path, max_context: int) -> dict:
 
 
 def profile(pte: Path, prompt: int, decode: int) -> list[tuple[str, float, int]]:
+    import executorch.kernels.quantized  # noqa: F401
     from executorch.devtools import Inspector
     from executorch.extension.pybindings.portable_lib import _load_for_executorch
-
-    import executorch.kernels.quantized  # noqa: F401
 
     m = _load_for_executorch(str(pte), enable_etdump=True, debug_buffer_size=0)
     ids = torch.randint(10, 1000, (1, prompt))

@@ -12,9 +12,7 @@ the exact bytes it takes in each format the target can store it in:
   stored twice (the lookup table and XNNPACK's copy for the head); untied lookup tables int4
   or int8. int2 saves nothing here: XNNPACK has no 2-bit kernel and stores int2 in int4 codes.
 
-With weights, the loss of each choice is measured: the KL (teacher || model) rise on the second
-half of a 256-token sequence of the default training text (not the user's evaluation text) when
-that tensor alone is stored at the lower format and every other one at the highest (torch, through qatkit's exact fake-quant of the format). Losses are taken as additive,
+With weights, the loss of each choice is measured (`qatkit.planner`). Losses are taken as additive,
 and the mix is the greedy multiple-choice knapsack: start from every tensor at its lowest
 format, then repeatedly upgrade the tensor whose next format removes the most loss per added
 byte while the budget holds. Without weights (sizes only), the loss of a tensor at b bits is
@@ -162,71 +160,6 @@ def prior_losses(entries: list[Entry]) -> str:
     return "prior (element count x 4^-bits; no weights were read)"
 
 
-def _weights(model: nn.Module, arch, fmt: str) -> dict[str, torch.Tensor]:
-    """{entry name: the Parameter's data} for the entries the planner chooses formats for."""
-    from .models.arch import gguf_name
-
-    out = {}
-    for hf, p in model.named_parameters():  # a tied head is the embedding's Parameter, listed once
-        if fmt == "mobile":
-            name = hf.removesuffix(".weight")
-        else:
-            name = gguf_name(arch, hf)
-        if name is not None and p.dim() >= 2:
-            out[name] = p.data
-    return out
-
-
-def fake_quant(w: torch.Tensor, fmt: str) -> torch.Tensor:
-    """What format `fmt` leaves of w (qatkit's exact numerics; mobile: weights only)."""
-    if fmt in FORMATS:
-        return FORMATS[fmt].fake_quant(w.reshape(-1, w.shape[-1])).reshape(w.shape)
-    from .formats import mobile
-
-    spec = mobile.parse_spec(fmt)
-    return mobile.dequantize_weight(*mobile.quantize_weight(w.reshape(-1, w.shape[-1]), spec), spec).reshape(w.shape)
-
-
-@torch.no_grad()
-def measure_losses(entries: list[Entry], model: nn.Module, arch, fmt: str, ids: torch.Tensor, progress: bool = True) -> str:
-    """KL rise of each lower choice, one tensor at a time (see the module text). `ids`: [1, T]
-    held-out token ids. Restores the model's weights."""
-    from .progress import bar
-
-    weights = _weights(model, arch, fmt)
-    chosen = [e for e in entries if len(e.levels) > 1]
-    missing = [e.name for e in chosen if e.name not in weights]
-    if missing:
-        raise QatkitError(f"no weight found for {missing[0]} (and {len(missing) - 1} more)")
-    model.eval()
-    keep = max(1, ids.shape[1] // 2)  # KL on the second half of the sequence: the head (262k rows on Gemma) runs on those only
-    ref = torch.log_softmax(model(ids, logits_to_keep=keep).logits.float(), -1)
-    originals = {e.name: weights[e.name].clone() for e in chosen}
-
-    def kl() -> float:
-        lp = torch.log_softmax(model(ids, logits_to_keep=keep).logits.float(), -1)
-        return float((ref.exp() * (ref - lp)).sum(-1).mean())
-
-    try:
-        for e in chosen:
-            weights[e.name].copy_(fake_quant(originals[e.name], e.levels[-1]))
-        base = kl()
-        for e in bar(chosen, desc="sensitivity", unit="tensor", disable=not progress):
-            e.loss = {e.levels[-1]: 0.0}
-            for f in e.levels[:-1]:
-                weights[e.name].copy_(fake_quant(originals[e.name], f))
-                e.loss[f] = max(kl() - base, 0.0)
-            weights[e.name].copy_(fake_quant(originals[e.name], e.levels[-1]))
-    finally:
-        for name, w in originals.items():
-            weights[name].copy_(w)
-    for e in entries:
-        if len(e.levels) == 1:
-            e.loss = {e.levels[0]: 0.0}
-    return (f"measured: KL rise on the last {keep} of {ids.shape[1]} tokens, one tensor lowered at a time, the others at their "
-            f"highest format (base KL {base:.4f})")
-
-
 def fit(entries: list[Entry], budget: int, overhead: int = 0) -> tuple[dict[str, str], int]:
     """The greedy multiple-choice knapsack (see the module text): {name: format} and the bytes
     of the file. Raises with the smallest reachable size when even the lowest choices exceed it."""
@@ -274,76 +207,3 @@ def load_plan(path, fmt: str) -> dict[str, str]:
     if data.get("format") != fmt:
         raise QatkitError(f"{path}: a plan for the {data.get('format')} format, not {fmt}")
     return {str(k): str(v) for k, v in data["tensors"].items()}
-
-
-# ------------------------------------------------------------------------------------ driver
-SENSITIVITY_TOKENS = 256
-
-
-def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = False, sizes_only: bool = False, progress: bool = True) -> dict:
-    """Plan MODEL (a name, GGUF, model directory, or a config.json alone) into `budget` bytes.
-    Returns the entries, the choice, the bytes and how the losses were got."""
-    from .models import load as loading
-    from .models.arch import arch_for_config
-
-    path = Path(spec)
-    config_only = path.suffix == ".json" or (path.is_dir() and not any(path.glob("*.safetensors")) and (path / "config.json").exists())
-    model = tokenizer = source = None
-    if config_only:
-        config = loading.read_config(path)
-        text = config.get_text_config()
-        if text is not config and not text_only:
-            raise QatkitError(f"{spec}: a multimodal {config.model_type} config; qatkit plans its language model: add --text-only")
-        model, arch = skeleton(text), arch_for_config(text)
-        sizes_only = True
-    else:
-        source = loading.resolve(spec)
-        arch = source.arch
-        if sizes_only:
-            model = skeleton(loading.read_config(source.hf_dir / "config.json"))
-        else:
-            model, tokenizer = loading.load(source)
-    entries = inventory(model, arch, fmt)
-    overhead, overhead_note = 0, "weights only"
-    if fmt == "q4_0" and tokenizer is not None:
-        from .export.gguf import file_bytes, file_metadata
-
-        lowest = {e.name: e.levels[0] for e in entries}
-        overhead = file_bytes(file_metadata(source, model, tokenizer), lowest, {e.name: e.shape for e in entries}, "q4_0") - sum(e.options[e.levels[0]] for e in entries)
-        overhead_note = "the whole file: header, metadata and tensor table included (exact)"
-    elif fmt == "q4_0":
-        overhead_note = "tensor data only (the header needs the tokenizer: load the model, not its config, for the whole file)"
-    elif fmt == "mobile":
-        overhead_note = "weights only: the program and its tokenizer file come on top"
-    if sizes_only:
-        how = prior_losses(entries)
-    else:
-        from .train.data import default_train_texts, pack
-
-        ids = pack(tokenizer, default_train_texts(), SENSITIVITY_TOKENS, vocab_size=model.config.vocab_size)[-1:]
-        how = measure_losses(entries, model, arch, fmt, ids, progress) + " (the last sequence of the default training text)"
-    choice, total = fit(entries, budget, overhead)
-    return {"entries": entries, "choice": choice, "bytes": total, "overhead": overhead, "overhead_note": overhead_note, "losses": how,
-            "budget": budget, "format": fmt, "params": sum(e.numel for e in entries), "model": spec}
-
-
-def describe(r: dict) -> str:
-    """The plan as a table: per format, the tensors, elements and bytes; then totals."""
-    entries, choice = r["entries"], r["choice"]
-    lines = [f"{r['model']}: {r['format']} plan for a budget of {human(r['budget'])} ({r['overhead_note']})",
-             f"losses: {r['losses']}", "",
-             f"{'format':<8} {'tensors':>8} {'params':>14} {'bytes':>15} {'bits/param':>11}  examples"]
-    groups: dict[str, list[Entry]] = {}
-    for e in entries:
-        groups.setdefault(choice[e.name], []).append(e)
-    for fmt, es in sorted(groups.items(), key=lambda kv: -sum(e.options[kv[0]] for e in kv[1])):
-        n = sum(e.numel for e in es)
-        b = sum(e.options[fmt] for e in es)
-        ex = ", ".join(e.name for e in es[:3]) + (", ..." if len(es) > 3 else "")
-        lines.append(f"{fmt:<8} {len(es):>8} {n:>14,} {b:>15,} {8 * b / max(n, 1):>11.3f}  {ex}")
-    lo = r["overhead"] + sum(e.options[e.levels[0]] for e in entries)
-    hi = r["overhead"] + sum(e.options[e.levels[-1]] for e in entries)
-    lines += ["", f"planned: {r['bytes']:,} bytes ({human(r['bytes'])}) = {8 * r['bytes'] / r['params']:.3f} bits per parameter "
-              f"over {r['params'] / 1e9:.3f}B parameters; predicted loss {predicted_loss(entries, choice):.4g}",
-              f"reachable in this format: {human(lo)} (every tensor at its lowest) to {human(hi)} (every tensor at its highest)"]
-    return "\n".join(lines)

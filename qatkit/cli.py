@@ -227,17 +227,18 @@ def cmd_export(args) -> int:
         raise QatkitError(f"--out {args.out}: the file name must end in .gguf")
     t0 = time.time()
     source = resolve(args.model)
+    plan_file = getattr(args, "plan", None)
     if args.ptq == "llama.cpp":
-        if args.plan:
+        if plan_file:
             raise QatkitError("--plan is written by qatkit's exporter (drop --ptq llama.cpp)")
         info = ptq_llama_cpp(source, args.out, args.format, args.pure)
     else:
         from .prepare import model_plan
 
-        if args.plan:
-            QATConfig(fmt=args.format, plan=args.plan)  # the plan's rules (q4_0 only, no --pure, the file exists)
+        if plan_file:
+            QATConfig(fmt=args.format, plan=plan_file)  # the plan's rules (q4_0 only, no --pure, the file exists)
         model, tokenizer = load(source)
-        plan = model_plan(model, source.arch, args.format, args.pure, args.plan) if args.plan else None
+        plan = model_plan(model, source.arch, args.format, args.pure, plan_file) if plan_file else None
         info = export_model(model, tokenizer, source, args.out, args.format, args.pure, plan=plan)
         info.pop("plan")
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {args.format}{' pure' if args.pure else ''}, by {args.ptq}) in {time.time() - t0:.1f} s")
@@ -264,10 +265,10 @@ def _export_mobile(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from . import budget
+    from . import budget, planner
 
-    r = budget.plan_budget(args.model, budget.parse_size(args.budget), args.format, args.text_only, args.sizes_only)
-    print(budget.describe(r))
+    r = planner.plan_budget(args.model, budget.parse_size(args.budget), args.format, args.text_only, args.sizes_only)
+    print(planner.describe(r))
     if args.out:
         budget.save_plan(args.out, args.format, r["choice"], {"model": args.model, "budget": r["budget"], "predicted_bytes": r["bytes"],
                                                                "bytes_counted": r["overhead_note"], "losses": r["losses"]})

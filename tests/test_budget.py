@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from qatkit import QatkitError
-from qatkit.budget import Entry, fit, load_plan, mobile_bytes, parse_size, plan_budget, predicted_loss, save_plan
+from qatkit.budget import Entry, fit, load_plan, mobile_bytes, parse_size, predicted_loss, save_plan
+from qatkit.planner import plan_budget
 from tiny_models import hf_dir
 
 
@@ -104,8 +105,8 @@ def test_mobile_plan_sizes_track_the_program(tmp_path):
     within the alignment padding of each constant. (The program itself, constant across plans,
     is what the planner leaves out.)"""
     pytest.importorskip("executorch")
-    from qatkit.models.load import load, resolve
     from qatkit.config import QATConfig
+    from qatkit.models.load import load, resolve
     from qatkit.targets.executorch import ptq_program
 
     model = hf_dir(tmp_path / "m", "gemma3", hidden=64, layers=1)
@@ -129,8 +130,9 @@ def test_e2b_text_only_from_its_config(tmp_path, capsys):
     """Gemma 4 E2B's shapes (no weights): the mobile format cannot reach 1 GB (int4 is the least
     XNNPACK stores a Linear in), and the planner says the smallest it reaches; the q4_0 GGUF
     plan at 3 GB prints bits per parameter over E2B's 4.63B text weights."""
-    from qatkit.cli import main
     from test_gemma4 import E2B
+
+    from qatkit.cli import main
 
     cfg = tmp_path / "e2b.json"
     cfg.write_text(json.dumps({"model_type": "gemma4_text", **E2B}))

@@ -12,7 +12,6 @@ an interrupted or failed export leaves nothing behind.
 
 from __future__ import annotations
 
-
 import logging
 import math
 import os
@@ -113,7 +112,6 @@ def write_gguf(
     missing = sorted(set(tensors) - set(plan))
     if missing:
         raise QatkitError(f"plan has no format for {len(missing)} tensors, e.g. {missing[0]}")
-    arch = gguf_meta.get(metadata, "general.architecture")
     sizes: dict[str, int] = {}
     with atomic_path(out) as tmp:
         writer = _writer(tmp, metadata, plan, file_format)
