@@ -123,6 +123,9 @@ def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = Fal
         overhead_note = "tensor data only (the header needs the tokenizer: load the model, not its config, for the whole file)"
     elif fmt == "mobile":
         overhead_note = "weights only: the program and its tokenizer file come on top"
+    for e in entries:  # the size check first: an impossible budget is refused before any measuring
+        e.loss = {f: 0.0 for f in e.levels}
+    fit(entries, budget, overhead)
     if sizes_only:
         how = prior_losses(entries)
     else:
