@@ -25,20 +25,16 @@ A plan is saved as JSON ({"format", "tensors": {name: format}, ...}) that `qatki
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from . import QatkitError
 from .formats import FORMATS, fits
 from .plan import TOKEN_EMBEDDINGS, gguf_shapes, kept_as_is
-
-log = logging.getLogger(__name__)
 
 GGUF_LINEAR = ("q4_0", "q8_0")
 GGUF_TABLE = ("q4_0", "q6_k", "q8_0")
@@ -77,14 +73,6 @@ class Entry:
 
 
 # ------------------------------------------------------------------------------- inventories
-def skeleton(config) -> nn.Module:
-    """The model of `config` on the meta device: shapes, no memory."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config)
-
-
 GGUF_ALIGN = 32  # gguf's default general.alignment: every tensor's data is padded to it
 
 
@@ -160,14 +148,20 @@ def prior_losses(entries: list[Entry]) -> str:
     return "prior (element count x 4^-bits; no weights were read)"
 
 
-def fit(entries: list[Entry], budget: int, overhead: int = 0) -> tuple[dict[str, str], int]:
-    """The greedy multiple-choice knapsack (see the module text): {name: format} and the bytes
-    of the file. Raises with the smallest reachable size when even the lowest choices exceed it."""
-    choice = {e.name: e.levels[0] for e in entries}
-    total = overhead + sum(e.options[choice[e.name]] for e in entries)
+def check_reachable(entries: list[Entry], budget: int, overhead: int = 0) -> int:
+    """The smallest size (every tensor at its lowest format); raises with it when over `budget`."""
+    total = overhead + sum(e.options[e.levels[0]] for e in entries)
     if total > budget:
         raise QatkitError(f"budget {human(budget)} cannot be met: the smallest this model reaches in this format is {human(total)} "
                           f"({total} bytes, every tensor at its lowest format)")
+    return total
+
+
+def fit(entries: list[Entry], budget: int, overhead: int = 0) -> tuple[dict[str, str], int]:
+    """The greedy multiple-choice knapsack (see the module text): {name: format} and the bytes
+    of the file. Raises with the smallest reachable size when even the lowest choices exceed it."""
+    total = check_reachable(entries, budget, overhead)
+    choice = {e.name: e.levels[0] for e in entries}
     while True:
         best, best_rate = None, -1.0
         for e in entries:
@@ -207,3 +201,10 @@ def load_plan(path, fmt: str) -> dict[str, str]:
     if data.get("format") != fmt:
         raise QatkitError(f"{path}: a plan for the {data.get('format')} format, not {fmt}")
     return {str(k): str(v) for k, v in data["tensors"].items()}
+
+
+def plan_key(path) -> str:
+    """A short key of a plan file's contents (for caching what was made under it)."""
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]

@@ -128,6 +128,15 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
 GB = 1e9
 
 
+def skeleton(config):
+    """The model of `config` on the meta device: shapes, no memory."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def training_memory(config, batch_size: int, seq_len: int, kl_positions: float = 1.0, grad_checkpointing: bool = False) -> dict[str, float]:
     """Bytes a QAT run of this model needs on its device, estimated from the config alone (a
     skeleton on the meta device; nothing is loaded), in float32 as qatkit trains:
@@ -138,14 +147,11 @@ def training_memory(config, batch_size: int, seq_len: int, kl_positions: float =
       (one layer's worth with grad checkpointing), and the logits at the scored positions
       (teacher, student, their log-softmax and its gradient: 4 copies).
     An estimate, not a measurement: a GPU run prints what it really peaked at."""
-    import torch
     from torch import nn
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-    total = sum(p.numel() for p in skeleton.parameters())
-    frozen = sum(m.weight.numel() for m in skeleton.modules() if isinstance(m, nn.Embedding))
+    model = skeleton(config)
+    total = sum(p.numel() for p in model.parameters())
+    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
     d = config.get_text_config().to_dict()
     hidden, layers, vocab = d["hidden_size"], d["num_hidden_layers"], d["vocab_size"]
     ffn = 2 * d["intermediate_size"] if d.get("use_double_wide_mlp") else d["intermediate_size"]

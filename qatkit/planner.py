@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 from . import QatkitError
-from .budget import Entry, fit, human, inventory, predicted_loss, prior_losses, skeleton
+from .budget import Entry, check_reachable, fit, human, inventory, predicted_loss, prior_losses
 from .formats import FORMATS
+from .plan import skeleton
 
 
 def _weights(model: nn.Module, arch, fmt: str) -> dict[str, torch.Tensor]:
@@ -123,9 +124,7 @@ def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = Fal
         overhead_note = "tensor data only (the header needs the tokenizer: load the model, not its config, for the whole file)"
     elif fmt == "mobile":
         overhead_note = "weights only: the program and its tokenizer file come on top"
-    for e in entries:  # the size check first: an impossible budget is refused before any measuring
-        e.loss = {f: 0.0 for f in e.levels}
-    fit(entries, budget, overhead)
+    check_reachable(entries, budget, overhead)  # an impossible budget is refused before any measuring
     if sizes_only:
         how = prior_losses(entries)
     else:

@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from .. import QatkitError, metrics
+from ..budget import plan_key
 from ..export.executorch import export_pte
 from ..prepare import prepare
 from ..runtime.executorch import PteModel, generate, require_executorch, score_ids, text_tokens
@@ -41,7 +42,7 @@ def ptq_program(source, model, tokenizer, qat, out: Path, seq_len: int = 256) ->
 
 def ptq_path(source, qat, seq_len: int) -> Path:
     """Where the untrained program of a mobile plan is cached beside the model."""
-    plan_file = hashlib.sha256(Path(qat.plan).read_bytes()).hexdigest() if qat.plan else None
+    plan_file = plan_key(qat.plan) if qat.plan else None
     plan = json.dumps({**{k: getattr(qat, k) for k in (*PLAN_FIELDS, "max_context")}, "calibration_seq_len": seq_len, "plan_file": plan_file},
                       sort_keys=True, default=list)
     return source.cache_dir / f"ptq-mobile-{hashlib.sha256(plan.encode()).hexdigest()[:12]}.pte"

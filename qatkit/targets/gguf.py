@@ -89,11 +89,10 @@ class GGUFTarget(Target):
         if qat.plan is not None:
             # a planner's mix: the same per-tensor types quantized without training (qatkit's
             # Q4_0/Q8_0/Q6_K bytes are llama-quantize's, tested), so QAT is compared at equal size
-            import hashlib
-
+            from ..budget import plan_key
             from ..prepare import model_plan
 
-            path = job.source.cache_dir / f"ptq-plan-{hashlib.sha256(Path(qat.plan).read_bytes()).hexdigest()[:12]}.gguf"
+            path = job.source.cache_dir / f"ptq-plan-{plan_key(qat.plan)}.gguf"
             if not path.exists():
                 plan = model_plan(job.teacher, job.source.arch, qat.fmt, plan_file=qat.plan)
                 export_model(job.teacher, job.tokenizer, job.source, path, qat.fmt, plan=plan)
