@@ -39,8 +39,9 @@ from .plan import TOKEN_EMBEDDINGS, gguf_shapes, kept_as_is
 GGUF_LINEAR = ("q4_0", "q8_0")
 GGUF_TABLE = ("q4_0", "q6_k", "q8_0")
 MOBILE_LINEAR = ("int4", "int8")
-MOBILE_TABLE = ("int4", "int8")
-BITS = {"q4_0": 4.5, "q6_k": 6.5625, "q8_0": 8.5, "int4": 4, "int8": 8, "f32": 32, "f16": 16}
+MOBILE_TABLE = ("int4", "int8")  # the token embedding (and a tied head: XNNPACK has no 2-bit kernel)
+MOBILE_OTHER_TABLE = ("int2", "int4", "int8")  # other lookup tables (Gemma 4's per-layer embeddings)
+BITS = {"int2": 2, "q4_0": 4.5, "q6_k": 6.5625, "q8_0": 8.5, "int4": 4, "int8": 8, "f32": 32, "f16": 16}
 UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -102,8 +103,10 @@ def gguf_inventory(model: nn.Module, arch) -> list[Entry]:
 
 def mobile_bytes(shape: tuple[int, ...], scheme: str) -> int:
     """Bytes of one weight in the .pte: codes (int4 packed two to a byte, rows padded to even
-    width) plus a float32 scale per row."""
+    width; int2, lookup tables only, four to a byte) plus a float32 scale per row."""
     rows, width = _rows(shape), shape[-1]
+    if scheme == "int2":
+        return rows * ((width + 3) // 4) + 4 * rows
     if scheme == "int4":
         return rows * ((width + 1) // 2) + 4 * rows
     if scheme == "int8":
@@ -126,7 +129,8 @@ def mobile_inventory(model: nn.Module) -> list[Entry]:
         elif isinstance(mod, nn.Embedding):
             shape = tuple(mod.weight.shape)
             copies = 2 if mod is emb and tied else 1
-            out.append(Entry(name, shape, "table", {s: copies * mobile_bytes(shape, s) for s in MOBILE_TABLE}, math.prod(shape)))
+            schemes = MOBILE_TABLE if mod is emb else MOBILE_OTHER_TABLE
+            out.append(Entry(name, shape, "table", {s: copies * mobile_bytes(shape, s) for s in schemes}, math.prod(shape)))
     small = sum(p.numel() for p in model.parameters() if p.dim() < 2)
     out.append(Entry("1-D tensors (norms, scalars)", (small,), "kept", {"f32": 4 * small}, small))
     return out

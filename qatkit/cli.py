@@ -254,13 +254,20 @@ def _export_mobile(args) -> int:
         raise QatkitError(f"--out {args.out}: an ExecuTorch program's name must end in .pte")
     if args.ptq != "qatkit":
         raise QatkitError("--ptq llama.cpp makes GGUF files only")
+    from .prepare import other_tables
+
     qat = from_args(QATConfig, args, fmt="mobile")
     require_executorch()
     t0 = time.time()
     source = resolve(args.model)
     model, tokenizer = load(source)
     info = ptq_program(source, model, tokenizer, qat, args.out)  # static scales from the default training text
-    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, mobile {qat.mobile_weights}, {len(qat.int2)} int2 / {len(qat.int8)} int8 / {len(qat.keep)} float patterns, embedding {qat.embedding}, {qat.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    if qat.plan is not None:
+        how = f"plan {qat.plan}"
+    else:
+        how = (f"mobile {qat.mobile_weights}, {len(qat.int2)} int2 / {len(qat.int8)} int8 / {len(qat.keep)} float patterns, embedding {qat.embedding}"
+               + (f", other tables {qat.per_layer_embedding}" if other_tables(model) else ""))
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {how}, {qat.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0
 
 
@@ -378,9 +385,11 @@ def _quiet_transformers(verbose: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # qatkit narrates at INFO; other libraries only warn (gguf-py narrates every write, ExecuTorch
+    # every constant it copies, matplotlib its font cache) unless --verbose
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("qatkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
-        logging.getLogger("gguf").setLevel(logging.WARNING)  # gguf-py narrates every write at INFO
         quiet_import_noise()
     try:
         if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import

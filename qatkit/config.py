@@ -21,7 +21,7 @@ from pathlib import Path
 
 from . import QatkitError
 from .formats import TRAINABLE
-from .plan import MOBILE_EMBEDDINGS, MOBILE_WEIGHTS
+from .plan import MOBILE_EMBEDDINGS, MOBILE_TABLES, MOBILE_WEIGHTS
 
 QAT_FORMATS = (*TRAINABLE, "mobile")
 # The default training text: technical prose and code. The held-out suite (eval/suite.py) scores
@@ -70,6 +70,8 @@ class QATConfig:
     int8: tuple[str, ...] = setting((), "Linears to store in int8 per channel (wins over --int2)", group=MOBILE_GROUP, metavar="GLOB")
     keep: tuple[str, ...] = setting((), "Linears to leave in float32 (wins over --int8 and --int2)", group=MOBILE_GROUP, metavar="GLOB")
     embedding: str = setting("int8", "token embedding per row, weight-only; a tied head uses the same codes", group=MOBILE_GROUP, choices=MOBILE_EMBEDDINGS)
+    per_layer_embedding: str = setting("int4", "other token-lookup tables (Gemma 4's per-layer embeddings) per row, weight-only; int2 is "
+                                       "stored at 2 bits (ExecuTorch's embedding_2bit)", group=MOBILE_GROUP, choices=MOBILE_TABLES)
     max_context: int = setting(512, "KV-cache length of the .pte", group=MOBILE_GROUP)
     activations: str = setting("dynamic", "int8 activations: dynamic per token (XNNPACK's qd8), or static per-tensor scales on each Linear's "
                                "input and output, calibrated on 8 training sequences and learned in QAT (the full-integer pattern NPUs "
@@ -80,6 +82,7 @@ class QATConfig:
         _choose(QATConfig, "fmt", self.fmt)
         _choose(QATConfig, "mobile_weights", self.mobile_weights)
         _choose(QATConfig, "embedding", self.embedding)
+        _choose(QATConfig, "per_layer_embedding", self.per_layer_embedding)
         _choose(QATConfig, "activations", self.activations)
         if self.fmt != "mobile":
             check_gguf_fields(self.fmt, {f.name: getattr(self, f.name) for f in fields(self)})

@@ -79,10 +79,11 @@ def default_plan(shapes: dict[str, tuple[int, ...]], fmt: str, pure: bool = Fals
 # ------------------------------------------------------------------------------ mobile plan
 MOBILE_WEIGHTS = ("int4", "int4g32", "int8")
 MOBILE_EMBEDDINGS = ("int8", "int4")
+MOBILE_TABLES = ("int8", "int4", "int2")  # other lookup tables: ExecuTorch's embedding_byte / _4bit / _2bit store 8, 4, 2 bits
 
 
 def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2: tuple[str, ...] = (), embedding: str = "int8",
-                int8: tuple[str, ...] = (), keep: tuple[str, ...] = ()) -> dict[str, str]:
+                int8: tuple[str, ...] = (), keep: tuple[str, ...] = (), tables: dict[str, int] | None = None, table: str = "int4") -> dict[str, str]:
     """The mobile format's per-module plan {transformers module name: scheme}.
 
     linears: module name -> (out, in) of every nn.Linear except a head tied to the embedding.
@@ -91,7 +92,9 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
       of `keep`: left in float32 ("keep"); else of `int8`: int8 per channel; else of `int2`: int2
       per channel (int2g32 under int4g32) -- the first list that matches wins;
     - 'model.embed_tokens' (weight-only, per row) and a tied head: `embedding` (int8 or int4),
-      sharing one set of codes; an untied 'lm_head' gets int8 (or "keep").
+      sharing one set of codes; an untied 'lm_head' gets int8 (or "keep");
+    - `tables` (module name -> row width) of the other token-lookup tables (Gemma 4's per-layer
+      embeddings): `table` per row, weight-only (int2 needs rows of a multiple of 4 values).
     A pattern that matches nothing, or a row width the scheme cannot take, is refused."""
     from fnmatch import fnmatchcase
 
@@ -100,7 +103,13 @@ def mobile_plan(linears: dict[str, tuple[int, int]], weights: str = "int4", int2
     if embedding not in MOBILE_EMBEDDINGS:
         raise QatkitError(f"mobile embedding {embedding!r}: choose from {', '.join(MOBILE_EMBEDDINGS)}")
     base = parse_spec(weights)  # the one parser of scheme names (formats/mobile.py)
+    if table not in MOBILE_TABLES:
+        raise QatkitError(f"mobile lookup table {table!r}: choose from {', '.join(MOBILE_TABLES)}")
     plan: dict[str, str] = {"model.embed_tokens": embedding}
+    for name, width in (tables or {}).items():
+        if table == "int2" and width % 4:
+            raise QatkitError(f"{name}: rows of {width} values; ExecuTorch's 2-bit lookup packs four to a byte (use int4)")
+        plan[name] = table
     for flag, patterns in (("--keep", keep), ("--int8", int8), ("--int2", int2)):
         for pattern in patterns:
             if not any(fnmatchcase(n, pattern) for n in linears if n != "lm_head" or flag == "--keep"):

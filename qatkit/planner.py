@@ -153,7 +153,8 @@ def describe(r: dict) -> str:
         lines.append(f"{fmt:<8} {len(es):>8} {n:>14,} {b:>15,} {8 * b / max(n, 1):>11.3f}  {ex}")
     lo = r["overhead"] + sum(e.options[e.levels[0]] for e in entries)
     hi = r["overhead"] + sum(e.options[e.levels[-1]] for e in entries)
+    params = f"{r['params'] / 1e9:.3f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.3f}M"
     lines += ["", f"planned: {r['bytes']:,} bytes ({human(r['bytes'])}) = {8 * r['bytes'] / r['params']:.3f} bits per parameter "
-              f"over {r['params'] / 1e9:.3f}B parameters; predicted loss {predicted_loss(entries, choice):.4g}",
+              f"over {params} parameters; predicted loss {predicted_loss(entries, choice):.4g}",
               f"reachable in this format: {human(lo)} (every tensor at its lowest) to {human(hi)} (every tensor at its highest)"]
     return "\n".join(lines)

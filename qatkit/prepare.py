@@ -111,44 +111,63 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
     return plan
 
 
-def _mobile_plan_file(path: str, linears: dict[str, tuple[int, int]]) -> dict[str, str]:
-    """A planner's mobile plan: every Linear int4 or int8, the embedding int4 or int8."""
+def _mobile_plan_file(path: str, linears: dict[str, tuple[int, int]], tables: dict[str, int]) -> dict[str, str]:
+    """A planner's mobile plan: every Linear int4 or int8, the embedding int4 or int8, other
+    lookup tables int2, int4 or int8."""
     from .budget import MOBILE_LINEAR, MOBILE_TABLE, load_plan
+    from .plan import MOBILE_TABLES
 
     plan = {k: v for k, v in load_plan(path, "mobile").items() if not k.startswith("1-D")}
-    want = set(linears) | {"model.embed_tokens"}
+    want = set(linears) | {"model.embed_tokens"} | set(tables)
     if set(plan) != want:
         odd = sorted(set(plan) ^ want)
         raise QatkitError(f"{path}: its tensors are not this model's ({len(odd)} differ, e.g. {odd[0]}); plan this model with qatkit plan")
     for name, scheme in plan.items():
-        if scheme not in (MOBILE_TABLE if name == "model.embed_tokens" else MOBILE_LINEAR):
+        allowed = MOBILE_TABLE if name == "model.embed_tokens" else MOBILE_TABLES if name in tables else MOBILE_LINEAR
+        if scheme not in allowed:
             raise QatkitError(f"{path}: {name} cannot be {scheme}")
     return plan
+
+
+def other_tables(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The token-lookup tables besides the input embedding (Gemma 4's per-layer embeddings)."""
+    emb = model.get_input_embeddings()
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Embedding) and m is not emb}
+
+
+def _freeze_mobile_table(table: nn.Embedding, scheme: str) -> torch.Tensor:
+    """Freeze a lookup table at its mobile per-row values; the exporter writes its codes with
+    the scales kept here. Returns the scales."""
+    from .formats import mobile
+
+    spec = mobile.parse_spec(scheme)
+    with torch.no_grad():
+        codes, scale = mobile.quantize_weight(table.weight, spec)
+        table.weight.copy_(mobile.dequantize_weight(codes, scale, spec))
+    table.weight.requires_grad_(False)
+    table.register_buffer("mobile_scale", scale.float())  # what the exporter writes with
+    table.mobile_spec = spec
+    return scale
 
 
 def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
     """The mobile format's student: every Linear fake-quantizes its weight (int4/int2/int8 per
     channel) and its input (int8 per token); the embedding is frozen at its int8/int4 per-row
     values, and a tied head computes with those same codes and scales."""
-    from .formats import mobile
     from .plan import mobile_plan
 
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     lins = {n: (m.out_features, m.in_features) for n, m in _linears(model).items() if not (n == "lm_head" and tied)}
+    tables = {n: m.embedding_dim for n, m in other_tables(model).items()}
     if config.plan is not None:
-        plan = _mobile_plan_file(config.plan, lins)
+        plan = _mobile_plan_file(config.plan, lins, tables)
     else:
-        plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding, config.int8, config.keep)
+        plan = mobile_plan(lins, config.mobile_weights, config.int2, config.embedding, config.int8, config.keep, tables, config.per_layer_embedding)
     if not config.freeze_embedding:
         raise QatkitError("the mobile format keeps the embedding frozen at its per-row values")
-    emb = model.get_input_embeddings()
-    spec = mobile.parse_spec(plan["model.embed_tokens"])
-    with torch.no_grad():
-        codes, emb_scale = mobile.quantize_weight(emb.weight, spec)
-        emb.weight.copy_(mobile.dequantize_weight(codes, emb_scale, spec))
-    emb.weight.requires_grad_(False)
-    emb.register_buffer("mobile_scale", emb_scale.float())  # what the exporter writes with
-    emb.mobile_spec = spec
+    emb_scale = _freeze_mobile_table(model.get_input_embeddings(), plan["model.embed_tokens"])
+    for name in other_tables(model):
+        _freeze_mobile_table(model.get_submodule(name), plan[name])
     for name, lin in _linears(model).items():
         if plan.get(name) == "keep":
             continue  # float32: XNNPACK's f32 kernels
@@ -161,9 +180,10 @@ def _prepare_mobile(model: nn.Module, config: QATConfig) -> dict[str, str]:
         setattr(parent, child, FakeQuantLinear.from_linear(lin, plan[name], config.learn_scales and name != "lm_head", act=act))
         if name == "lm_head":
             lin.weight.requires_grad_(False)
-    decoder = [v for n, v in plan.items() if n not in ("model.embed_tokens", "lm_head")]
+    decoder = [v for n, v in plan.items() if n not in ("model.embed_tokens", "lm_head", *tables)]
     count = {k: sum(v.startswith(k) for v in decoder) for k in ("int2", "int8", "keep")}
-    log.info("prepared the mobile format: %d decoder linears (%s; %d int2, %d int8, %d kept float), embedding %s, %s int8 activations%s", len(decoder), config.mobile_weights, count["int2"], count["int8"], count["keep"], config.embedding, config.activations, ", learned scales" if config.learn_scales else "")
+    other = "".join(f", {n} {plan[n]}" for n in tables)
+    log.info("prepared the mobile format: %d decoder linears (%s; %d int2, %d int8, %d kept float), embedding %s%s, %s int8 activations%s", len(decoder), config.mobile_weights, count["int2"], count["int8"], count["keep"], plan["model.embed_tokens"], other, config.activations, ", learned scales" if config.learn_scales else "")
     return plan
 
 

@@ -149,6 +149,7 @@ def test_e2b_text_only_from_its_config(tmp_path, capsys):
 def test_mobile_bytes_rule():
     assert mobile_bytes((10, 64), "int4") == 10 * 32 + 40 and mobile_bytes((10, 65), "int4") == 10 * 33 + 40
     assert mobile_bytes((10, 64), "int8") == 640 + 40
+    assert mobile_bytes((10, 64), "int2") == 10 * 16 + 40  # lookup tables only: ExecuTorch's embedding_2bit, four codes a byte
 
 
 def test_cli_plan_help_teaches():

@@ -212,3 +212,49 @@ def test_static_export_refuses_what_xnnpack_would_not_run_as_trained(tmp_path, m
     with pytest.raises(QatkitError, match="outside the XNNPACK delegate"):
         export_pte(m, tiny_tokenizer(), tmp_path / "c.pte")
     assert not list(tmp_path.iterdir())
+
+
+# Gemma 4 E-style, in four layers: per-layer embeddings, layers 2-3 reusing the keys and values of
+# layers 0 (sliding) and 1 (full), double-wide MLP there, two head sizes, final soft-capping
+GEMMA4_MOBILE = dict(num_hidden_layers=4, num_kv_shared_layers=2, sliding_window=8,
+                     layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
+
+
+def test_gemma4_program_computes_what_the_student_computes(tmp_path):
+    """The per-layer embedding table as a 2-bit lookup (ExecuTorch's embedding_2bit: 2 bits per
+    value in the file), K/V-sharing layers reading their producers' caches: the program equals the
+    student token by token, and a prefill then steps equals the token-by-token run."""
+    from qatkit.models.gemma4 import check
+    from tiny_models import gemma_tokenizer, tiny_gemma4
+
+    m = tiny_gemma4(0, **GEMMA4_MOBILE)
+    check(m.config)  # a layout llama.cpp runs too
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.mul_(3)
+    plan = prepare(m, arch_for_config(m.config), QATConfig(fmt="mobile", per_layer_embedding="int2", embedding="int4"))
+    assert plan["model.embed_tokens_per_layer"] == "int2" and not m.model.embed_tokens_per_layer.weight.requires_grad
+    ple = m.model.embed_tokens_per_layer.weight
+    assert all(len(torch.unique(row)) <= 4 for row in ple[:20])  # four levels a row: what 2 bits hold
+    out = tmp_path / "g4.pte"
+    info = export_pte(m, gemma_tokenizer(), out, max_context=48)
+    assert "quantized_decomposed.embedding_2bit.out" in info["outside_xnnpack"]
+    assert "quantized_decomposed.embedding_4bit.out" in info["outside_xnnpack"]
+    ids = torch.randint(3, m.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = m(ids[None]).logits[0]
+    got = PteModel(out).logits(ids)
+    per_pos = (got - want).abs().amax(-1) / want.abs().amax()
+    assert float((per_pos <= BOUND).float().mean()) >= 0.8 and kl(want, got) <= KL_BOUND, (per_pos, kl(want, got))
+    pte = PteModel(out)  # a prefill of 30 (the shared layers see its last position only), then steps
+    steps = [pte.forward.execute([ids[:30][None], torch.tensor([0])])[0][0]]
+    steps += [pte.forward.execute([ids[i : i + 1][None], torch.tensor([i])])[0][0] for i in range(30, 40)]
+    steps = torch.cat(steps)
+    assert kl(got[29:40], steps) <= KL_BOUND and float((got[29:40] - steps).abs().max() / want.abs().amax()) <= 1e-2
+    # the window (8) matters at 40 positions: the same student with full attention differs
+    m.config.sliding_window = 64
+    for layer in m.model.layers:
+        layer.self_attn.sliding_window = None
+    with torch.no_grad():
+        assert kl(want, m(ids[None]).logits[0]) > 100 * KL_BOUND

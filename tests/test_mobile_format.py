@@ -216,3 +216,8 @@ def test_plan_per_tensor_choices():
     for kw in (dict(keep=("*.nothing",)), dict(int8=("lm_head",))):  # the head is int8 already: only keep moves it
         with pytest.raises(QatkitError, match="matches no Linear"):
             mobile_plan(lins, **kw)
+    # other lookup tables (Gemma 4's per-layer embeddings) take their own scheme; int2 packs four a byte
+    tabled = mobile_plan(lins, tables={"model.embed_tokens_per_layer": 128}, table="int2")
+    assert tabled["model.embed_tokens_per_layer"] == "int2" and tabled["model.embed_tokens"] == "int8"
+    with pytest.raises(QatkitError, match="four to a byte"):
+        mobile_plan(lins, tables={"model.embed_tokens_per_layer": 130}, table="int2")

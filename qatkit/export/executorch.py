@@ -16,6 +16,13 @@ Runtime facts this module is built on (measured with executorch 1.5.1, torchao 0
 - XNNPACK computes gelu(approximate="tanh") as the exact erf GELU (5e-4 apart); Gemma's tanh
   GELU is spelled out with elementwise ops so that the program computes what the student does.
 - torch.export must be strict, or the cache is captured as constants and lowering fails.
+- Lookup tables other than the embedding (Gemma 4's per-layer embeddings) keep their own width:
+  ExecuTorch's embedding_2bit stores int2 at 2 bits (measured: an int2 table's program is
+  rows x width / 4 bytes smaller than the int4 one's, to the byte).
+
+Gemma 4 (E-style): layers that reuse an earlier layer's keys and values hold that layer's cache
+buffers and only read them; only the kept (last) position goes through them, as in transformers;
+each layer's cache has its own KV-head count and head size. MoE layers are refused.
 
 The program follows ExecuTorch's LLM runner conventions: forward(tokens int64 [1, T],
 input_pos int64 [1] = start position) -> logits float32 [1, 1, vocab] of the last position, T dynamic up to
@@ -63,16 +70,19 @@ def _spell_out_tanh_gelu(model: nn.Module) -> int:
 
 
 def _quantized_tensor(codes: torch.Tensor, scale: torch.Tensor, spec, activations: bool):
+    """A Linear's weight (`activations`: dynamic int8 inputs) or a lookup table's, as torchao's
+    tensor. A table keeps its own bit width (ExecuTorch's embedding_2bit / _4bit / _byte); a
+    Linear's int2 rides in int4 codes."""
     from torchao.quantization import IntxUnpackedToInt8Tensor
 
-    four = spec.storage_bits() == 4
+    bits = spec.storage_bits() if activations else spec.bits
     # int4 keeps bf16 scales; int8 (and the embedding) need float32 tensors of the same values
-    s = scale.to(torch.bfloat16) if four and activations else scale.float()
+    s = scale.to(torch.bfloat16) if bits == 4 and activations else scale.float()
     return IntxUnpackedToInt8Tensor(
         qdata=codes.to(torch.int8).contiguous(),
         scale=s.contiguous(),
         zero_point=torch.zeros(s.shape, dtype=torch.int8),
-        target_dtype=torch.int4 if four else torch.int8,
+        target_dtype={2: torch.int2, 4: torch.int4, 8: torch.int8}[bits],
         block_size=(1, spec.group_size(codes.shape[1])),
         dtype=torch.float32,
         activation_quantization="int8_asym_per_token" if activations else None,
@@ -151,19 +161,26 @@ class DelegatedRMSNorm(nn.Module):
         return (xf * torch.rsqrt(ms + self.eps) * self.scale).type_as(x)
 
 
-NORM_KINDS = {"Gemma3RMSNorm": "gemma", "LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama"}
+# Gemma 4's norm is llama's formula (x * (ms + eps)^-0.5 * w, no 1 + w); its v_norm has no weight
+NORM_KINDS = {"Gemma3RMSNorm": "gemma", "LlamaRMSNorm": "llama", "Qwen2RMSNorm": "llama", "Qwen3RMSNorm": "llama", "Gemma4RMSNorm": "llama"}
 
 
 def _delegated_norms(model: nn.Module) -> int:
-    """Replace the RMSNorms of known formulas by `DelegatedRMSNorm` (others stay as they are)."""
+    """Replace the RMSNorms of known formulas by `DelegatedRMSNorm` (others stay as they are). A
+    norm without a weight (Gemma 4's v_norm) scales by ones over its attention's head size."""
     n = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             kind = NORM_KINDS.get(type(child).__name__)
-            if kind is not None:
-                eps = getattr(child, "eps", getattr(child, "variance_epsilon", None))
-                setattr(parent, name, DelegatedRMSNorm(kind, child.weight, eps))
-                n += 1
+            if kind is None:
+                continue
+            weight = getattr(child, "weight", None)
+            if weight is None and getattr(parent, "head_dim", None) is None:
+                continue
+            weight = torch.ones(int(parent.head_dim)) if weight is None else weight
+            eps = getattr(child, "eps", getattr(child, "variance_epsilon", None))
+            setattr(parent, name, DelegatedRMSNorm(kind, weight, eps))
+            n += 1
     return n
 
 
@@ -182,7 +199,7 @@ def runtime_model(student: nn.Module) -> nn.Module:
     (torchao tensors), with the tied head untied and Gemma's tanh GELU spelled out."""
     from ..formats import mobile
     from ..nn import FakeQuantLinear
-    from ..prepare import mobile_weights
+    from ..prepare import mobile_weights, other_tables
 
     weights = mobile_weights(student)
     if not weights:
@@ -207,17 +224,22 @@ def runtime_model(student: nn.Module) -> nn.Module:
         if old.bias is not None:
             lin.bias = nn.Parameter(old.bias.detach().clone(), requires_grad=False)
         memo[id(old)] = lin
-    # the embedding: its frozen values re-quantize to the same codes with its own scales
-    spec = emb.mobile_spec
-    codes, scale = mobile.quantize_weight(emb.weight, spec, emb.mobile_scale)
-    if not torch.equal(mobile.dequantize_weight(codes, scale, spec), emb.weight.detach().float()):
-        raise QatkitError("the embedding is not at its mobile per-row values; prepare the model with --format mobile")
-    memo[id(emb.weight)] = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=False), requires_grad=False)
+    # the lookup tables (the embedding, Gemma 4's per-layer embeddings): their frozen values
+    # re-quantize to the same codes with their own scales
+    tables = [emb, *other_tables(student).values()]
+    for table in tables:
+        spec = getattr(table, "mobile_spec", None)
+        if spec is None:
+            raise QatkitError("a token-lookup table of the student is not quantized; prepare it with --format mobile")
+        codes, scale = mobile.quantize_weight(table.weight, spec, table.mobile_scale)
+        if not torch.equal(mobile.dequantize_weight(codes, scale, spec), table.weight.detach().float()):
+            raise QatkitError("a token-lookup table is not at its mobile per-row values; prepare the model with --format mobile")
+        memo[id(table.weight)] = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=False), requires_grad=False)
     m = copy.deepcopy(student, memo).eval()
     for p in m.parameters():
         p.requires_grad_(False)
-    new_emb = m.get_input_embeddings()
-    new_emb.padding_idx = None  # only matters to gradients, and it keeps the quantized embedding op from matching
+    for table in [m.get_input_embeddings(), *other_tables(m).values()]:
+        table.padding_idx = None  # only matters to gradients, and it keeps the quantized embedding op from matching
     m.config.tie_word_embeddings = False
     _spell_out_tanh_gelu(m)
     _delegated_norms(m)
@@ -301,17 +323,49 @@ def _cached_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     llama::custom_sdpa over the cache. Grouped KV heads are read as they are, not copied per query
     head, and a causal call reads only positions < start + length (the static cache of the
     earlier export expanded and multiplied all of max_context for every layer and token).
-    query [1, heads, T, D], key / value [1, kv_heads, T, D] -> [1, T, heads, D]."""
+    query [1, heads, Tq, D], key / value [1, kv_heads, T, D] -> [1, Tq, heads, D].
+
+    A layer that reuses another's keys and values (Gemma 4's KV sharing) holds that layer's cache
+    buffers and only reads them; its queries may be the last Tq of the call's T positions (see
+    `_slice_before_shared_layers`), so they start at start + T - Tq."""
     if softcap is not None:
         raise QatkitError("attention logit soft-capping is not supported by the ExecuTorch export")
     k_cache, v_cache = module.qatkit_k_cache, module.qatkit_v_cache
-    torch.ops.llama.update_cache(key.transpose(1, 2).contiguous(), k_cache, qatkit_start)
-    torch.ops.llama.update_cache(value.transpose(1, 2).contiguous(), v_cache, qatkit_start)
+    if not getattr(module, "is_kv_shared_layer", False):
+        torch.ops.llama.update_cache(key.transpose(1, 2).contiguous(), k_cache, qatkit_start)
+        torch.ops.llama.update_cache(value.transpose(1, 2).contiguous(), v_cache, qatkit_start)
     q = query.transpose(1, 2).contiguous()
+    start = qatkit_start + key.shape[2] - query.shape[2]  # (no branch: the lengths are symbols in export)
     if sliding_window is not None and sliding_window < k_cache.shape[1]:
-        mask = _window_mask(qatkit_start, q.shape[1], k_cache.shape[1], sliding_window)
-        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, qatkit_start, mask, 0.0, False, scaling), None
-    return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, qatkit_start, None, 0.0, True, scaling), None
+        mask = _window_mask(start, q.shape[1], k_cache.shape[1], sliding_window)
+        return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, mask, 0.0, False, scaling), None
+    return torch.ops.llama.custom_sdpa(q, k_cache, v_cache, start, None, 0.0, True, scaling), None
+
+
+def _slice_before_shared_layers(self, hidden_states, per_layer_inputs, position_embeddings, causal_mask_mapping, logits_to_keep, cache=None, **kwargs):
+    """Gemma 4's layers that reuse earlier layers' keys and values write no cache, so only the
+    positions whose logits are kept go through them; transformers skips this when the call has
+    one position, a branch on the dynamic length that export cannot take: here the slice is
+    taken always (of one position it is that position)."""
+    keep = slice(-logits_to_keep, None)
+    per_layer_inputs = None if per_layer_inputs is None else per_layer_inputs[:, keep]
+    position_embeddings = {k: (cos[:, keep], sin[:, keep]) for k, (cos, sin) in position_embeddings.items()}
+    masks = {k: None if v is None else v[:, :, keep] for k, v in causal_mask_mapping.items()}
+    return hidden_states[:, keep], per_layer_inputs, position_embeddings, masks
+
+
+@contextlib.contextmanager
+def _shared_layer_slice(model: nn.Module):
+    """While exporting: `_slice_before_shared_layers` in place of transformers' method."""
+    owners = {type(m) for m in model.modules() if hasattr(type(m), "_maybe_slice_kv_shared_inputs")}
+    saved = [(cls, cls._maybe_slice_kv_shared_inputs) for cls in owners]
+    try:
+        for cls in owners:
+            cls._maybe_slice_kv_shared_inputs = _slice_before_shared_layers
+        yield
+    finally:
+        for cls, fn in saved:
+            cls._maybe_slice_kv_shared_inputs = fn
 
 
 def _attention_layers(model: nn.Module) -> list[nn.Module]:
@@ -331,15 +385,26 @@ class KVCacheLM(nn.Module):
         self.model = model
         self.max_context = max_context
         cfg = model.config.get_text_config().to_dict()
-        if cfg.get("num_kv_shared_layers") or cfg.get("attn_logit_softcapping"):
-            raise QatkitError(f"{cfg.get('model_type')}: the ExecuTorch export does not support its attention (shared KV layers or logit soft-capping) yet")
-        n_kv = cfg.get("num_key_value_heads") or cfg["num_attention_heads"]
+        if cfg.get("attn_logit_softcapping"):
+            raise QatkitError(f"{cfg.get('model_type')}: the ExecuTorch export does not support attention logit soft-capping")
+        if cfg.get("enable_moe_block") or cfg.get("num_experts"):
+            raise QatkitError(f"{cfg.get('model_type')}: the mobile format does not take mixture-of-experts layers yet")
         layers = _attention_layers(model)
         if not layers:
             raise QatkitError("no attention layers found to give a KV cache")
-        for attn in layers:
+        # each layer's own KV-head count and head size (Gemma 4's full and sliding layers differ)
+        own = [a for a in layers if not getattr(a, "is_kv_shared_layer", False)]
+        for attn in own:
+            n_kv = cfg["num_attention_heads"] // getattr(attn, "num_key_value_groups", 1)
             for name in ("qatkit_k_cache", "qatkit_v_cache"):
                 attn.register_buffer(name, torch.zeros(1, max_context, n_kv, attn.head_dim), persistent=False)
+        for attn in layers:  # KV sharing: the same buffers as the last storing layer of its kind
+            if attn not in own:
+                src = [a for a in own if getattr(a, "store_full_length_kv", False) and a.layer_type == attn.layer_type]
+                if len(src) != 1:
+                    raise QatkitError(f"layer {attn.layer_idx} reuses keys and values, but no single earlier {attn.layer_type} layer stores them")
+                for name in ("qatkit_k_cache", "qatkit_v_cache"):
+                    attn.register_buffer(name, getattr(src[0], name), persistent=False)
         for c in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
             c._attn_implementation = ATTENTION
 
@@ -371,6 +436,8 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512)
         warnings.simplefilter("ignore", FutureWarning)
         warnings.filterwarnings("ignore", message=".*[Mm]utation on a buffer.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        # transformers' output recorder is a global that dynamo reports as a side effect; unused here
+        warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
         return _export_pte(student, tokenizer, out, max_context)
 
 
@@ -383,7 +450,7 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int) -> d
     max_seq = max_context - 1  # export cannot take a dynamic length equal to the cache length
     example = (torch.zeros(1, 4, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     dynamic = ({1: torch.export.Dim("seq_len", min=1, max=max_seq)}, {0: 1})
-    with torch.no_grad(), _rotate_half_as_product(wrapper.model):
+    with torch.no_grad(), _rotate_half_as_product(wrapper.model), _shared_layer_slice(wrapper.model):
         program = torch.export.export(wrapper, example, dynamic_shapes=dynamic, strict=True)
     _inferred_view_dims(program)
     t1 = time.perf_counter()

@@ -37,18 +37,22 @@ def tokenizer_path(pte: Path) -> Path:
 
 
 @contextlib.contextmanager
-def native_stderr(captured: list[str]):
-    """Hold the runtime's own C++ log lines (written straight to file descriptor 2) and hand
-    them back in `captured`, so that a failure can say why in one line."""
+def native_stderr(captured: list[str], fds: tuple[int, ...] = (2,)):
+    """Hold the runtime's own C++ log lines (written straight to file descriptor 2; the LLM
+    runner also prints its text to 1) and hand them back in `captured`, so that a failure can say
+    why in one line and a success prints nothing."""
+    sys.stdout.flush()
     sys.stderr.flush()
-    saved = os.dup(2)
+    saved = {fd: os.dup(fd) for fd in fds}
     with tempfile.TemporaryFile(mode="w+b") as f:
-        os.dup2(f.fileno(), 2)
+        for fd in fds:
+            os.dup2(f.fileno(), fd)
         try:
             yield
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, old in saved.items():
+                os.dup2(old, fd)
+                os.close(old)
             f.seek(0)
             captured.extend(f.read().decode("utf-8", "replace").splitlines())
 
@@ -144,14 +148,22 @@ def generate(path, prompt: str, n_tokens: int = 32, tokenizer_file=None) -> dict
     if not os.path.exists(tok):
         raise QatkitError(f"{path}: its tokenizer {tok} is missing")
     bos = PteModel(path).bos  # the runner adds no BOS unless told; Gemma and Llama need theirs
-    runner = TextLLMRunner(os.fspath(path), tok)
     pieces: list[str] = []
     stats: list = []
     cfg = GenerationConfig(max_new_tokens=n_tokens, temperature=0.0, echo=False, num_bos=int(bos is not None))
-    try:
-        runner.generate(prompt, cfg, token_callback=pieces.append, stats_callback=stats.append)
-    except UnicodeDecodeError:
-        pass  # the runner hands a partial UTF-8 character to Python as str: what came before stands
+    log: list[str] = []
+    failed = None
+    with native_stderr(log, fds=(1, 2)):  # the runner narrates each load and prints its text
+        try:
+            runner = TextLLMRunner(os.fspath(path), tok)
+            runner.generate(prompt, cfg, token_callback=pieces.append, stats_callback=stats.append)
+        except UnicodeDecodeError:
+            pass  # the runner hands a partial UTF-8 character to Python as str: what came before stands
+        except RuntimeError as e:
+            failed = str(e)
+    if failed is not None:
+        why = next((line.split("] ", 1)[-1] for line in reversed(log) if "] " in line), failed)
+        raise QatkitError(f"{path}: ExecuTorch's LLM runner failed ({why})")
     result = {"text": "".join(pieces), "tokens": len(pieces)}
     if stats:
         s = json.loads(stats[-1].to_json_string())
