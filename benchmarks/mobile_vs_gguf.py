@@ -9,7 +9,7 @@ single-token decode steps, and the process's peak resident memory above what it 
 loading. Prints medians and ratios (.pte / GGUF).
 
     python benchmarks/mobile_vs_gguf.py [--embedding int4] [--rounds 3] [--prompt 128] [--tokens 64]
-                                        [--pte existing.pte] [--threads 2]
+                                        [--pte existing.pte | --save keep.pte] [--threads 2]
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ if kind == "pte":
     torch.set_num_threads(threads)
     before = status("VmRSS")
     method = Runtime.get().load_program(Path(path)).load_method("forward")
+    loaded, locked = status("VmRSS") - before, status("VmLck")
     def run(tokens, pos):
         return method.execute([torch.tensor([tokens]), torch.tensor([pos])])[0]
     run(ids[:8], 0)  # warm-up
@@ -71,12 +72,13 @@ else:
     from qatkit.runtime.llamacpp import open_model
     before = status("VmRSS")
     llm = open_model(path, n_ctx=n_prompt + n_tokens, n_threads=threads, logits_all=False)
+    loaded, locked = status("VmRSS") - before, status("VmLck")
     llm.eval(ids[:8]); llm.reset()
     t0 = time.perf_counter(); llm.eval(ids[:n_prompt]); llama_cpp.llama_synchronize(llm.ctx); t1 = time.perf_counter()
     for i in range(n_tokens):
         llm.eval([ids[n_prompt + i]])
     llama_cpp.llama_synchronize(llm.ctx); t2 = time.perf_counter()
-print("RESULT " + json.dumps({"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_tokens / (t2 - t1), "rss": status("VmHWM") - before}))
+print("RESULT " + json.dumps({"prefill_tps": n_prompt / (t1 - t0), "decode_tps": n_tokens / (t2 - t1), "rss": status("VmHWM") - before, "loaded": loaded, "locked": locked}))
 """
 
 
@@ -97,12 +99,13 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--save", type=Path, help="keep the exported program here (to measure it again with --pte)")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as d:
         pte = args.pte
         if pte is None:
-            pte = Path(d) / "mobile.pte"
+            pte = args.save or Path(d) / "mobile.pte"
             e = child(EXPORT, pte, args.embedding, env=env)
             print(f"export of one program: {e['wall_s']:.0f} s (torch.export {e['export_s']:.0f} s, lowering {e['lower_s']:.0f} s), "
                   f"{e['xnnpack_partitions']} XNNPACK partitions; peak RSS {e['peak_rss'] / 1e9:.2f} GB = "
@@ -120,7 +123,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for kind, path in (("pte", pte), ("gguf", gguf)):
                 rows[kind].append(child(RUN, kind, path, args.prompt, args.tokens, args.threads, env=env))
-        med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tps", "decode_tps", "rss")} for k, v in rows.items()}
+        med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tps", "decode_tps", "rss", "loaded", "locked")} for k, v in rows.items()}
         size = {"pte": pte.stat().st_size, "gguf": gguf.stat().st_size}
         print(f"{args.threads} threads; prompt of {args.prompt} random token ids, then {args.tokens} single-token steps; "
               f"median of {args.rounds} alternated rounds, each a fresh process")
@@ -132,6 +135,9 @@ def main() -> None:
         print(f"{'ratio .pte / GGUF':<28} {size['pte'] / size['gguf']:9.2f}x {p['prefill_tps'] / g['prefill_tps']:11.2f}x "
               f"{p['decode_tps'] / g['decode_tps']:10.2f}x {p['rss'] / g['rss']:11.2f}x")
         print("targets: size <= 0.55x, prefill and decode >= 1.00x, peak RSS <= 0.60x")
+        for kind, label in (("pte", "ExecuTorch"), ("gguf", "llama.cpp")):
+            m = med[kind]
+            print(f"{label}: resident after load {m['loaded'] / 1e6:.1f} MB, of which locked in memory (mlock) {m['locked'] / 1e6:.1f} MB; peak {m['rss'] / 1e6:.1f} MB")
 
 
 if __name__ == "__main__":

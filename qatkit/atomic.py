@@ -2,8 +2,9 @@
 
 `atomic_path(dest)` hands out a private temporary name in dest's own folder (same filesystem, so
 the final rename is atomic; private, so two runs never share it); when the block ends without an
-exception the temporary replaces dest, otherwise it is removed. A killed process leaves at most a
-hidden `.name.*.tmp` beside the destination, never a half-written destination.
+exception the temporary is flushed to disk (fsync) and replaces dest, otherwise it is removed. A
+killed process, a full disk or a power cut leaves at most a hidden `.name.*.tmp` beside the
+destination, never a half-written destination.
 """
 
 from __future__ import annotations
@@ -43,17 +44,35 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
             return
+        _fsync_tree(tmp)  # on disk before it replaces the previous good file: a power cut leaves one or the other
         if folder and dest.is_dir():
             shutil.rmtree(dest)  # os.replace cannot replace a non-empty folder
         os.replace(tmp, dest)
         if not folder:
             os.chmod(dest, 0o644 & ~_UMASK)  # mkstemp makes 0600 files; others read what we write
+        _fsync(dest.parent)  # and the rename itself
     except BaseException:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             tmp.unlink(missing_ok=True)
         raise
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path: Path) -> None:
+    if path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                _fsync(p)
+    _fsync(path)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

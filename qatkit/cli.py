@@ -7,10 +7,12 @@ what is written out here are each command's own: MODEL, files, --out, what to sc
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from . import QatkitError, __version__, quiet_import_noise
@@ -391,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("qatkit").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     if not args.verbose:
         quiet_import_noise()
+        # other libraries' Python warnings (e.g. torch's "zero-element tensors" on a damaged file)
+        # would come before qatkit's one line; --verbose shows them
+        warnings.filterwarnings("ignore", module=r"(torch|torchao|transformers|executorch|gguf|numpy|safetensors|huggingface_hub|tokenizers|matplotlib)(\.|$)")
     try:
         if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import
             _quiet_transformers(args.verbose)
@@ -401,6 +406,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qatkit: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        # every file qatkit writes goes through atomic_path: what was there before stands
+        print(f"qatkit: error: no space left on the device ({e.strerror}); earlier files are kept and no partial file was left", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

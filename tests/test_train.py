@@ -127,3 +127,91 @@ def test_faithful_training_rounds_like_llama_cpp(tmp_path, monkeypatch):
         train(student, teacher, tr, None, cfg, tmp_path / "b", progress=False)
     with pytest.raises(QatkitError, match="drop --grad-checkpointing or --faithful"):
         TrainConfig(faithful=True, grad_checkpointing=True)
+
+
+def test_a_non_finite_step_is_skipped_and_never_written(tmp_path, monkeypatch, caplog):
+    """Step 2's loss turns NaN: that step changes nothing (its weights equal a 2-step run's, the
+    optimizer did not count it), it is logged and marked in the metrics, and training goes on;
+    ten in a row stop the run in one line."""
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, eval_every=100)
+    teacher, a, tr, held = distill_setup()
+    train(a, teacher, tr, held, cfg, tmp_path / "a", progress=False)
+
+    real_loss = loop.distill_loss
+
+    def nan_at(steps):
+        calls = []
+
+        def loss(*args, **kw):
+            calls.append(1)
+            value, stats = real_loss(*args, **kw)
+            return (value * float("nan"), stats) if len(calls) - 1 in steps else (value, stats)
+        return loss
+
+    monkeypatch.setattr(loop, "distill_loss", nan_at({2}))
+    teacher, b, tr, held = distill_setup()
+    rows = train(b, teacher, tr, held, TrainConfig(**{**cfg.__dict__, "steps": 3}), tmp_path / "b", progress=False)
+    assert rows[-1]["step"] == 2 and rows[-1]["skipped"] and not any(r.get("skipped") for r in rows[:-1])
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # the NaN step moved nothing
+    state = loop.read_checkpoint(tmp_path / "b" / "checkpoint.pt")  # and the file holds finite numbers
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["params"].values())
+    assert "not finite; the step is skipped" in caplog.text
+
+    monkeypatch.setattr(loop, "distill_loss", nan_at(set(range(100))))
+    teacher, c, tr, held = distill_setup()
+    with pytest.raises(QatkitError, match="10 steps in a row had non-finite"):
+        train(c, teacher, tr, held, TrainConfig(**{**cfg.__dict__, "steps": 20}), tmp_path / "c", progress=False)
+
+
+def test_a_hostile_checkpoint_is_refused_without_running_it(tmp_path):
+    """Checkpoints are read with torch's weights-only unpickler: a file whose pickle would run code
+    is refused in one line (and the code does not run); so are cut and foreign files."""
+
+    teacher, s, tr, held = distill_setup()
+    opt = loop.make_optimizer(s, TrainConfig())
+    batches = loop.Batches(tr, 2, 0)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    evil = tmp_path / "evil.pt"
+    torch.save({"step": 1, "params": {}, "optimizer": {}, "batches": Evil()}, evil)
+    good = tmp_path / "good.pt"
+    loop.save_checkpoint(good, s, opt, 3, batches, TrainConfig())
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    for path, why in ((evil, "not a readable qatkit checkpoint"), (cut, "not a readable"), (text, "not a readable")):
+        with pytest.raises(QatkitError, match=why):
+            loop.load_checkpoint(path, s, opt, batches)
+    assert not marker.exists()
+    assert loop.load_checkpoint(good, s, opt, batches) == 3  # the real one loads under the same rules
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """ENOSPC in the middle of writing a checkpoint: the previous checkpoint is byte for byte what
+    it was, no temporary is left, and the CLI would say so in one line (qatkit.cli catches it)."""
+    import errno
+
+    teacher, s, tr, held = distill_setup()
+    opt = loop.make_optimizer(s, TrainConfig())
+    batches = loop.Batches(tr, 2, 0)
+    ckpt = tmp_path / "checkpoint.pt"
+    loop.save_checkpoint(ckpt, s, opt, 1, batches, TrainConfig())
+    before = ckpt.read_bytes()
+    real_save = torch.save
+
+    def full_disk(obj, f, *a, **kw):
+        real_save(obj, f, *a, **kw)
+        with open(f, "r+b") as h:  # half of it made it, then the disk filled
+            h.truncate(len(before) // 2)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        loop.save_checkpoint(ckpt, s, opt, 2, batches, TrainConfig())
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]

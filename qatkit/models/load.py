@@ -13,6 +13,7 @@ as a float Hugging Face directory, together with the GGUF's own metadata as JSON
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -142,7 +143,8 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     del reader
     with atomic_path(dest, folder=True) as tmp:
         try:
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+            with _no_gguf_bar():
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as e:  # transformers' GGUF reader raises many kinds (validation, shapes, missing keys)
             raise QatkitError(f"{path}: transformers cannot load this GGUF ({type(e).__name__}: {str(e).splitlines()[0]})") from None
@@ -155,6 +157,20 @@ def _convert_gguf(path: Path, dest: Path) -> None:
         model.save_pretrained(tmp / "hf")
         tokenizer.save_pretrained(tmp / "hf")
         gguf_meta.save(meta, tmp / "gguf_meta.json")
+
+
+@contextlib.contextmanager
+def _no_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar (not one its progress switch turns off):
+    qatkit says what it does in its own line."""
+    import transformers.modeling_gguf_pytorch_utils as reader
+
+    saved = getattr(reader, "tqdm", None)
+    reader.tqdm = lambda it, *a, **kw: it
+    try:
+        yield
+    finally:
+        reader.tqdm = saved
 
 
 def check_finite(model: torch.nn.Module, where: object) -> None:

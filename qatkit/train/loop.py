@@ -38,6 +38,7 @@ from .data import Batches
 from .teacher_cache import TeacherCache, topk_kl
 
 log = logging.getLogger(__name__)
+MAX_SKIPPED = 10  # non-finite steps in a row before the run stops: the weights are not coming back
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -137,16 +138,35 @@ def save_checkpoint(path: Path, student, opt, step: int, batches: Batches, cfg: 
         torch.save(state, tmp)
 
 
+def read_checkpoint(path: Path) -> dict:
+    """A checkpoint's contents, unpickled with torch's weights-only loader (tensors, numbers,
+    strings and containers; no code runs): a broken or foreign file is one line."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, RuntimeError (not a zip), EOFError (cut), ...
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise QatkitError(f"{path}: not a readable qatkit checkpoint ({why})") from None
+    if not isinstance(state, dict) or not {"step", "params", "optimizer", "batches"} <= set(state):
+        raise QatkitError(f"{path}: not a qatkit checkpoint (it lacks the step, weights, optimizer or data position)")
+    return state
+
+
 def load_checkpoint(path: Path, student, opt, batches: Batches) -> int:
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)
     params = _trainable(student)
     missing = set(params) ^ set(state["params"])
     if missing:
         raise QatkitError(f"{path}: checkpoint does not match this student ({len(missing)} tensors differ, e.g. {sorted(missing)[0]})")
     with torch.no_grad():
         for n, p in params.items():
-            p.copy_(state["params"][n])
-    opt.load_state_dict(state["optimizer"])
+            v = state["params"][n]
+            if not isinstance(v, torch.Tensor) or v.shape != p.shape or not torch.isfinite(v).all():
+                raise QatkitError(f"{path}: {n} is not a finite tensor of shape {tuple(p.shape)}")
+            p.copy_(v)
+    try:
+        opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise QatkitError(f"{path}: its optimizer state does not fit this run ({e})") from None
     batches.load_state_dict(state["batches"])
     return int(state["step"])
 
@@ -227,13 +247,20 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
 
     bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress)
     t_last = time.time()
-    done, data_at_step, updating = start, batches.state_dict(), False
+    done, data_at_step, updating, skipped = start, batches.state_dict(), False, 0
     try:
         for step in bar:
             data_at_step = batches.state_dict()
             row = _step(student, teacher, opt, batches, step, cfg, device, cache, student_context)
-            updating = True
-            opt.step()
+            if math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]):
+                updating, skipped = True, 0
+                opt.step()
+            else:  # a NaN/Inf loss or gradient never reaches the weights (nor a checkpoint)
+                skipped += 1
+                row["skipped"] = True
+                log.warning("step %d: loss %s, gradient norm %s: not finite; the step is skipped (no update)", step, row["loss"], row["grad_norm"])
+                if skipped >= MAX_SKIPPED:
+                    raise QatkitError(f"{skipped} steps in a row had non-finite losses or gradients (last: step {step}); lower --lr, or check the data")
             opt.zero_grad(set_to_none=True)
             updating, done = False, step + 1
             now = time.time()
@@ -280,7 +307,7 @@ def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, 
         stats["loss"] = float(loss.detach())
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(_trainable(student).values()), cfg.grad_clip)
+    grad_norm = torch.nn.utils.clip_grad_norm_(list(_trainable(student).values()), cfg.grad_clip)  # (non-finite: the caller skips the step)
     return {"step": step, **{k: round(v, 6) for k, v in stats_sum.items()}, "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 4), "fake_quant": step >= cfg.fq_warmup}
 
 
