@@ -50,6 +50,9 @@ def native_stderr(captured: list[str], fds: tuple[int, ...] = (2,)):
         try:
             yield
         finally:
+            for stream in {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__}:  # what Python buffered lands in the file too
+                if stream is not None:
+                    stream.flush()
             for fd, old in saved.items():
                 os.dup2(old, fd)
                 os.close(old)
