@@ -217,3 +217,42 @@ def test_bad_config_is_one_line_and_nothing_else(tmp_path, config, words):
     assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("qatkit: error: ") and words in r.stderr, r.stderr
     assert not (tmp_path / "x.gguf").exists()
+
+
+@pytest.mark.parametrize("lines", [4, 9])  # step 2 logged (its checkpoint is being written), step 7 logged
+def test_kill_9_then_resume_writes_the_same_file(tmp_path, lines):
+    """`qatkit train` killed with SIGKILL (no handler runs) part-way, then --resume, exports the
+    same bytes as a run never interrupted; the checkpoint the kill found is whole (atomic,
+    fsynced), and nothing partial is left beside it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    src = hf_dir(tmp_path / "m")
+    data = tmp_path / "d.txt"
+    data.write_text(TEXT * 6)
+    env = {**os.environ, "QATKIT_CACHE": str(tmp_path / "cache")}
+
+    def args(run):
+        return [sys.executable, "-m", "qatkit.cli", "train", str(src), "--data", str(data), "--steps", "12", "--seq-len", "32", "--lr", "1e-4",
+                "--out", str(run), "--export", "--ckpt-every", "3", "--eval-every", "1"]
+
+    whole = tmp_path / "whole"
+    assert subprocess.run(args(whole), env=env, capture_output=True, timeout=600).returncode == 0
+    cut = tmp_path / "cut"
+    p = subprocess.Popen(args(cut), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = cut / "metrics.jsonl"
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= lines:
+            break
+        time.sleep(0.02)
+    assert p.poll() is None, "the run ended before it could be killed"
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    assert not (cut / "qat-q4_0.gguf").exists() and not [q.name for q in cut.iterdir() if q.name.endswith(".tmp")]
+    r = subprocess.run([*args(cut), "--resume"], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (cut / "qat-q4_0.gguf").read_bytes() == (whole / "qat-q4_0.gguf").read_bytes()
