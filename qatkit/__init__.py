@@ -26,3 +26,23 @@ def quiet_import_noise() -> None:
 
     for name in IMPORT_NOISE:
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def patched(owners, name: str, value):
+    """A context manager: attribute `name` of every object in `owners` is `value` inside the
+    block (a library function qatkit must replace while it exports or loads), the originals
+    after it, whatever happens."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def block():
+        saved = [(o, getattr(o, name)) for o in owners]
+        try:
+            for o in owners:
+                setattr(o, name, value)
+            yield
+        finally:
+            for o, v in saved:
+                setattr(o, name, v)
+
+    return block()

@@ -4,10 +4,12 @@ tensor's dimensions or data offset overwritten by absurd numbers. `qatkit export
 in exit 0 (the damage hit bytes no reader checks, such as weight data) or in one line and exit 2,
 leaves no output file behind, never hangs, and never allocates what the file cannot justify."""
 
+import faulthandler
 import os
 import resource
 import signal
 import struct
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -70,15 +72,22 @@ def check_one_run(capsys, argv: list[str], out, folder, size: int) -> None:
     """Run the CLI once: exit 0, or exit 2 with one line and no `out`; no hang (60 s), no
     temporary left in `folder`, no jump of the peak memory (1 GB for a file of kilobytes)."""
     out.unlink(missing_ok=True)
+    if os.environ.get("QATKIT_FUZZ_LOG"):  # the input under test, kept in case this run never returns
+        import shutil
+
+        src = Path(argv[1])
+        shutil.copytree(src, os.environ["QATKIT_FUZZ_LOG"] + ".input", dirs_exist_ok=True) if src.is_dir() else shutil.copy(src, os.environ["QATKIT_FUZZ_LOG"] + ".input")
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     capsys.readouterr()
     old = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(60)
+    signal.alarm(60)  # a hang in Python code fails the test here
+    faulthandler.dump_traceback_later(180, exit=True)  # one inside native code (which the alarm cannot stop) ends the run, with its stack
     try:
         rc = main(argv)
     except Hang:
         pytest.fail(f"{argv[0]} hung on {size} bytes of input")
     finally:
+        faulthandler.cancel_dump_traceback_later()
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
     err = capsys.readouterr().err.strip().splitlines()

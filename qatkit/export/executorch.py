@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import QatkitError
+from .. import QatkitError, patched
 from ..atomic import atomic_path
 from ..runtime.executorch import require_executorch, tokenizer_path
 
@@ -265,14 +265,8 @@ def _rotate_half_as_product(model: nn.Module):
     def rotate_half(x: torch.Tensor) -> torch.Tensor:
         return nn.functional.linear(x, getattr(model, f"qatkit_rotate_half_{x.shape[-1]}"))
 
-    saved = [(mod, mod.rotate_half) for mod in modules]
-    try:
-        for mod in modules:
-            mod.rotate_half = rotate_half
+    with patched(modules, "rotate_half", rotate_half):
         yield
-    finally:
-        for mod, fn in saved:
-            mod.rotate_half = fn
 
 
 def _inferred_view_dims(program) -> int:
@@ -354,18 +348,10 @@ def _slice_before_shared_layers(self, hidden_states, per_layer_inputs, position_
     return hidden_states[:, keep], per_layer_inputs, position_embeddings, masks
 
 
-@contextlib.contextmanager
 def _shared_layer_slice(model: nn.Module):
     """While exporting: `_slice_before_shared_layers` in place of transformers' method."""
     owners = {type(m) for m in model.modules() if hasattr(type(m), "_maybe_slice_kv_shared_inputs")}
-    saved = [(cls, cls._maybe_slice_kv_shared_inputs) for cls in owners]
-    try:
-        for cls in owners:
-            cls._maybe_slice_kv_shared_inputs = _slice_before_shared_layers
-        yield
-    finally:
-        for cls, fn in saved:
-            cls._maybe_slice_kv_shared_inputs = fn
+    return patched(owners, "_maybe_slice_kv_shared_inputs", _slice_before_shared_layers)
 
 
 def _attention_layers(model: nn.Module) -> list[nn.Module]:

@@ -104,3 +104,42 @@ def typed(value: int | float | str | bool) -> list:
     if isinstance(value, float):
         return ["FLOAT32", value]
     return ["STRING", str(value)]
+
+
+def check_shapes(reader: GGUFReader, path) -> None:
+    """The hyper-parameters a model is built from agree with the tensors the file holds, so that
+    one damaged number (block_count 536870913 was met by the fuzz test, or a width of 10^9) is
+    refused in one line before transformers allocates a model of that size. Shapes are ggml's:
+    ne[0] is a weight's input width."""
+    a = str(reader.fields["general.architecture"].contents())
+
+    def value(key: str):
+        f = reader.fields.get(f"{a}.{key}")
+        if f is None:
+            return None
+        try:
+            v = f.contents()
+        except Exception:  # a damaged field
+            raise QatkitError(f"{path}: {a}.{key} is not readable") from None
+        return v if isinstance(v, int) and not isinstance(v, bool) else None  # (per-layer arrays are checked by their own readers)
+
+    ne = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
+    blocks = {int(n.split(".")[1]) for n in ne if n.startswith("blk.") and n.split(".")[1].isdigit()}
+    n = value("block_count")
+    if n is None or len(blocks) != n or (blocks and (min(blocks) != 0 or max(blocks) != n - 1)):
+        raise QatkitError(f"{path}: {a}.block_count says {n} layers, but its tensors are those of {len(blocks)}: damaged or inconsistent")
+    emb, tok = value("embedding_length"), ne.get("token_embd.weight")
+    if tok is None or emb != tok[0]:
+        raise QatkitError(f"{path}: {a}.embedding_length says {emb}, but token_embd.weight is {tok}: damaged or inconsistent")
+    checks = [("feed_forward_length", "blk.0.ffn_up.weight", 1, 1), ("expert_count", "blk.0.ffn_up_exps.weight", 2, 1),
+              ("expert_count", "blk.0.ffn_gate_up_exps.weight", 2, 1)]
+    heads = value("attention.head_count")
+    if a != "gemma4" and heads is not None:  # (gemma4's sliding and full layers differ in head size)
+        if heads < 1:
+            raise QatkitError(f"{path}: {a}.attention.head_count is {heads}")
+        head_dim = value("attention.key_length") or emb // heads
+        checks += [("attention.head_count", "blk.0.attn_q.weight", 1, head_dim), ("attention.head_count_kv", "blk.0.attn_k.weight", 1, head_dim)]
+    for key, tensor, dim, unit in checks:
+        v = value(key)
+        if v is not None and tensor in ne and (len(ne[tensor]) <= dim or v * unit != ne[tensor][dim]):
+            raise QatkitError(f"{path}: {a}.{key} says {v}, but {tensor} is {ne[tensor]}: damaged or inconsistent")

@@ -13,7 +13,6 @@ as a float Hugging Face directory, together with the GGUF's own metadata as JSON
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .. import QatkitError, cache
+from .. import QatkitError, cache, patched
 from ..atomic import atomic_path
 from . import gguf_meta, text_only
 from .arch import ARCHS, Arch, arch_by_name, arch_for_config
@@ -130,6 +129,7 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     reader = gguf_meta.open_reader(path)
     arch_name = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
     arch = arch_by_name(str(arch_name))
+    gguf_meta.check_shapes(reader, path)
     meta = gguf_meta.read(reader)
     meta["general.architecture"] = ["STRING", arch.name]
     log.info("dequantizing %s into a float copy (once; cached in %s)", path.name, dest)
@@ -159,18 +159,12 @@ def _convert_gguf(path: Path, dest: Path) -> None:
         gguf_meta.save(meta, tmp / "gguf_meta.json")
 
 
-@contextlib.contextmanager
 def _no_gguf_bar():
     """transformers' GGUF reader draws its own tqdm bar (not one its progress switch turns off):
     qatkit says what it does in its own line."""
     import transformers.modeling_gguf_pytorch_utils as reader
 
-    saved = getattr(reader, "tqdm", None)
-    reader.tqdm = lambda it, *a, **kw: it
-    try:
-        yield
-    finally:
-        reader.tqdm = saved
+    return patched([reader], "tqdm", lambda it, *a, **kw: it)
 
 
 def check_finite(model: torch.nn.Module, where: object) -> None:
