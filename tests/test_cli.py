@@ -96,13 +96,17 @@ def test_unknown_architecture_refused(tmp_path, capsys):
     assert not (tmp_path / "x.gguf").exists() and not (tmp_path / "y.gguf").exists()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_gguf"])
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "not_gguf", "layers", "width"])
 def test_corrupt_gguf_refused(tmp_path, capsys, damage):
     good = tmp_path / "good.gguf"
     write_tiny_llama(good, TinyConfig())
     data = good.read_bytes()
     bad = tmp_path / "bad.gguf"
-    if damage == "truncated":
+    if damage in ("layers", "width"):  # one hyper-parameter damaged (block_count 536870913 came from the fuzz test)
+        key = {"layers": b"llama.block_count", "width": b"llama.embedding_length"}[damage]
+        at = data.index(key) + len(key) + 4  # after the key: its u32 type tag, then the u32 value
+        bad.write_bytes(data[:at] + (536870913).to_bytes(4, "little") + data[at + 4 :])
+    elif damage == "truncated":
         bad.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         bad.write_bytes(data[:8] + np.random.default_rng(0).bytes(len(data) - 8))
@@ -256,3 +260,22 @@ def test_kill_9_then_resume_writes_the_same_file(tmp_path, lines):
     r = subprocess.run([*args(cut), "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (cut / "qat-q4_0.gguf").read_bytes() == (whole / "qat-q4_0.gguf").read_bytes()
+
+
+@pytest.mark.parametrize("key, value, words", [
+    ("num_attention_heads", 0, "transformers refuses it"),  # its config class divides by it
+    ("pad_token_id", 10**6, "cannot build the model"),  # an AssertionError in nn.Embedding (found by tests/test_fuzz.py)
+    ("hidden_size", -4, "cannot build the model"),  # a negative dimension
+    ("num_hidden_layers", 2**31, "num_hidden_layers is 2147483648, but the weights hold 2 layers"),  # would build for hours
+])
+def test_damaged_config_value_is_one_line(tmp_path, capsys, key, value, words):
+    import json
+
+    src = hf_dir(tmp_path / "m")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "x.gguf"
+    assert run(capsys, "export", str(src), "--format", "q8_0", "--out", str(out)) == 2
+    one_line_error(capsys, words)
+    assert not out.exists()

@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import struct
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,13 +76,14 @@ def check_one_run(capsys, argv: list[str], out, folder, size: int) -> None:
     if os.environ.get("QATKIT_FUZZ_LOG"):  # the input under test, kept in case this run never returns
         import shutil
 
-        src = Path(argv[1])
-        shutil.copytree(src, os.environ["QATKIT_FUZZ_LOG"] + ".input", dirs_exist_ok=True) if src.is_dir() else shutil.copy(src, os.environ["QATKIT_FUZZ_LOG"] + ".input")
+        src, keep = Path(argv[1]), Path(os.environ["QATKIT_FUZZ_LOG"] + ".input")
+        shutil.rmtree(keep, ignore_errors=True) if keep.is_dir() else keep.unlink(missing_ok=True)
+        shutil.copytree(src, keep) if src.is_dir() else shutil.copyfile(src, keep)
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     capsys.readouterr()
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(60)  # a hang in Python code fails the test here
-    faulthandler.dump_traceback_later(180, exit=True)  # one inside native code (which the alarm cannot stop) ends the run, with its stack
+    faulthandler.dump_traceback_later(180, exit=True, file=sys.__stderr__)  # one inside native code (which the alarm cannot stop) ends the run, with its stack
     try:
         rc = main(argv)
     except Hang:

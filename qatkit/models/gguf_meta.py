@@ -106,24 +106,98 @@ def typed(value: int | float | str | bool) -> list:
     return ["STRING", str(value)]
 
 
-def check_shapes(reader: GGUFReader, path) -> None:
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # GGUF value type -> bytes
+_SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+STRING, ARRAY = 8, 9
+
+
+def scan_header(path) -> tuple[dict, dict[str, list[int]]]:
+    """A GGUF's scalar key-values (strings included; arrays as their element count) and its
+    tensor table {name: ne}, read from the header alone: every count and length is checked
+    against the bytes that remain, so a damaged file costs no more than its size, and nothing is
+    handed to a native loader that could abort on it."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size < 24:
+            raise QatkitError(f"{path}: not a readable GGUF file ({size} bytes)")
+        buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    at = 0
+
+    def take(n: int) -> int:
+        nonlocal at
+        if n < 0 or n > size - at:
+            raise QatkitError(f"{path}: not a readable GGUF file, truncated or corrupt (a length of {n} bytes at offset {at} runs past its end)")
+        at += n
+        return at - n
+
+    def unpack(fmt: str):
+        return struct.unpack_from(fmt, buf, take(struct.calcsize(fmt)))[0]
+
+    def string() -> str:
+        n = unpack("<Q")
+        return bytes(buf[take(n) : at]).decode("utf-8", "surrogateescape")
+
+    def value(t: int, depth: int = 0):
+        if t in _SCALAR:
+            return unpack(_SCALAR[t])
+        if t == STRING:
+            return string()
+        if t == ARRAY and depth < 2:
+            sub, count = unpack("<I"), unpack("<Q")
+            if sub in _FIXED:
+                take(count * _FIXED[sub])
+            else:
+                if count > (size - at) // 8:  # each element takes at least 8 bytes
+                    raise QatkitError(f"{path}: not a readable GGUF file, truncated or corrupt (an array of {count} elements in {size - at} bytes)")
+                for _ in range(count):
+                    value(sub, depth + 1)
+            return ["ARRAY", count]
+        raise QatkitError(f"{path}: not a readable GGUF file, truncated or corrupt (value type {t} at offset {at})")
+
+    try:
+        if bytes(buf[:4]) != b"GGUF":
+            raise QatkitError(f"{path}: not a GGUF file (bad magic)")
+        take(4)
+        version = unpack("<I")
+        if version not in (2, 3):
+            raise QatkitError(f"{path}: GGUF version {version} is not one qatkit reads (2 or 3)")
+        n_tensors, n_kv = unpack("<Q"), unpack("<Q")
+        if n_kv > size // 13 or n_tensors > size // 24:  # the least a key-value and a tensor entry take
+            raise QatkitError(f"{path}: not a readable GGUF file, truncated or corrupt ({n_tensors} tensors, {n_kv} keys in {size} bytes)")
+        fields = {}
+        for _ in range(n_kv):
+            key = string()
+            fields[key] = value(unpack("<I"))
+        ne = {}
+        for _ in range(n_tensors):
+            name = string()
+            n_dims = unpack("<I")
+            if n_dims > 8:
+                raise QatkitError(f"{path}: tensor {name!r} has {n_dims} dimensions")
+            ne[name] = [unpack("<Q") for _ in range(n_dims)]
+            take(12)  # type u32, offset u64
+        return fields, ne
+    finally:
+        buf.close()
+
+
+def check_shapes(path) -> None:
     """The hyper-parameters a model is built from agree with the tensors the file holds, so that
     one damaged number (block_count 536870913 was met by the fuzz test, or a width of 10^9) is
-    refused in one line before transformers allocates a model of that size. Shapes are ggml's:
-    ne[0] is a weight's input width."""
-    a = str(reader.fields["general.architecture"].contents())
+    refused in one line before transformers allocates a model of that size, or llama.cpp aborts
+    on it. Shapes are ggml's: ne[0] is a weight's input width."""
+    fields, ne = scan_header(path)
+    a = fields.get("general.architecture")
+    if not isinstance(a, str):
+        raise QatkitError(f"{path}: no general.architecture in this GGUF")
 
     def value(key: str):
-        f = reader.fields.get(f"{a}.{key}")
-        if f is None:
-            return None
-        try:
-            v = f.contents()
-        except Exception:  # a damaged field
-            raise QatkitError(f"{path}: {a}.{key} is not readable") from None
+        v = fields.get(f"{a}.{key}")
         return v if isinstance(v, int) and not isinstance(v, bool) else None  # (per-layer arrays are checked by their own readers)
 
-    ne = {t.name: [int(x) for x in t.shape] for t in reader.tensors}
     blocks = {int(n.split(".")[1]) for n in ne if n.startswith("blk.") and n.split(".")[1].isdigit()}
     n = value("block_count")
     if n is None or len(blocks) != n or (blocks and (min(blocks) != 0 or max(blocks) != n - 1)):

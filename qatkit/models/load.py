@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,7 @@ def _convert_gguf(path: Path, dest: Path) -> None:
     reader = gguf_meta.open_reader(path)
     arch_name = reader.fields["general.architecture"].contents() if "general.architecture" in reader.fields else None
     arch = arch_by_name(str(arch_name))
-    gguf_meta.check_shapes(reader, path)
+    gguf_meta.check_shapes(path)
     meta = gguf_meta.read(reader)
     meta["general.architecture"] = ["STRING", arch.name]
     log.info("dequantizing %s into a float copy (once; cached in %s)", path.name, dest)
@@ -184,17 +185,27 @@ def check_checkpoint(hf_dir: Path, config) -> None:
     files = sorted(hf_dir.glob("*.safetensors"))
     if not files:
         return  # other weight formats: transformers checks them
-    with torch.device("meta"):
-        want = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    shapes = {}
     for file in files:
         try:
             with safe_open(str(file), "pt") as f:
-                shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+                shapes[file.name] = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         except Exception as e:  # safetensors raises its own error types for a cut or corrupt file
             raise QatkitError(f"{file}: unreadable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
-        for name, shape in shapes.items():
+    # the layer count first: a damaged num_hidden_layers (2^31) would take transformers hours to build
+    layers = {int(m[1]) for names in shapes.values() for name in names if (m := re.search(r"\blayers\.(\d+)\.", name))}
+    n = config.to_dict().get("num_hidden_layers")
+    if layers and n != len(layers):
+        raise QatkitError(f"{hf_dir / 'config.json'}: num_hidden_layers is {n}, but the weights hold {len(layers)} layers")
+    try:
+        with torch.device("meta"):
+            want = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+    except Exception as e:  # a value transformers takes but cannot build with: a zero head count, a negative width, an id past the vocabulary
+        raise QatkitError(f"{hf_dir / 'config.json'}: transformers cannot build the model it describes ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    for file, names in shapes.items():
+        for name, shape in names.items():
             if name in want and want[name] != shape:
-                raise QatkitError(f"{file.name}: tensor {name} is {shape}, but the model's config.json makes it {want[name]}")
+                raise QatkitError(f"{file}: tensor {name} is {shape}, but the model's config.json makes it {want[name]}")
 
 
 def load(source: Source, dtype: torch.dtype = torch.float32):
@@ -204,7 +215,7 @@ def load(source: Source, dtype: torch.dtype = torch.float32):
     check_checkpoint(source.hf_dir, read_config(source.hf_dir))
     try:
         model = AutoModelForCausalLM.from_pretrained(source.hf_dir, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # OSError, ValueError, RuntimeError, KeyError, and what a damaged config.json value raises
         raise QatkitError(f"{source.spec}: transformers cannot load this model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     check_finite(model, source.spec)
     tokenizer = AutoTokenizer.from_pretrained(source.hf_dir)

@@ -24,6 +24,7 @@ from qatkit import QatkitError
 
 from .. import metrics, progress
 from ..atomic import atomic_path
+from ..models import gguf_meta
 
 log = logging.getLogger(__name__)
 _native = logging.getLogger("qatkit.llama_cpp")
@@ -72,6 +73,7 @@ def open_model(path, n_ctx: int = 512, n_threads: int | None = None,
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise QatkitError(f"{path}: no such file")
+    gguf_meta.check_shapes(path)  # llama.cpp aborts the process (GGML_ASSERT) on some damaged headers
     n_threads = n_threads or os.cpu_count() or 1
     _errors.clear()
     try:
