@@ -215,3 +215,37 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         loop.save_checkpoint(ckpt, s, opt, 2, batches, TrainConfig())
     assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+def test_checkpoints_are_written_while_training_goes_on(tmp_path, monkeypatch):
+    """The checkpoint after step 2 is written in the background: its write waits until step 3
+    has run (it would wait in vain, and fail, if the loop waited for the write), and what it
+    writes is still the state after step 2 (the weights of a 2-step run), not the live tensors."""
+    import threading
+
+    cfg = TrainConfig(steps=2, batch_size=2, seq_len=32, lr=1e-3, warmup_steps=1, eval_every=100)
+    teacher, a, tr, held = distill_setup()
+    train(a, teacher, tr, held, cfg, tmp_path / "a", progress=False)
+
+    third_step = threading.Event()
+    written = []
+    real_write, real_step = loop.write_checkpoint, loop._step
+
+    def late_write(path, state):
+        written.append((third_step.wait(timeout=60), state["step"], {k: v.clone() for k, v in state["params"].items()}))
+        real_write(path, state)
+
+    def step(*args):  # (student, teacher, opt, batches, step, ...)
+        out = real_step(*args)
+        if args[4] == 2:  # the third step has run: the checkpoint after two steps was taken before it
+            third_step.set()
+        return out
+
+    monkeypatch.setattr(loop, "write_checkpoint", late_write)
+    monkeypatch.setattr(loop, "_step", step)
+    teacher, b, tr, held = distill_setup()
+    train(b, teacher, tr, held, TrainConfig(**{**cfg.__dict__, "steps": 4, "ckpt_every": 2}), tmp_path / "b", progress=False)
+    overlapped, at, params = written[0]
+    assert overlapped and at == 2
+    assert all(torch.equal(params[n], p) for n, p in a.named_parameters() if n in params)
+    assert loop.read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 4  # the last one is on disk when train returns

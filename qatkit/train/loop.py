@@ -126,16 +126,65 @@ def make_optimizer(student, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, betas=(0.9, 0.95))
 
 
-def save_checkpoint(path: Path, student, opt, step: int, batches: Batches, cfg: TrainConfig) -> None:
-    state = {
+def checkpoint_state(student, opt, step: int, batches: Batches, cfg: TrainConfig) -> dict:
+    """A snapshot of what a checkpoint holds, its tensors copied: training may go on changing the
+    live ones while the snapshot is written."""
+    def copy(x):
+        if isinstance(x, torch.Tensor):
+            return x.detach().to("cpu", copy=True)
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    return {
         "step": step,
-        "params": {n: p.detach().cpu() for n, p in _trainable(student).items()},
-        "optimizer": opt.state_dict(),
+        "params": {n: copy(p) for n, p in _trainable(student).items()},
+        "optimizer": copy(opt.state_dict()),
         "batches": batches.state_dict(),
         "config": asdict(cfg),
     }
-    with atomic_path(path) as tmp:
+
+
+def write_checkpoint(path: Path, state: dict) -> None:
+    with atomic_path(path) as tmp:  # whole and fsynced, or the previous one stays
         torch.save(state, tmp)
+
+
+def save_checkpoint(path: Path, student, opt, step: int, batches: Batches, cfg: TrainConfig) -> None:
+    write_checkpoint(path, checkpoint_state(student, opt, step, batches, cfg))
+
+
+class CheckpointWriter:
+    """Writes checkpoints in a background thread: the step loop pays for the snapshot (a copy
+    in memory), not for serialising and fsyncing ~1.2 GB. One write at a time; a failed write
+    (a full disk) is raised at the next save or at `wait`."""
+
+    def __init__(self):
+        self._thread = None
+        self._error: BaseException | None = None
+
+    def save(self, path: Path, state: dict) -> None:
+        self.wait()
+        import threading
+
+        def run():
+            try:
+                write_checkpoint(path, state)
+            except BaseException as e:  # handed to the training thread
+                self._error = e
+
+        self._thread = threading.Thread(target=run, name="qatkit-checkpoint", daemon=False)
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            e, self._error = self._error, None
+            raise e
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -248,6 +297,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress)
     t_last = time.time()
     done, data_at_step, updating, skipped = start, batches.state_dict(), False, 0
+    writer = CheckpointWriter()
     try:
         for step in bar:
             data_at_step = batches.state_dict()
@@ -274,10 +324,12 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
             _write_rows(metrics_path, [row], append=True)
             bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                save_checkpoint(ckpt, student, opt, done, batches, cfg)
+                writer.save(ckpt, checkpoint_state(student, opt, done, batches, cfg))
+        writer.wait()  # the last checkpoint is on disk before training returns
     except KeyboardInterrupt:
         # Keep what is finished: the weights after `done` whole steps and the data position at
         # the start of the step that was cut (its partial gradients are dropped).
+        writer.wait()
         if not updating and done > start:
             opt.zero_grad(set_to_none=True)
             batches.load_state_dict(data_at_step)
@@ -285,6 +337,8 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
             log.warning("interrupted: checkpoint after step %d saved in %s; --resume continues", done, ckpt)
         raise
     finally:
+        if writer._thread is not None:  # an error left a write running: let it end, whole or not at all
+            writer._thread.join()
         bar.close()
         if cache is not None:
             log.info("teacher cache: %d sequences read, %d computed and stored", cache.hits, cache.misses)
