@@ -59,6 +59,17 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
         raise
 
 
+def remove_stale(dest: str | os.PathLike) -> int:
+    """Remove the temporaries a killed writer of `dest` left beside it (`.name.*.tmp`); for a
+    destination only one process writes, such as a run's checkpoint. Returns how many."""
+    dest = Path(dest)
+    n = 0
+    for p in dest.parent.glob(f".{dest.name}.*.tmp"):
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        n += 1
+    return n
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -95,7 +95,7 @@ class Scores:
         if self.count == 0:
             raise QatkitError("no positions were scored")
         mean = self.nll / self.count
-        ppl = math.exp(mean)
+        ppl = perplexity(mean)
         var = self.nll2 / self.count - mean * mean
         return {
             "ppl": ppl,
@@ -183,3 +183,8 @@ def layer_errors(teacher, ptq_weights: dict[str, torch.Tensor], qat_weights: dic
         norm = ref.norm()
         out[name] = {k: float((x @ ws[name].T - ref).norm() / norm) for k, ws in (("ptq", ptq_weights), ("qat", qat_weights))}
     return out
+
+
+def perplexity(mean_nll: float) -> float:
+    """exp(mean NLL), infinite past float range (a broken model's NLL can reach 10^3 nats)."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf

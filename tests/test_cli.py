@@ -256,10 +256,12 @@ def test_kill_9_then_resume_writes_the_same_file(tmp_path, lines):
     assert p.poll() is None, "the run ended before it could be killed"
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
-    assert not (cut / "qat-q4_0.gguf").exists() and not [q.name for q in cut.iterdir() if q.name.endswith(".tmp")]
+    # a write the kill cut may have left its hidden temporary, never a half checkpoint
+    assert not (cut / "qat-q4_0.gguf").exists() and all(q.name.startswith(".checkpoint.pt.") for q in cut.iterdir() if q.name.endswith(".tmp"))
     r = subprocess.run([*args(cut), "--resume"], env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert (cut / "qat-q4_0.gguf").read_bytes() == (whole / "qat-q4_0.gguf").read_bytes()
+    assert not [q.name for q in cut.iterdir() if q.name.endswith(".tmp")]  # the resumed run cleared it
 
 
 @pytest.mark.parametrize("key, value, words", [
@@ -279,3 +281,18 @@ def test_damaged_config_value_is_one_line(tmp_path, capsys, key, value, words):
     assert run(capsys, "export", str(src), "--format", "q8_0", "--out", str(out)) == 2
     one_line_error(capsys, words)
     assert not out.exists()
+
+
+def test_eval_of_a_model_past_float_range_says_inf(tmp_path, capsys):
+    """A model whose logits are astronomically wrong (an output head of scale 1e20: a bit-flipped
+    GGUF in the fuzz run of `qatkit eval` was such a file) scores perplexity inf, not a traceback
+    from exp() overflowing in the progress line."""
+    import json
+
+    path = tmp_path / "wild.gguf"
+    write_tiny_llama(path, TinyConfig(out_std=1e20))
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT * 4)
+    assert run(capsys, "eval", str(path), "--text", str(text), "--json") == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert math.isinf(row["ppl"]) and row["tokens"] > 0

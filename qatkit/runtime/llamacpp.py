@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections
 import ctypes
 import logging
-import math
 import os
 import re
 import sys
@@ -190,7 +189,7 @@ def score_files(paths, text: str, ref_path=None, n_ctx: int = 512, max_chunks: i
         ref_fn = _logits_fn(ref) if ref is not None and ref_index is None else None
         try:
             scores = metrics.score_chunks(fns, chunk_list, ref_fn, ref_index,
-                                          progress=lambda c, sc: (bar.update(1), bar.set_postfix(ppl=f"{math.exp(sc[0].nll / sc[0].count):.3f}")))
+                                          progress=lambda c, sc: (bar.update(1), bar.set_postfix(ppl=f"{metrics.perplexity(sc[0].nll / sc[0].count):.3f}")))
         finally:
             bar.close()
     finally:

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import QatkitError
-from ..atomic import atomic_path
+from ..atomic import atomic_path, remove_stale
 from ..config import TrainConfig
 from ..metrics import compare
 from ..nn import FakeQuantExperts, FakeQuantLinear
@@ -284,6 +284,8 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     if cfg.teacher_topk:
         cache = TeacherCache(teacher, _head, train_seqs, cfg.teacher_topk, cfg.temperature, Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else None)
     start = 0
+    if remove_stale(ckpt):  # a write cut by kill -9: never the checkpoint itself, which is whole
+        log.info("removed an unfinished checkpoint write left by an interrupted run")
     if resume and ckpt.exists():
         start = load_checkpoint(ckpt, student, opt, batches)
         log.info("resumed from %s at step %d", ckpt, start)
