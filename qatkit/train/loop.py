@@ -178,6 +178,12 @@ class CheckpointWriter:
         self._thread = threading.Thread(target=run, name="qatkit-checkpoint", daemon=False)
         self._thread.start()
 
+    def settle(self) -> None:
+        """Let a running write end (whole, or not at all) without raising its error: for a loop
+        that is already failing."""
+        if self._thread is not None:
+            self._thread.join()
+
     def wait(self) -> None:
         if self._thread is not None:
             self._thread.join()
@@ -339,8 +345,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
             log.warning("interrupted: checkpoint after step %d saved in %s; --resume continues", done, ckpt)
         raise
     finally:
-        if writer._thread is not None:  # an error left a write running: let it end, whole or not at all
-            writer._thread.join()
+        writer.settle()  # an error may have left a write running
         bar.close()
         if cache is not None:
             log.info("teacher cache: %d sequences read, %d computed and stored", cache.hits, cache.misses)
