@@ -408,8 +408,8 @@ class KVCacheLM(nn.Module):
 def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True) -> dict:
     """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it.
     Returns facts about the file: sizes, delegated partitions, seconds. `dynamic=False` writes a
-    one-token program (the runner then prefills token by token): it exports ~3.5x faster
-    (benchmarks/export_time.py), the dynamic length being what makes the export slow."""
+    one-token program (the runner then prefills token by token): it exports 1.8x faster at the
+    default model's width (benchmarks/export_time.py), the dynamic length being what slows it."""
     require_executorch()
     import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding ops)
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
@@ -167,7 +168,6 @@ class CheckpointWriter:
 
     def save(self, path: Path, state: dict) -> None:
         self.wait()
-        import threading
 
         def run():
             try:
