@@ -44,7 +44,7 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
             return
-        _fsync_tree(tmp)  # on disk before it replaces the previous good file: a power cut leaves one or the other
+        fsync_tree(tmp)  # on disk before it replaces the previous good file: a power cut leaves one or the other
         if folder and dest.is_dir():
             shutil.rmtree(dest)  # os.replace cannot replace a non-empty folder
         os.replace(tmp, dest)
@@ -78,7 +78,7 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     if path.is_dir():
         for p in sorted(path.rglob("*")):
             if p.is_file():

@@ -201,7 +201,16 @@ def cmd_train(args) -> int:
     target = targets.for_format(cfg.qat.fmt)
     if args.export:
         target.check(cfg)  # before the training, not after it
-    result = qat_run(cfg, args.out, resume=args.resume)
+    group = _distributed_group()
+    try:
+        result = qat_run(cfg, args.out, resume=args.resume, group=group)
+    finally:
+        if group is not None:
+            from .train import distributed
+
+            distributed.teardown()
+    if group is not None and not group.main:
+        return 0  # rank 0 exports and reports
     if args.export:
         result = target.export(result)
     last = [r for r in result["metrics"] if "held_out_kl" in r]
@@ -211,6 +220,26 @@ def cmd_train(args) -> int:
             print(f"wrote {result[key]} ({result['file_bytes'] / 1e6:.1f} MB)")
     print(f"run directory: {args.out}")
     return 0
+
+
+def distributed_launch() -> bool:
+    from .train.distributed import launched
+
+    return launched()
+
+
+def _distributed_group():
+    """This process's place when torchrun started several (train/distributed.py), else None;
+    only rank 0 narrates."""
+    from .train import distributed
+
+    if not distributed.launched():
+        return None
+    group = distributed.setup()
+    if not group.main:
+        logging.getLogger("qatkit").setLevel(logging.WARNING)
+    log.info("torchrun: %d processes on %s, FSDP2", group.world, group.device.type)
+    return group
 
 
 def cmd_export(args) -> int:
@@ -397,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         # would come before qatkit's one line; --verbose shows them
         warnings.filterwarnings("ignore", module=r"(torch|torchao|transformers|executorch|gguf|numpy|safetensors|huggingface_hub|tokenizers|matplotlib)(\.|$)")
     try:
+        if args.command != "train" and distributed_launch():
+            raise QatkitError(f"qatkit {args.command} runs in one process; under torchrun use qatkit train (then qatkit eval or run on its file)")
         if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import
             _quiet_transformers(args.verbose)
         return COMMANDS[args.command](args)

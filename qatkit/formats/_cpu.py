@@ -80,3 +80,10 @@ if njit is not None:
 
 def available() -> bool:
     return njit is not None
+
+
+def view(t):
+    """A contiguous CPU tensor as a numpy array over the same memory, read-only use. Through
+    DLPack, not Tensor.numpy(): numpy() marks the storage unresizable for good, and FSDP2 frees
+    a gathered weight after each layer's forward by resizing its storage to zero."""
+    return np.from_dlpack(t.detach().contiguous())

@@ -75,7 +75,7 @@ def quantize(w: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tens
 
 def _quantize_cpu(b: torch.Tensor, d: torch.Tensor | None, shape) -> tuple[torch.Tensor, torch.Tensor]:
     """The same computation as the torch path below, fused per block (formats/_cpu.py)."""
-    x = b.detach().reshape(-1, BLOCK).contiguous().numpy()
+    x = _cpu.view(b.reshape(-1, BLOCK))
     given = np.empty(0, np.float32) if d is None else d.detach().to(torch.float16).float().reshape(-1).contiguous().numpy()
     codes = np.empty(x.shape, np.uint8)
     d32 = np.empty(x.shape[0], np.float32)

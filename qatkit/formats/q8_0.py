@@ -48,7 +48,7 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., n) float -> (codes int8 (..., n), scales fp16 (..., n/32)); bit-exact with ggml."""
     b = _blocks(w.float())
     if _cpu.available() and not b.is_cuda and b.numel():
-        x = b.detach().reshape(-1, BLOCK).contiguous().numpy()
+        x = _cpu.view(b.reshape(-1, BLOCK))
         codes, d32 = np.empty(x.shape, np.int8), np.empty(x.shape[0], np.float32)
         _cpu.q8_0_codes(x, codes, d32)  # the computation below, fused per block
         return torch.from_numpy(codes).reshape(w.shape), torch.from_numpy(d32).reshape(b.shape[:-1]).to(torch.float16)

@@ -35,6 +35,7 @@ from ..config import TrainConfig
 from ..metrics import compare
 from ..nn import FakeQuantExperts, FakeQuantLinear
 from ..progress import bar as progress_bar
+from . import distributed
 from .data import Batches
 from .teacher_cache import TeacherCache, topk_kl
 
@@ -57,6 +58,14 @@ def _head(model, hidden: torch.Tensor) -> torch.Tensor:
     return torch.tanh(logits / cap) * cap if cap else logits
 
 
+def logits_at(model, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """The model's float logits at positions `pos` of x (B, L): the output head runs on those
+    rows only (the head of a 262k vocabulary is most of a CPU step). Through the model's own
+    forward (`logits_to_keep`, soft-capping included), so that FSDP's hooks on the root see it;
+    bit for bit what `_head` gives on the decoder's hidden states."""
+    return model(x, logits_to_keep=pos, use_cache=False).logits.float()
+
+
 def positions(seq_len: int, fraction: float, gen: torch.Generator) -> torch.Tensor:
     """Sorted random positions (predicting the next token: 0 .. seq_len-2)."""
     n = max(1, round((seq_len - 1) * fraction))
@@ -76,9 +85,9 @@ def distill_loss(student, teacher, x: torch.Tensor, pos: torch.Tensor, cfg: Trai
     T = cfg.temperature
     if cache is None:
         with torch.no_grad():
-            t_logits = _head(teacher, teacher.model(x).last_hidden_state[:, pos])
+            t_logits = logits_at(teacher, x, pos)
     with student_context():
-        s_logits = _head(student, student.model(x).last_hidden_state[:, pos])
+        s_logits = logits_at(student, x, pos)
     s_logp = F.log_softmax(s_logits / T, -1)
     if cache is not None:
         kl = topk_kl(*cache.lookup(x, pos), s_logp).mean()
@@ -103,8 +112,9 @@ def held_out_kl(student, teacher, seqs: torch.Tensor, batch_size: int = 1) -> fl
     total, count = 0.0, 0
     for i in range(0, len(seqs), batch_size):
         x = seqs[i : i + batch_size]
-        t = _head(teacher, teacher.model(x).last_hidden_state[:, :-1]).flatten(0, 1)
-        s = _head(student, student.model(x).last_hidden_state[:, :-1]).flatten(0, 1)
+        pos = torch.arange(x.shape[1] - 1, device=x.device)
+        t = logits_at(teacher, x, pos).flatten(0, 1)
+        s = logits_at(student, x, pos).flatten(0, 1)
         total += compare(t, s)["kld"] * len(t)
         count += len(t)
     return total / count
@@ -206,24 +216,62 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
-def load_checkpoint(path: Path, student, opt, batches: Batches) -> int:
-    state = read_checkpoint(path)
+def load_checkpoint(path: Path, student, opt, batches: Batches, state: dict | None = None, sharded: bool = False) -> int:
+    """Put checkpoint.pt's tensors, optimizer state and data position into this run; returns its
+    step. `state`: the file already read; `sharded`: the student is under FSDP2 (a run of W
+    processes continuing one of a single process)."""
+    state = read_checkpoint(path) if state is None else state
     params = _trainable(student)
     missing = set(params) ^ set(state["params"])
     if missing:
         raise QatkitError(f"{path}: checkpoint does not match this student ({len(missing)} tensors differ, e.g. {sorted(missing)[0]})")
-    with torch.no_grad():
-        for n, p in params.items():
-            v = state["params"][n]
-            if not isinstance(v, torch.Tensor) or v.shape != p.shape or not torch.isfinite(v).all():
-                raise QatkitError(f"{path}: {n} is not a finite tensor of shape {tuple(p.shape)}")
-            p.copy_(v)
+    for n, p in params.items():
+        v = state["params"][n]
+        if not isinstance(v, torch.Tensor) or v.shape != p.shape or not torch.isfinite(v).all():
+            raise QatkitError(f"{path}: {n} is not a finite tensor of shape {tuple(p.shape)}")
     try:
-        opt.load_state_dict(state["optimizer"])
-    except (ValueError, KeyError, TypeError) as e:
+        if sharded:
+            _load_full_into_shards(state, student, opt)
+        else:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(state["params"][n])
+            opt.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
         raise QatkitError(f"{path}: its optimizer state does not fit this run ({e})") from None
     batches.load_state_dict(state["batches"])
     return int(state["step"])
+
+
+def _load_full_into_shards(state: dict, student, opt) -> None:
+    """checkpoint.pt's whole tensors into an FSDP2 student and its optimizer: the optimizer
+    state, numbered by position in one process's param groups, renamed to the tensors' names
+    (the form torch.distributed.checkpoint.state_dict reads), each process keeping its shard."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    name = {id(p): n for n, p in student.named_parameters()}
+    order = [name[id(p)] for g in opt.param_groups for p in g["params"]]
+    saved = state["optimizer"]
+    optim = {"state": {order[int(i)]: v for i, v in saved["state"].items()},
+             "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(student, opt, model_state_dict=state["params"], optim_state_dict=optim,
+                   options=StateDictOptions(full_state_dict=True, strict=False, ignore_frozen_params=True))
+
+
+def _resume(run_dir: Path, student, opt, batches: Batches, group: distributed.Group | None) -> int:
+    """Continue from the run's newest checkpoint of either kind, checkpoint.pt (one process) or
+    a sharded one (torchrun), whatever the number of processes now; returns its step (0: none)."""
+    ckpt = run_dir / "checkpoint.pt"
+    sharded = distributed.latest(run_dir)
+    state = read_checkpoint(ckpt) if ckpt.exists() else None
+    if sharded is not None and (state is None or sharded[1] >= int(state["step"])):
+        where, step = sharded[0], distributed.load(sharded[0], student, opt, batches)
+    elif state is not None:
+        where, step = ckpt, load_checkpoint(ckpt, student, opt, batches, state, sharded=group is not None)
+    else:
+        return 0
+    log.info("resumed from %s at step %d", where, step)
+    return step
 
 
 def _set_fake_quant(student, on: bool) -> None:
@@ -246,15 +294,22 @@ def default_device() -> torch.device:
 
 
 def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, device: torch.device | None = None,
-          weight_types: dict[str, str] | None = None, watch: dict[str, torch.Tensor] | None = None) -> list[dict]:
+          weight_types: dict[str, str] | None = None, watch: dict[str, torch.Tensor] | None = None, group: distributed.Group | None = None) -> list[dict]:
     """Train `student` in place on `device` (default: CUDA when present); returns the metrics rows
     (also appended to run_dir/metrics.jsonl). Both models are back on the CPU afterwards.
     weight_types: {Linear module name: GGUF format}, which `cfg.faithful` needs.
     watch: {name: sequences} whose KL is logged at every evaluation (row["watch_kl"][name]),
-    never trained on: text of other domains, to see whether the gain carries over."""
-    device = device or default_device()
-    student.to(device)
-    teacher.to(device)
+    never trained on: text of other domains, to see whether the gain carries over.
+    group: this process's place in a torchrun launch; both models are then sharded with FSDP2
+    (train/distributed.py) and stay so."""
+    if group is not None:
+        device = group.device
+        distributed.shard(student, group)
+        distributed.shard(teacher, group)
+    else:
+        device = device or default_device()
+        student.to(device)
+        teacher.to(device)
     try:
         student_context = nullcontext
         if cfg.faithful:
@@ -264,10 +319,11 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
 
             student_context = partial(llamacpp_faithful, student, weight_types, exact=False)
         watch = {k: v.to(device) for k, v in (watch or {}).items()}
-        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context, watch)
+        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context, watch, group)
     finally:
-        student.cpu()
-        teacher.cpu()
+        if group is None:
+            student.cpu()
+            teacher.cpu()
 
 
 def _evaluate(student, teacher, held_seqs, watch: dict) -> dict:
@@ -277,7 +333,9 @@ def _evaluate(student, teacher, held_seqs, watch: dict) -> dict:
     return row
 
 
-def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, student_context, watch: dict) -> list[dict]:
+def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, student_context, watch: dict,
+           group: distributed.Group | None = None) -> list[dict]:
+    main = group is None or group.main  # the process that logs and writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     teacher.eval().requires_grad_(False)
@@ -289,27 +347,26 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     cache = None
     if cfg.teacher_topk:
         cache = TeacherCache(teacher, _head, train_seqs, cfg.teacher_topk, cfg.temperature, Path(cfg.teacher_cache_dir) if cfg.teacher_cache_dir else None)
-    start = 0
-    if remove_stale(ckpt):  # a write cut by kill -9: never the checkpoint itself, which is whole
+    if main and remove_stale(ckpt) + distributed.remove_unfinished(run_dir):  # writes cut by kill -9: never a checkpoint itself, which is whole
         log.info("removed an unfinished checkpoint write left by an interrupted run")
-    if resume and ckpt.exists():
-        start = load_checkpoint(ckpt, student, opt, batches)
-        log.info("resumed from %s at step %d", ckpt, start)
-    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()] if resume and metrics_path.exists() else []
-    rows = [r for r in rows if r["step"] < start]
+    if group is not None:
+        distributed.barrier(group)
+    start = _resume(run_dir, student, opt, batches, group) if resume else 0
+    rows = [r for r in _read_rows(metrics_path) if r["step"] < start] if resume else []
     if start == 0 and held_seqs is not None and len(held_seqs):
         _set_fake_quant(student, cfg.fq_warmup == 0)
         rows.append({"step": -1, **_evaluate(student, teacher, held_seqs, watch)})  # before any update
-    _write_rows(metrics_path, rows)
+    if main:
+        _write_rows(metrics_path, rows)
 
-    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not progress)
+    bar = progress_bar(range(start, cfg.steps), initial=start, total=cfg.steps, desc="QAT", unit="step", disable=not (progress and main))
     t_last = time.time()
     done, data_at_step, updating, skipped = start, batches.state_dict(), False, 0
     writer = CheckpointWriter()
     try:
         for step in bar:
             data_at_step = batches.state_dict()
-            row = _step(student, teacher, opt, batches, step, cfg, device, cache, student_context)
+            row = _step(student, teacher, opt, batches, step, cfg, device, cache, student_context, group)
             if math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]):
                 updating, skipped = True, 0
                 opt.step()
@@ -329,12 +386,21 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
                 row.update(_evaluate(student, teacher, held_seqs, watch))
                 student.train()
             rows.append(row)
-            _write_rows(metrics_path, [row], append=True)
+            if main:
+                _write_rows(metrics_path, [row], append=True)
             bar.set_postfix(loss=f"{row['loss']:.4f}", kl=f"{row['kl']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
             if done % cfg.ckpt_every == 0 or done == cfg.steps:
-                writer.save(ckpt, checkpoint_state(student, opt, done, batches, cfg))
+                if group is not None:  # collective: every process writes its shards
+                    distributed.save(run_dir, student, opt, done, batches, cfg, group)
+                else:
+                    writer.save(ckpt, checkpoint_state(student, opt, done, batches, cfg))
         writer.wait()  # the last checkpoint is on disk before training returns
     except KeyboardInterrupt:
+        if group is not None:
+            # each process is cut at its own point, so a collective save could hang: the last
+            # periodic checkpoint is the one to resume from
+            log.warning("interrupted: --resume continues from the last checkpoint (every %d steps)", cfg.ckpt_every)
+            raise
         # Keep what is finished: the weights after `done` whole steps and the data position at
         # the start of the step that was cut (its partial gradients are dropped).
         writer.wait()
@@ -353,8 +419,11 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     return rows
 
 
-def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, device: torch.device, cache=None, student_context=nullcontext) -> dict:
-    """Forward and backward of one optimizer step (all micro-batches); returns its metrics row."""
+def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, device: torch.device, cache=None, student_context=nullcontext,
+          group: distributed.Group | None = None) -> dict:
+    """Forward and backward of one optimizer step (all micro-batches); returns its metrics row.
+    With a `group`, each process takes its share of every micro-batch; the statistics are the
+    means over the processes."""
     lr_scale = lr_at(step, cfg) / cfg.lr
     for g in opt.param_groups:
         g["lr"] = g["base_lr"] * lr_scale
@@ -362,14 +431,29 @@ def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, 
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     stats_sum: dict[str, float] = {}
     for _ in range(cfg.grad_accum):
-        x = next(batches).to(device)
+        x = distributed.local_batch(next(batches), group).to(device)
         loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen).to(device), cfg, cache, student_context)
         (loss / cfg.grad_accum).backward()
         stats["loss"] = float(loss.detach())
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(list(_trainable(student).values()), cfg.grad_clip)  # (non-finite: the caller skips the step)
+    stats_sum = distributed.mean_over(stats_sum, group)
+    grad_norm = distributed.global_norm(torch.nn.utils.clip_grad_norm_(list(_trainable(student).values()), cfg.grad_clip))  # (non-finite: the caller skips the step)
     return {"step": step, **{k: round(v, 6) for k, v in stats_sum.items()}, "lr": lr_at(step, cfg), "grad_norm": round(float(grad_norm), 4), "fake_quant": step >= cfg.fq_warmup}
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """metrics.jsonl's rows; a last line a kill cut in half is dropped (its step is redone)."""
+    rows = []
+    for line in path.read_text().splitlines() if path.exists() else []:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            break
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+            break
+        rows.append(row)
+    return rows
 
 
 def _write_rows(path: Path, rows: list[dict], append: bool = False) -> None:

@@ -22,6 +22,7 @@ from ..config import RunConfig
 from ..models.load import load, read_config, resolve
 from ..plan import GB, describe_memory, training_memory
 from ..prepare import calibrate_static, linear_weight_types, prepare
+from . import distributed
 from .data import default_train_texts, pack, read_texts, sample_cache_dir, sample_from_model, split
 from .loop import default_device, train
 
@@ -115,6 +116,22 @@ def check_memory(source, cfg: RunConfig) -> dict:
     return need
 
 
+def _gathered_student(sharded, source, cfg: RunConfig, train_seqs: torch.Tensor, group: distributed.Group):
+    """After a sharded training: the trained tensors gathered on rank 0 into a plain student,
+    prepared as the sharded one was (same plan, same calibration) from a fresh load; None on
+    the other ranks."""
+    trained = distributed.full_trainable_state(sharded)  # collective
+    if not group.main:
+        return None
+    teacher, _ = load(source)
+    prepare(teacher, source.arch, cfg.qat)
+    calibrate_static(teacher, train_seqs[:CALIBRATION_SEQS])
+    result = teacher.load_state_dict(trained, strict=False)
+    if result.unexpected_keys:
+        raise QatkitError(f"the gathered student has tensors a fresh one lacks: {result.unexpected_keys[:3]}")
+    return teacher.eval()
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     path = run_dir / "config.json"
     if not path.exists():
@@ -122,14 +139,17 @@ def load_run_config(run_dir: Path) -> RunConfig:
     return RunConfig.from_json(path.read_text())
 
 
-def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True, loaded=None, watch_texts: dict[str, str] | None = None) -> dict:
+def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True, loaded=None, watch_texts: dict[str, str] | None = None,
+            group: distributed.Group | None = None) -> dict:
     """Train (or resume); returns the metrics and the trained student with what exporting it
     needs (source, tokenizer, plan). `loaded` = (source, teacher, tokenizer) to reuse a load.
     `watch_texts` {name: text}: the KL on the first sequence of each is logged at every
     evaluation (a torch-side curve of held-out domains; never trained on). A caller that will
     export to ExecuTorch checks for it first (runtime.executorch.require_executorch).
     The run directory appears with its config.json, once the model and data are in hand: bad
-    input leaves nothing behind."""
+    input leaves nothing behind.
+    group: one process of a torchrun launch (train/distributed.py): the models are sharded, and
+    only rank 0's result holds the trained student (the others' "student" is None)."""
     if resume and (run_dir / "config.json").exists():
         saved = load_run_config(run_dir)
         if saved != cfg:
@@ -137,25 +157,32 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
         cfg = saved
     elif resume:
         log.info("nothing to resume in %s; starting a new run", run_dir)
+    if group is not None:
+        distributed.check_supported(cfg, group)
     torch.manual_seed(cfg.train.seed)
     t0 = time.time()
     if loaded is None:
-        source = resolve(cfg.model)
-        check_memory(source, cfg)
-        teacher, tokenizer = load(source)
+        with distributed.main_first(group):  # rank 0 fills the conversion cache, the others read it
+            source = resolve(cfg.model)
+            check_memory(source, cfg)
+            teacher, tokenizer = load(source)
     else:
         source, teacher, tokenizer = loaded
-    train_seqs, held = training_data(cfg, teacher, tokenizer)
+    with distributed.main_first(group):  # and the cache of sampled sequences
+        train_seqs, held = training_data(cfg, teacher, tokenizer)
     student = copy.deepcopy(teacher)
     plan = prepare(student, source.arch, cfg.qat)
     calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
-    write_text(run_dir / "config.json", cfg.to_json())
+    if group is None or group.main:
+        write_text(run_dir / "config.json", cfg.to_json())
     types = None
     if cfg.train.faithful:
         if cfg.qat.fmt == "mobile":
             raise QatkitError("faithful training rounds as llama.cpp does; the mobile student already rounds as XNNPACK does")
         types = linear_weight_types(student, source.arch, plan)
     watch = _watch_seqs(watch_texts or {}, tokenizer, cfg.train.seq_len, teacher.config.vocab_size)
-    rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress, weight_types=types, watch=watch)
+    rows = train(student, teacher, train_seqs, held, cfg.train, run_dir, resume=resume, progress=progress, weight_types=types, watch=watch, group=group)
+    if group is not None:
+        student = _gathered_student(student, source, cfg, train_seqs, group)
     return {"run_dir": str(run_dir), "config": cfg, "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step,
             "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan, "student": student, "source": source, "tokenizer": tokenizer}

@@ -1,0 +1,276 @@
+"""Training on several processes with PyTorch's own engine: FSDP2 (`fully_shard`) under
+`torchrun`, checkpoints with `torch.distributed.checkpoint` (DCP).
+
+    torchrun --nproc-per-node 8 -m qatkit train MODEL --out RUN_DIR --batch-size 8 --export
+
+What changes against one process, and what does not:
+- Student and teacher are both sharded: each decoder layer is an FSDP unit (its weights gathered
+  for its forward and backward, then freed), the rest of the model (embedding, final norm, head)
+  is the root unit. Fake-quant runs on the gathered weight, so the numbers are the same.
+- `--batch-size` is the *global* micro-batch: every process draws the same sequences (same seed,
+  same data position) and keeps its own 1/W of them; FSDP averages the gradients, so an
+  optimizer step sees the same mean gradient as one process with that batch. Losses, KL and the
+  gradient norm are averaged over the processes before they are logged or tested for NaN.
+- Checkpoints are DCP directories: every process writes its own shards (no gather), and any
+  number of processes, including one without torchrun, reads them back (DCP reshards on load).
+  A run of one process reads a sharded checkpoint and a run of W reads a `checkpoint.pt`: the
+  newer step wins.
+- Rank 0 logs, draws the progress bar, writes metrics.jsonl and the exported file; at the end
+  it gathers the trained tensors (the only full copy) and exports from a plain student.
+
+    RUN_DIR/checkpoint/step-000040/   the DCP files of each process + trainer.json
+    RUN_DIR/checkpoint/latest         the name of the last whole one (written last, atomically)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from .. import QatkitError
+from ..atomic import fsync_tree, write_text
+
+log = logging.getLogger(__name__)
+
+SHARDED_DIR = "checkpoint"  # in the run directory
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place in a torchrun launch."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def launched() -> bool:
+    """True when torchrun started this process as one of several."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1")) > 1
+    except ValueError:
+        return False
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts its workers in sessions of their own, so `kill -9` of torchrun alone
+    leaves them training and writing into the run directory, beside the run a user resumes
+    there. Linux's parent-death signal ends each worker with its launcher."""
+    import ctypes
+    import signal
+
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    PR_SET_PDEATHSIG = 1
+    launcher = os.getppid()
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != launcher:  # it died before the signal was armed
+        os._exit(1)
+
+
+def setup() -> Group:
+    """Join the process group torchrun describes (NCCL on GPUs, gloo on CPUs)."""
+    import torch.distributed as dist
+
+    _die_with_launcher()
+    rank, world, local = (int(os.environ[k]) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    if torch.cuda.is_available():
+        if torch.cuda.device_count() <= local:
+            raise QatkitError(f"process {rank} of {world} wants GPU {local}, but this machine has {torch.cuda.device_count()}")
+        device = torch.device("cuda", local)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = False  # float32 throughout, as one process trains (loop.default_device)
+        torch.backends.cudnn.allow_tf32 = False
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return Group(rank, world, local, device)
+
+
+def teardown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(group: Group) -> None:
+    import torch.distributed as dist
+
+    dist.barrier(device_ids=[group.local_rank] if group.device.type == "cuda" else None)
+
+
+@contextmanager
+def main_first(group: Group | None):
+    """Rank 0 runs the block first (filling caches: converted models, sampled sequences), the
+    others after it, reading what it wrote."""
+    if group is None:
+        yield
+        return
+    if not group.main:
+        barrier(group)
+    yield
+    if group.main:
+        barrier(group)
+
+
+def check_supported(cfg, group: Group) -> None:
+    """What a sharded run cannot do yet, refused before anything loads."""
+    t = cfg.train
+    if t.batch_size % group.world:
+        raise QatkitError(f"--batch-size {t.batch_size} is the global micro-batch and must split evenly over the {group.world} processes")
+    if t.faithful:
+        raise QatkitError("--faithful trains one process at a time (its llama.cpp rounding is not sharded yet)")
+    if t.teacher_topk:
+        raise QatkitError("--teacher-topk's disk cache is for one process (under torchrun the teacher is sharded and runs every step)")
+
+
+def shard(model: torch.nn.Module, group: Group) -> None:
+    """FSDP2 units, parameters on the group's device, in place: each decoder layer; each lookup
+    table that does not share its weight with the output head (Gemma 4's per-layer table, 2.35B
+    entries in E2B, is gathered for the lookup and freed, not held all step); and the whole
+    model as the root (token embedding, tied head, final norm)."""
+    from torch.distributed.fsdp import fully_shard
+
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None:
+        raise QatkitError(f"{type(model).__name__}: no decoder layers at model.layers to shard")
+    model.to(group.device)
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    for layer in layers:
+        fully_shard(layer)
+    for table in model.modules():
+        if isinstance(table, torch.nn.Embedding) and table.weight is not head:
+            fully_shard(table)
+    fully_shard(model)
+
+
+def local_batch(x: torch.Tensor, group: Group | None) -> torch.Tensor:
+    """This process's share of the global micro-batch `x` (B, L): rows rank*B/W .. (rank+1)*B/W."""
+    if group is None:
+        return x
+    n = len(x) // group.world
+    return x[group.rank * n : (group.rank + 1) * n]
+
+
+def mean_over(stats: dict[str, float], group: Group | None) -> dict[str, float]:
+    """Each statistic averaged over the processes (their shares are equal)."""
+    if group is None or not stats:
+        return stats
+    import torch.distributed as dist
+
+    keys = sorted(stats)
+    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64, device=group.device)
+    dist.all_reduce(t)
+    return {k: float(v) / group.world for k, v in zip(keys, t.tolist())}
+
+
+def global_norm(norm: torch.Tensor) -> torch.Tensor:
+    """clip_grad_norm_'s result as a plain tensor (over FSDP's shards it is a replicated DTensor)."""
+    from torch.distributed.tensor import DTensor
+
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+# ----------------------------------------------------------------------- sharded checkpoints
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=True, **kw)  # only what trains, like checkpoint.pt
+
+
+def latest(run_dir: Path) -> tuple[Path, int] | None:
+    """The last whole sharded checkpoint of the run and its step, or None."""
+    pointer = run_dir / SHARDED_DIR / "latest"
+    if not pointer.is_file():
+        return None
+    path = run_dir / SHARDED_DIR / pointer.read_text().strip()
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+        return path, int(trainer["step"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise QatkitError(f"{path}: not a readable sharded checkpoint ({e})") from None
+
+
+def remove_unfinished(run_dir: Path) -> int:
+    """Directories of sharded writes a kill cut short (and superseded ones): all but `latest`."""
+    root = run_dir / SHARDED_DIR
+    if not root.is_dir():
+        return 0
+    keep = (root / "latest").read_text().strip() if (root / "latest").is_file() else None
+    n = 0
+    for p in root.iterdir():
+        if p.is_dir() and p.name != keep:
+            shutil.rmtree(p, ignore_errors=True)
+            n += 1
+    return n
+
+
+def save(run_dir: Path, student, opt, step: int, batches, cfg, group: Group) -> Path:
+    """Every process writes its shards of the trainable tensors and the optimizer into a new
+    step directory; rank 0 adds trainer.json (step, data position, config), fsyncs the directory
+    and then points `latest` at it. A kill anywhere leaves `latest` on a whole checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    root = run_dir / SHARDED_DIR
+    name = f"step-{step:06d}"
+    tmp = root / f".{name}.tmp"
+    if group.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier(group)
+    model_sd, optim_sd = get_state_dict(student, opt, options=_options())
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    if group.main:
+        (tmp / "trainer.json").write_text(json.dumps({"step": step, "batches": batches.state_dict(), "config": asdict(cfg), "world": group.world}))
+        fsync_tree(tmp)
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_text(root / "latest", name)  # the switch: atomic and fsynced
+        remove_unfinished(run_dir)
+    barrier(group)
+    return root / name
+
+
+def load(path: Path, student, opt, batches) -> int:
+    """Read a sharded checkpoint into `student` and `opt` (sharded or not: DCP reshards to
+    whatever this run has, one process included); returns its step."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    trainer = json.loads((path / "trainer.json").read_text())
+    model_sd, optim_sd = get_state_dict(student, opt, options=_options())  # the layout to fill
+    state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # a missing or foreign key, a damaged file
+        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise QatkitError(f"{path}: this sharded checkpoint does not fit this run ({why})") from None
+    set_state_dict(student, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(strict=False))
+    batches.load_state_dict(trainer["batches"])
+    return int(trainer["step"])
+
+
+def full_trainable_state(student) -> dict[str, torch.Tensor]:
+    """The trained tensors, whole and on the CPU, on rank 0 (empty elsewhere). Collective."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(student, options=_options(full_state_dict=True, cpu_offload=True))
