@@ -150,9 +150,12 @@ def _add_train(sub) -> None:
         formatter_class=_HelpFormatter,
     )
     p.add_argument("model", metavar="MODEL", nargs="?", default=DEFAULT_MODEL)
-    p.add_argument("--out", type=Path, required=True, metavar="RUN_DIR")
+    p.add_argument("--out", type=Path, metavar="RUN_DIR", help="the run directory (required unless --dry-run)")
     p.add_argument("--export", action="store_true", help="write RUN_DIR/qat-FORMAT.gguf (or qat-mobile.pte) at the end")
     p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--dry-run", action="store_true", help="load nothing, train nothing: print the memory each device would need "
+                   "(from MODEL's config alone; MODEL may be a config.json), on one device and on --world-size devices")
+    p.add_argument("--world-size", type=int, default=None, metavar="N", help="with --dry-run: also the figures per device for N devices under torchrun")
     _add_config_options(p)
 
 
@@ -198,6 +201,10 @@ def cmd_train(args) -> int:
     from .train.run import qat_run
 
     cfg = _run_config(args)
+    if args.dry_run:
+        return _dry_run(args, cfg)
+    if args.out is None:
+        raise QatkitError("--out RUN_DIR is required (the run's config, checkpoints and metrics go there)")
     target = targets.for_format(cfg.qat.fmt)
     if args.export:
         target.check(cfg)  # before the training, not after it
@@ -226,6 +233,33 @@ def distributed_launch() -> bool:
     from .train.distributed import launched
 
     return launched()
+
+
+def _dry_run(args, cfg) -> int:
+    """The memory table of `qatkit train --dry-run`: nothing loaded but MODEL's config."""
+    from .models.load import read_config, resolve
+    from .plan import GB, MEMORY_PARTS
+    from .train.run import memory_estimate
+
+    path = Path(args.model)
+    config = read_config(path) if path.suffix == ".json" or (path.is_dir() and (path / "config.json").exists()) else read_config(resolve(args.model).hf_dir)
+    worlds = sorted({1, args.world_size or 1})
+    if min(worlds) < 1:
+        raise QatkitError(f"--world-size {args.world_size}: at least 1 device")
+    rows = {w: memory_estimate(config, cfg.train, w) for w in worlds}
+    t = cfg.train
+    print(f"{args.model}: {rows[1]['params'] / 1e9:.2f}B parameters, {rows[1]['trainable'] / 1e9:.2f}B trained; batch {t.batch_size} x {t.seq_len} "
+          f"(global), KL on {t.kl_positions:g} of positions, teacher {t.teacher_dtype}, grad checkpointing {'on' if t.grad_checkpointing else 'off'}")
+    print(f"{'GB per device':<22}" + "".join(f"{f'{w} device' + ('s' if w > 1 else ''):>12}" for w in worlds))
+    for part in (*MEMORY_PARTS, "total"):
+        if part != "total" and not any(r[part] for r in rows.values()):
+            continue
+        print(f"{part.replace('_', ' '):<22}" + "".join(f"{rows[w][part] / GB:>12.2f}" for w in worlds))
+    print("on CUDA devices; an estimate from the config, not a measurement (benchmarks/memory.py measures it against real runs); "
+          "the peak holds the larger of the step's working set (gathered .. logits) and AdamW's temporaries (optimizer step)")
+    if args.world_size and t.batch_size % args.world_size:
+        print(f"note: under torchrun --batch-size is the global micro-batch; {t.batch_size} does not split over {args.world_size} devices")
+    return 0
 
 
 def _distributed_group():

@@ -144,6 +144,9 @@ class TrainConfig:
     ckpt_every: int = setting(50, "checkpoint every N steps (the trainable tensors and AdamW state; also on Ctrl-C)")
     seed: int = setting(0, "seed of the data order, sampled positions and weight settling")
     grad_checkpointing: bool = setting(False, "recompute decoder activations in backward: less memory, one more forward pass of time")
+    teacher_dtype: str = setting("float32", "the frozen teacher's weights and arithmetic: bfloat16 halves its memory and moves the distillation "
+                                 "target by KL ~1e-3 on Gemma 3 270M (benchmarks/RESULTS.md); the student always trains in float32, as the file "
+                                 "holds its numbers", choices=("float32", "bfloat16"))
     teacher_topk: int = setting(0, "read the teacher's top-K next-token log-probs from a disk cache filled on first use, instead of running the "
                                 "teacher every step (0: off); pays off from the second pass over the same data (more epochs, resumed runs, "
                                 "sweeps); the logged kl is then that top-K + rest KL at --temperature", metavar="K")

@@ -146,40 +146,90 @@ def skeleton(config):
         return AutoModelForCausalLM.from_config(config)
 
 
-def training_memory(config, batch_size: int, seq_len: int, kl_positions: float = 1.0, grad_checkpointing: bool = False) -> dict[str, float]:
-    """Bytes a QAT run of this model needs on its device, estimated from the config alone (a
-    skeleton on the meta device; nothing is loaded), in float32 as qatkit trains:
-    - the teacher's and the student's weights (4 bytes each);
-    - for the student's trainable weights (all but the embedding tables, which stay frozen), a
-      gradient and AdamW's two moments (12 bytes);
+def training_memory(config, batch_size: int, seq_len: int, kl_positions: float = 1.0, grad_checkpointing: bool = False, world: int = 1,
+                    teacher_dtype: str = "float32", qat: bool = True, device: str = "cuda") -> dict[str, float]:
+    """Bytes one device holds at the peak of a training step, estimated from the config alone (a
+    skeleton on the meta device; nothing is loaded). The student trains in float32; `world`
+    devices share it under FSDP2 (train/distributed.py) with `batch_size` the global micro-batch.
+    `qat` False: plain fine-tuning of the same weights (no teacher, no fake-quant).
+
+    - weights: the student's (4 bytes) and the teacher's (4, or 2 in bfloat16), 1/world each
+      (on a CPU also the file bytes of each frozen table, which a GPU run keeps in host memory);
+    - grads_and_adamw: a gradient and AdamW's two moments (12 bytes) for what trains, which is
+      all but the embedding tables and an untied head (frozen under QAT: no gradient, no optimizer state), 1/world each;
+    - gathered (FSDP2 only): the layers whose whole weights are held at once, two of student
+      and teacher (the one computing, the one prefetched) and the root (token embedding, head);
+    - fake_quant: the quantized copy of each Linear weight that its product saves for backward,
+      4 bytes per trained Linear weight, of every layer (one layer with grad checkpointing);
+      FSDP does not shard it: it is made from the gathered weight;
     - activations kept for backward, ~(16 hidden + 4 feed-forward) floats per token and layer
-      (one layer's worth with grad checkpointing), and the logits at the scored positions
-      (teacher, student, their log-softmax and its gradient: 4 copies).
-    An estimate, not a measurement: a GPU run prints what it really peaked at."""
+      (one layer's worth with grad checkpointing) on this device's share of the batch;
+    - logits at the scored positions: student, teacher, their log-softmax and its gradient (4
+      float copies; 3 for fine-tuning's cross-entropy);
+    - optimizer_step: AdamW's temporaries while it updates, after the step's activations are
+      gone (so the peak is the larger of the two): on CUDA torch's multi-tensor AdamW makes one
+      float copy of all the device's trainable weights; on a CPU the per-tensor one makes two of
+      the largest tensor.
+    Lookup tables not tied to the head (Gemma 4's per-layer table) are split by rows over the
+    devices and never gathered: they are in `weights` at 1/world.
+    An estimate, not a measurement: benchmarks/memory.py measures and prints the ratio."""
     from torch import nn
+
+    from .nn import FakeQuantLinear
 
     model = skeleton(config)
     total = sum(p.numel() for p in model.parameters())
-    frozen = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    tables = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)]
+    frozen = sum(tables)
+    head = getattr(model.get_output_embeddings(), "weight", None)
+    untied = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not head]
+    if qat and head is not None and not any(head is m.weight for m in model.modules() if isinstance(m, nn.Embedding)):
+        frozen += head.numel()  # an untied head stays frozen at its file type (Q6_K/Q8_0), as prepare leaves it
+    layers_mod = model.model.layers
+    layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers_mod]
+    linear_sizes = [sum(m.weight.numel() for m in layer.modules() if isinstance(m, (nn.Linear, FakeQuantLinear)))
+                    + sum(getattr(m, n).numel() for m in layer.modules() for n in ("gate_up_proj", "down_proj") if isinstance(getattr(m, n, None), nn.Parameter))
+                    for layer in layers_mod]
     d = config.get_text_config().to_dict()
     hidden, layers, vocab = d["hidden_size"], d["num_hidden_layers"], d["vocab_size"]
     ffn = 2 * d["intermediate_size"] if d.get("use_double_wide_mlp") else d["intermediate_size"]
     if d.get("enable_moe_block"):
         ffn += d["top_k_experts"] * d["moe_intermediate_size"]
-    tokens = batch_size * seq_len
+    teacher_b = {"float32": 4, "bfloat16": 2}[teacher_dtype] if qat else 0
+    per_weight = 4 + teacher_b
+    tokens = batch_size * seq_len / world
     act_layers = 1 if grad_checkpointing else layers
+    root = total - sum(layer_sizes) - sum(untied)
     out = {
-        "weights": 8.0 * total,
-        "grads_and_adamw": 12.0 * (total - frozen),
+        "weights": per_weight * total / world,
+        "grads_and_adamw": 12.0 * (total - frozen) / world,
+        "gathered": per_weight * (2 * max(layer_sizes) + root) if world > 1 else 0.0,
+        "fake_quant": 4.0 * (max(linear_sizes) if grad_checkpointing else sum(linear_sizes)) if qat else 0.0,
         "activations": 4.0 * tokens * (act_layers * (16 * hidden + 4 * ffn) + layers * hidden),
-        "logits": 16.0 * max(1, round(tokens * kl_positions)) * vocab,
+        "logits": (16.0 if qat else 12.0) * max(1, round(tokens * kl_positions)) * vocab,
     }
-    out["total"] = sum(out.values())
-    out["params"], out["trainable"] = float(total), float(total - frozen)
+    if qat and device == "cpu":  # host memory, where a GPU run keeps it too: each frozen table's file bytes (Q6_K/Q8_0, <= 1.06 a value)
+        out["weights"] += 1.0625 * sum(tables)
+    fixed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | ({id(head)} if qat and head is not None else set())
+    trained = [p.numel() for p in model.parameters() if id(p) not in fixed]
+    out["optimizer_step"] = 4.0 * (total - frozen) / world if device == "cuda" else 8.0 * max(trained) / world
+    working = out["gathered"] + out["fake_quant"] + out["activations"] + out["logits"]
+    out["total"] = out["weights"] + out["grads_and_adamw"] + max(working, out["optimizer_step"])
+    out["params"], out["trainable"], out["world"] = float(total), float(total - frozen), float(world)
     return out
 
 
+MEMORY_PARTS = ("weights", "grads_and_adamw", "gathered", "fake_quant", "activations", "logits", "optimizer_step")
+
+
 def describe_memory(m: dict[str, float]) -> str:
-    return (f"~{m['total'] / GB:.1f} GB: weights of teacher and student {m['weights'] / GB:.1f} GB + gradients and AdamW of "
-            f"{m['trainable'] / 1e9:.2f}B trainable weights {m['grads_and_adamw'] / GB:.1f} GB + activations {m['activations'] / GB:.1f} GB "
-            f"+ logits {m['logits'] / GB:.1f} GB")
+    per = f" per device of {int(m['world'])}" if m.get("world", 1) > 1 else ""
+    parts = [f"weights of teacher and student {m['weights'] / GB:.1f} GB", f"gradients and AdamW of {m['trainable'] / 1e9:.2f}B trainable weights "
+             f"{m['grads_and_adamw'] / GB:.1f} GB"]
+    if m.get("gathered"):
+        parts.append(f"layers gathered by FSDP {m['gathered'] / GB:.1f} GB")
+    if m.get("fake_quant"):
+        parts.append(f"fake-quant weight copies {m['fake_quant'] / GB:.1f} GB")
+    parts += [f"activations {m['activations'] / GB:.1f} GB", f"logits {m['logits'] / GB:.1f} GB"]
+    parts[-1] += f" (or AdamW's step, {m['optimizer_step'] / GB:.1f} GB, whichever is larger)"
+    return f"~{m['total'] / GB:.1f} GB{per}: " + " + ".join(parts)

@@ -11,10 +11,11 @@
 # table) stay frozen at their Q6_K values, as llama-quantize stores them; every Linear trains
 # through the exact Q4_0 quantizer; the MoE experts of the 26B too.
 # Before loading anything qatkit prints its memory estimate and refuses a GPU that cannot hold it.
-# With the settings below it estimates ~65 GB for E2B (weights of teacher and student 37.0 GB,
-# gradients and AdamW of the 1.88B trainable weights 22.5 GB, activations 1.0 GB with gradient
-# checkpointing, logits 4.3 GB): an 80 GB A100/H100. E4B: ~113 GB (a 141 GB H200). Without
-# --grad-checkpointing E2B needs ~85 GB (python -c "from qatkit.plan import training_memory" ...).
+# With the settings below it estimates ~67 GB for E2B (weights of teacher and student 37.0 GB,
+# gradients and AdamW of the 1.88B trainable weights 22.5 GB, AdamW's step 7.5 GB; activations
+# 1.0 GB with gradient checkpointing): an 80 GB A100/H100. E4B: ~123 GB (a 141 GB H200). Without
+# --grad-checkpointing E2B needs ~93 GB. --teacher-dtype bfloat16 takes 9 GB (E2B) / 15 GB (E4B)
+# off; several GPUs: recipes/fsdp_qat.sh. Print the table: qatkit train MODEL --dry-run [options].
 # Not run here: Gemma 4 weights cannot be downloaded on these machines. What was verified is on
 # tiny random Gemma 4 models (tests/test_gemma4.py): files equal to llama.cpp's converter's and
 # quantizer's, and an export gap at float noise after QAT.

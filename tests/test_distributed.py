@@ -154,3 +154,51 @@ def test_a_killed_launch_resumes_with_another_number_of_processes(setup):
     _kill_after_first_checkpoint(command, env, root / "cut1", 1, root / "cut1" / "checkpoint.pt")
     assert_close_runs(one, train("cut1", 2, "--resume"))
     assert re.search(r"resumed from \S+/cut1/checkpoint.pt at step (4|8)", train.stderr), train.stderr[-2000:]
+
+
+def test_what_a_sharded_run_cannot_do_is_one_line(tmp_path, capsys, monkeypatch):
+    """Refused before anything loads: a global batch that does not split over the processes,
+    the options that are one-process only, and commands other than train under torchrun."""
+    import torch
+
+    from qatkit import QatkitError
+    from qatkit.cli import main
+    from qatkit.config import RunConfig, TrainConfig
+    from qatkit.train import distributed
+
+    group = distributed.Group(rank=0, world=2, local_rank=0, device=torch.device("cpu"))
+    for train, words in [(TrainConfig(batch_size=3), "must split evenly over the 2 processes"), (TrainConfig(batch_size=2, teacher_topk=8), "one process"),
+                         (TrainConfig(batch_size=2, faithful=True), "one process at a time")]:
+        with pytest.raises(QatkitError, match=words):
+            distributed.check_supported(RunConfig(model="x", train=train), group)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--quick", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "qatkit run runs in one process; under torchrun use qatkit train" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_dry_run_prints_the_memory_per_device_from_a_config_alone(tmp_path, capsys):
+    """`qatkit train CONFIG.json --dry-run --world-size 8` reads no weights (there are none) and
+    prints plan.training_memory's figures for 1 and 8 devices: E2B's 4.63B parameters, and per
+    device on 8 a fraction of one device's need (the sharded weights and AdamW state)."""
+    from transformers import Gemma4TextConfig
+
+    from qatkit.cli import main
+    from qatkit.models.gemma4 import REFERENCE_SHAPES
+    from qatkit.plan import training_memory
+
+    path = tmp_path / "e2b.json"
+    Gemma4TextConfig(**REFERENCE_SHAPES["E2B"]).to_json_file(path)
+    capsys.readouterr()
+    args = ["--batch-size", "8", "--seq-len", "512", "--kl-positions", "0.5", "--grad-checkpointing", "--teacher-dtype", "bfloat16"]
+    assert main(["train", str(path), "--dry-run", "--world-size", "8", *args]) == 0
+    out = capsys.readouterr().out
+    assert "4.63B parameters, 1.88B trained" in out and "teacher bfloat16" in out
+    total = {int(w): float(v) for w, v in zip((1, 8), [line.split()[1:] for line in out.splitlines() if line.startswith("total")][0])}
+    config = Gemma4TextConfig(**REFERENCE_SHAPES["E2B"])
+    for w in (1, 8):
+        assert total[w] == pytest.approx(training_memory(config, 8, 512, 0.5, True, world=w, teacher_dtype="bfloat16")["total"] / 1e9, abs=0.006)
+    assert total[8] < total[1] / 4
+    gathered = [line for line in out.splitlines() if line.startswith("gathered")][0].split()
+    assert float(gathered[1]) == 0 and float(gathered[2]) > 0  # FSDP holds whole layers only when there is more than one device

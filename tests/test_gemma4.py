@@ -17,6 +17,7 @@ import pytest
 from gguf import GGUFReader
 
 from qatkit.cli import main
+from qatkit.models.gemma4 import REFERENCE_SHAPES
 from qatkit.runtime.llamacpp import chunk_logits, llama_quantize, open_model
 from tiny_models import ctrl_c_at_step, gemma4_dir
 
@@ -317,11 +318,7 @@ def test_q6_k_tables_are_frozen_and_written_as_llama_quantize_writes_them(tmp_pa
     assert gap["faithful"]["kld"] < 1e-9
 
 
-E2B = dict(  # Gemma 4 E2B's text decoder (GEMMA4.md, section 1): the shapes alone, no weights
-    vocab_size=262144, vocab_size_per_layer_input=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=35, num_attention_heads=8,
-    num_key_value_heads=1, head_dim=256, global_head_dim=512, hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True,
-    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, sliding_window=512, final_logit_softcapping=30.0, tie_word_embeddings=True,
-)
+E2B = REFERENCE_SHAPES["E2B"]  # GEMMA4.md, section 1: the shapes alone, no weights
 
 
 def test_memory_estimate_counts_e2b_as_documented_and_refuses_a_small_gpu(tmp_path, monkeypatch):

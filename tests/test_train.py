@@ -249,3 +249,24 @@ def test_checkpoints_are_written_while_training_goes_on(tmp_path, monkeypatch):
     assert overlapped and at == 2
     assert all(torch.equal(params[n], p) for n, p in a.named_parameters() if n in params)
     assert loop.read_checkpoint(tmp_path / "b" / "checkpoint.pt")["step"] == 4  # the last one is on disk when train returns
+
+
+def test_bfloat16_teacher_moves_the_target_a_little_and_the_student_stays_float32(tmp_path, private_cache):
+    """--teacher-dtype bfloat16: the teacher computes in bfloat16 (the logged losses differ from a
+    float32 teacher's, by little), the student trains and exports in float32 all the same."""
+    from qatkit.config import QATConfig, RunConfig
+    from qatkit.train.run import qat_run
+    from tiny_models import TEXT, hf_dir
+
+    src = hf_dir(tmp_path / "m")
+    (tmp_path / "d.txt").write_text(TEXT * 6)
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        cfg = RunConfig(model=str(src), data=[str(tmp_path / "d.txt")], qat=QATConfig(),
+                        train=TrainConfig(steps=2, seq_len=32, lr=1e-4, eval_every=1, teacher_dtype=dtype))
+        runs[dtype] = qat_run(cfg, tmp_path / dtype, progress=False)
+    f32, bf16 = (runs[d]["metrics"] for d in ("float32", "bfloat16"))
+    assert {p.dtype for p in runs["bfloat16"]["student"].parameters()} == {torch.float32}
+    for a, b in zip(f32, bf16):
+        key = "held_out_kl" if a["step"] == -1 else "kl"
+        assert a[key] != b[key] and abs(a[key] - b[key]) < 0.5 * a[key] + 1e-3, (a, b)

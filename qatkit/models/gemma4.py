@@ -28,6 +28,30 @@ TEXT_TYPES = ("gemma4_text", "gemma4_unified_text")  # the decoders: E2B/E4B/26B
 EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")  # the MoE experts' 3-D Parameters: (experts, 2 x ffn, hidden), (experts, hidden, ffn)
 UNROTATED = 1e30  # llama.cpp's rope frequency divisor for a pair that does not rotate
 
+# The released text decoders' shapes (../shared/GEMMA4.md, "Typical values"; third-party copies of
+# their config.json), for sizing without weights: memory estimates (qatkit train --dry-run,
+# benchmarks/memory.py) and tests. The 12B's are not known well enough to list.
+_COMMON = dict(vocab_size=262144, head_dim=256, global_head_dim=512, final_logit_softcapping=30.0, tie_word_embeddings=True)
+REFERENCE_SHAPES = {
+    "E2B": dict(_COMMON, vocab_size_per_layer_input=262144, hidden_size=1536, intermediate_size=6144, num_hidden_layers=35, num_attention_heads=8,
+                num_key_value_heads=1, hidden_size_per_layer_input=256, num_kv_shared_layers=20, use_double_wide_mlp=True,
+                layer_types=([SLIDING] * 4 + [FULL]) * 7, sliding_window=512),
+    "E4B": dict(_COMMON, vocab_size_per_layer_input=262144, hidden_size=2560, intermediate_size=10240, num_hidden_layers=42, num_attention_heads=8,
+                num_key_value_heads=2, hidden_size_per_layer_input=256, num_kv_shared_layers=18, use_double_wide_mlp=False,
+                layer_types=([SLIDING] * 5 + [FULL]) * 7, sliding_window=512),
+    "26B-A4B": dict(_COMMON, hidden_size=2816, intermediate_size=2112, num_hidden_layers=30, num_attention_heads=16, num_key_value_heads=8,
+                    num_global_key_value_heads=2, attention_k_eq_v=True, hidden_size_per_layer_input=0, num_kv_shared_layers=0,
+                    enable_moe_block=True, num_experts=128, top_k_experts=8, moe_intermediate_size=704,
+                    layer_types=([SLIDING] * 5 + [FULL]) * 5, sliding_window=1024),
+}
+
+
+def reference_config(name: str):
+    """A Gemma4TextConfig of one of REFERENCE_SHAPES."""
+    from transformers import Gemma4TextConfig
+
+    return Gemma4TextConfig(**REFERENCE_SHAPES[name])
+
 
 def _raw(config) -> dict:
     return config.to_dict()

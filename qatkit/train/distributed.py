@@ -141,23 +141,58 @@ def check_supported(cfg, group: Group) -> None:
         raise QatkitError("--teacher-topk's disk cache is for one process (under torchrun the teacher is sharded and runs every step)")
 
 
+class RowShardedTable(torch.nn.Module):
+    """A frozen lookup table split by rows over the processes. Each process holds rows lo..hi;
+    the ids of all processes are gathered (each has its own share of the batch), each process
+    looks up those that fall in its rows (zeros for the rest), and a reduce-scatter adds the
+    pieces and hands each process the rows of its own ids: exactly the whole lookup (one row
+    plus zeros). Gemma 4 E2B's per-layer table (2.35B entries) costs 1/W of itself per device
+    this way; as an FSDP unit it would be gathered whole for every lookup (14 GB of student and
+    bf16 teacher at once)."""
+
+    def __init__(self, table: torch.nn.Embedding, group: Group):
+        super().__init__()
+        rows = table.weight.shape[0]
+        per = -(-rows // group.world)
+        self.lo, self.hi = min(rows, group.rank * per), min(rows, (group.rank + 1) * per)
+        self.register_buffer("rows", table.weight.detach()[self.lo : self.hi].to(group.device, copy=True), persistent=False)
+        scale = getattr(table, "embed_scale", None)  # Gemma's scaled embeddings multiply the row, in the table's dtype
+        self.register_buffer("scale", None if scale is None else scale.detach().to(group.device, table.weight.dtype), persistent=False)
+        self.num_embeddings, self.embedding_dim = rows, table.weight.shape[1]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        world = dist.get_world_size()
+        every = ids.new_empty((world * ids.shape[0], *ids.shape[1:]))
+        dist.all_gather_single(every, ids.contiguous())  # the processes' shares are the same shape
+        here = (every >= self.lo) & (every < self.hi)
+        local = (every - self.lo).clamp(0, max(0, self.hi - self.lo - 1))
+        part = torch.nn.functional.embedding(local, self.rows) if self.hi > self.lo else self.rows.new_zeros((*every.shape, self.embedding_dim))
+        part = part * here.unsqueeze(-1).to(part.dtype)
+        out = part.new_empty((ids.shape[0], *part.shape[1:]))
+        dist.reduce_scatter_single(out, part)  # sum over processes, this process's share back
+        return out if self.scale is None else out * self.scale
+
+
 def shard(model: torch.nn.Module, group: Group) -> None:
-    """FSDP2 units, parameters on the group's device, in place: each decoder layer; each lookup
-    table that does not share its weight with the output head (Gemma 4's per-layer table, 2.35B
-    entries in E2B, is gathered for the lookup and freed, not held all step); and the whole
-    model as the root (token embedding, tied head, final norm)."""
+    """Spread `model` over the processes, in place: each frozen lookup table that does not share
+    its weight with the output head (Gemma 4's per-layer table; an untied token embedding) split
+    by rows (RowShardedTable); FSDP2 units on each decoder layer and on the whole model as the
+    root (token embedding tied to the head, final norm); parameters on the group's device."""
     from torch.distributed.fsdp import fully_shard
 
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None:
         raise QatkitError(f"{type(model).__name__}: no decoder layers at model.layers to shard")
-    model.to(group.device)
     head = getattr(model.get_output_embeddings(), "weight", None)
+    tables = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head and not m.weight.requires_grad]
+    for name, table in tables:  # before the move: only this process's rows reach its device
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, RowShardedTable(table, group))
+    model.to(group.device)
     for layer in layers:
         fully_shard(layer)
-    for table in model.modules():
-        if isinstance(table, torch.nn.Embedding) and table.weight is not head:
-            fully_shard(table)
     fully_shard(model)
 
 

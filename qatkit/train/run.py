@@ -101,12 +101,18 @@ def _watch_seqs(texts: dict[str, str], tokenizer, seq_len: int, vocab_size: int)
     return out
 
 
-def check_memory(source, cfg: RunConfig) -> dict:
-    """Log the run's memory estimate (plan.training_memory) before anything is loaded, and refuse
-    a CUDA device whose free memory cannot hold it."""
+def memory_estimate(config, t, world: int = 1, device: str = "cuda") -> dict:
+    """plan.training_memory for the run's training settings, on `world` devices."""
+    return training_memory(config, t.batch_size, t.seq_len, t.kl_positions, t.grad_checkpointing, world=world, teacher_dtype=t.teacher_dtype,
+                           device=device)
+
+
+def check_memory(source, cfg: RunConfig, world: int = 1) -> dict:
+    """Log the run's memory estimate per device (plan.training_memory) before anything is loaded,
+    and refuse a CUDA device whose free memory cannot hold it."""
     t = cfg.train
-    need = training_memory(read_config(source.hf_dir), t.batch_size, t.seq_len, t.kl_positions, t.grad_checkpointing)
     device = default_device()
+    need = memory_estimate(read_config(source.hf_dir), t, world, device.type)
     log.info("memory estimate for %s, batch %d x %d: %s", device.type, t.batch_size, t.seq_len, describe_memory(need))
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info()
@@ -164,13 +170,15 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
     if loaded is None:
         with distributed.main_first(group):  # rank 0 fills the conversion cache, the others read it
             source = resolve(cfg.model)
-            check_memory(source, cfg)
+            check_memory(source, cfg, group.world if group else 1)
             teacher, tokenizer = load(source)
     else:
         source, teacher, tokenizer = loaded
     with distributed.main_first(group):  # and the cache of sampled sequences
         train_seqs, held = training_data(cfg, teacher, tokenizer)
     student = copy.deepcopy(teacher)
+    if cfg.train.teacher_dtype != "float32":  # after the copy: the student trains in float32
+        teacher.to(getattr(torch, cfg.train.teacher_dtype))
     plan = prepare(student, source.arch, cfg.qat)
     calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
     if group is None or group.main:
