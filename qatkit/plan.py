@@ -175,8 +175,6 @@ def training_memory(config, batch_size: int, seq_len: int, kl_positions: float =
     An estimate, not a measurement: benchmarks/memory.py measures and prints the ratio."""
     from torch import nn
 
-    from .nn import FakeQuantLinear
-
     model = skeleton(config)
     total = sum(p.numel() for p in model.parameters())
     tables = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)]
@@ -187,7 +185,7 @@ def training_memory(config, batch_size: int, seq_len: int, kl_positions: float =
         frozen += head.numel()  # an untied head stays frozen at its file type (Q6_K/Q8_0), as prepare leaves it
     layers_mod = model.model.layers
     layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers_mod]
-    linear_sizes = [sum(m.weight.numel() for m in layer.modules() if isinstance(m, (nn.Linear, FakeQuantLinear)))
+    linear_sizes = [sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
                     + sum(getattr(m, n).numel() for m in layer.modules() for n in ("gate_up_proj", "down_proj") if isinstance(getattr(m, n, None), nn.Parameter))
                     for layer in layers_mod]
     d = config.get_text_config().to_dict()

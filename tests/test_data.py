@@ -279,3 +279,18 @@ def test_short_text_raises_the_sampled_share_and_says_so(tok, model, tmp_path, m
         train, _ = training_data(cfg, model, tok)
     assert len(train) == 20 + n_text
     assert f"gives {n_text} of the 20 sequences" in caplog.text and f"{100 * 20 / (20 + n_text):.0f}% of each epoch is sampled" in caplog.text
+
+
+def test_a_huge_document_is_tokenized_in_pieces_that_rejoin_to_it():
+    """Documents up to PIECE characters are tokenized whole, as always; a longer one in pieces of
+    at most PIECE characters, cut after a newline (else a space) where there is one, which
+    rejoin to the document exactly."""
+    from qatkit.train.data import PIECE, _pieces
+
+    small = "word " * (PIECE // 5)
+    assert _pieces(small) == [small]
+    for text in ["line of text\n" * (3 * PIECE // 13), "ab " * PIECE, "x" * (2 * PIECE + 5)]:
+        pieces = _pieces(text)
+        assert "".join(pieces) == text and len(pieces) > 1 and max(map(len, pieces)) <= PIECE
+        assert all(p.endswith("\n") for p in pieces[:-1]) if "\n" in text else True
+        assert all(p.endswith(" ") for p in pieces[:-1]) if text.startswith("ab") else True

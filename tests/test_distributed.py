@@ -87,9 +87,13 @@ def assert_close_runs(a, b, steps=STEPS):
     assert total and moved / total < 0.01, (moved, total)
 
 
-def test_two_processes_train_as_one_with_the_same_global_batch(setup):
+@pytest.fixture(scope="module")
+def two(setup):
+    return setup[3]("two", 2)
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch(setup, two):
     root, env, command, train, one = setup
-    two = train("two", 2)
     assert_close_runs(one, two)
     ckpt = two / "checkpoint"
     assert (ckpt / "latest").read_text() == f"step-{STEPS:06d}"
@@ -202,3 +206,66 @@ def test_dry_run_prints_the_memory_per_device_from_a_config_alone(tmp_path, caps
     assert total[8] < total[1] / 4
     gathered = [line for line in out.splitlines() if line.startswith("gathered")][0].split()
     assert float(gathered[1]) == 0 and float(gathered[2]) > 0  # FSDP holds whole layers only when there is more than one device
+
+
+class _Payload:  # a pickle that runs a command when loaded
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("damage", ["metadata runs code", "metadata cut", "shard cut", "trainer.json broken", "latest points nowhere"])
+def test_a_damaged_sharded_checkpoint_is_one_line_and_runs_nothing(setup, two, tmp_path, capsys, damage):
+    """--resume on a sharded checkpoint that was cut, broken, or crafted: one line, exit 2, no
+    file exported, and a pickle that names a command is refused without running it (DCP itself
+    would unpickle .metadata with plain pickle)."""
+    import pickle
+    import shutil
+
+    from qatkit.cli import main
+
+    root = setup[0]
+    run = tmp_path / "run"
+    shutil.copytree(two, run)
+    (run / "qat-q4_0.gguf").unlink()
+    step = run / "checkpoint" / f"step-{STEPS:06d}"
+    marker = tmp_path / "PWNED"
+    if damage == "metadata runs code":
+        (step / ".metadata").write_bytes(pickle.dumps(_Payload(marker)))
+    elif damage == "metadata cut":
+        data = (step / ".metadata").read_bytes()
+        (step / ".metadata").write_bytes(data[: len(data) // 2])
+    elif damage == "shard cut":
+        data = (step / "__1_0.distcp").read_bytes()
+        (step / "__1_0.distcp").write_bytes(data[: len(data) // 3])
+    elif damage == "trainer.json broken":
+        (step / "trainer.json").write_text('{"step": 12, "batches": ')
+    else:
+        (run / "checkpoint" / "latest").write_text("step-999999")
+    capsys.readouterr()
+    code = main(["train", str(root / "llama"), "--data", str(root / "d.txt"), *ARGS, "--steps", str(STEPS), "--lr", "1e-3", "--ckpt-every", "4",
+                 "--out", str(run), "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("qatkit: error: ") and "checkpoint" in err[0], err
+    assert not marker.exists() and not (run / "qat-q4_0.gguf").exists()
+
+
+def test_optimizer_settings_are_read_weights_only(tmp_path):
+    """The non-tensor items of a sharded checkpoint (the optimizer's settings) go through torch's
+    weights-only unpickler, not DCP's weights_only=False."""
+    import io
+    import pickle
+
+    import torch
+
+    from qatkit.train.distributed import _weights_only_planner
+
+    marker = tmp_path / "PWNED"
+    buf = io.BytesIO()
+    torch.save(_Payload(marker), buf)
+    buf.seek(0)
+    with pytest.raises(pickle.UnpicklingError):
+        _weights_only_planner().load_bytes(None, buf)
+    assert not marker.exists()

@@ -3,7 +3,9 @@
   counts or a tensor's dimensions or data offset overwritten by absurd numbers;
 - model directories: config.json values replaced or dropped, safetensors shards cut, flipped,
   damaged in their header or missing;
-- checkpoints: cut or bit-flipped.
+- checkpoints: cut or bit-flipped;
+- training data files: binary junk, empty or blank, NUL bytes, invalid UTF-8, one huge line,
+  .jsonl lines that are not JSON objects with a text field.
 `qatkit export` of each file or directory ends in exit 0 (the damage hit bytes no reader checks,
 such as weight data) or in one line and exit 2, leaves no output file behind, never hangs, and
 never allocates what the input cannot justify; a damaged checkpoint loads or is a QatkitError."""
@@ -206,3 +208,62 @@ def test_hostile_checkpoints_are_one_line(checkpoint, tmp_path, data):
     except QatkitError as e:
         assert "\n" not in str(e)
     assert all(torch.isfinite(p).all() for p in student.parameters())
+
+
+# ---------------------------------------------------------------------------- training data
+@pytest.fixture(scope="module")
+def tokenizer():
+    from tiny_models import tiny_tokenizer
+
+    return tiny_tokenizer()
+
+
+def hostile_text(draw) -> tuple[str, bytes]:
+    kind = draw(st.sampled_from(["binary", "blank", "nul", "bad_utf8", "huge_line", "jsonl", "short"]))
+    text = draw(st.text(min_size=0, max_size=200))
+    if kind == "binary":
+        return ".txt", draw(st.binary(min_size=1, max_size=4000))
+    if kind == "blank":
+        return ".txt", draw(st.sampled_from([b"", b" ", b"\n\n\t  \r\n", "\u3000\u00a0".encode()]))
+    if kind == "nul":
+        return ".txt", (text + "\0" * draw(st.integers(1, 50)) + text).encode() * 20
+    if kind == "bad_utf8":
+        good = (text or "word ").encode() * 20
+        at = draw(st.integers(0, len(good)))
+        return ".txt", good[:at] + draw(st.sampled_from([b"\xff", b"\xc3", b"\xed\xa0\x80", b"\xf4\x90\x80\x80"])) + good[at:]
+    if kind == "huge_line":  # one line of 2 MB: no newline anywhere
+        return ".txt", (draw(st.sampled_from(["a", "ab ", "\u00e9", "0"])) * 2_000_000)[:2_000_000].encode()
+    if kind == "jsonl":
+        lines = draw(st.lists(st.one_of(st.just('{"text": "some words here"}'), st.just("{"), st.just('{"text": 5}'), st.just("[1, 2]"),
+                                         st.just('"a string"'), st.just('{"txt": "x"}'), st.just("null"), st.text(max_size=30)), min_size=0, max_size=6))
+        return ".jsonl", "\n".join(lines).encode()
+    return ".txt", text.encode()
+
+
+@settings(max_examples=CASES // 2, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(data=st.data())
+def test_hostile_training_text_is_one_line(tokenizer, tmp_path, data):
+    """What `qatkit train --data FILE` does with a file before any model runs (read, tokenize,
+    pack into sequences): whole sequences of the vocabulary, or one QatkitError line, in
+    seconds and without memory out of proportion to the file."""
+    import time
+
+    from qatkit import QatkitError
+    from qatkit.train.data import pack, read_texts
+
+    suffix, blob = hostile_text(data.draw)
+    path = tmp_path / f"data{suffix}"
+    path.write_bytes(blob)
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.time()
+    try:
+        seqs = pack(tokenizer, read_texts([path]), 32, vocab_size=len(tokenizer))
+    except QatkitError as e:
+        assert "\n" not in str(e) and str(e)
+    else:
+        assert seqs.ndim == 2 and seqs.shape[1] == 32 and len(seqs) >= 1
+        assert 0 <= int(seqs.min()) and int(seqs.max()) < len(tokenizer)
+    assert time.time() - t0 < 60
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
+    assert grown_mb < 200 + 50 * len(blob) / 1e6, f"{len(blob)} bytes of text raised the peak memory by {grown_mb:.0f} MB"

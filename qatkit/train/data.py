@@ -17,7 +17,6 @@ import inspect
 import json
 import logging
 import re
-from itertools import chain
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +182,27 @@ def prepends_bos(tokenizer) -> bool:
     return bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
 
 
+PIECE = 1 << 18  # characters: a longer document is tokenized in pieces, and a batch of documents stops at this size
+
+
+def _pieces(text: str) -> list[str]:
+    """A document in pieces of at most PIECE characters, each cut after a newline (else a space)
+    in its second half: the tokenizer's working memory (up to ~1 KB a pre-token) stays bounded for a
+    file of one huge line. A document of up to PIECE characters is one piece, as before."""
+    if len(text) <= PIECE:
+        return [text]
+    out, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + PIECE)
+        if end < len(text):
+            cut = text.rfind("\n", start + PIECE // 2, end)
+            cut = text.rfind(" ", start + PIECE // 2, end) if cut < 0 else cut
+            end = cut + 1 if cut >= 0 else end
+        out.append(text[start:end])
+        start = end
+    return out
+
+
 def pack(tokenizer, texts: list[str], seq_len: int, vocab_size: int | None = None) -> torch.Tensor:
     """Documents -> LongTensor (n, seq_len) of consecutive token sequences; the tail is dropped."""
     if seq_len < 2:
@@ -190,11 +210,25 @@ def pack(tokenizer, texts: list[str], seq_len: int, vocab_size: int | None = Non
     eos = tokenizer.eos_token_id
     if eos is None:
         log.warning("the tokenizer has no EOS token: documents are joined with nothing between them")
-    ids: list[list[int]] = []
-    for i in range(0, len(texts), 64):  # the fast tokenizer encodes a batch on all cores
-        ids += tokenizer(texts[i : i + 64], add_special_tokens=False, verbose=False)["input_ids"]
-    sep = [] if eos is None else [eos]
-    stream = np.fromiter(chain(ids[0], *(sep + d for d in ids[1:])), dtype=np.int64) if ids else np.zeros(0, np.int64)
+    parts: list[np.ndarray] = []  # int32 token arrays, EOS between documents
+    batch: list[tuple[bool, str]] = []  # (starts a document, text)
+
+    def flush():
+        encoded = tokenizer([t for _, t in batch], add_special_tokens=False, verbose=False)["input_ids"]
+        for (first, _), ids in zip(batch, encoded):
+            if first and parts and eos is not None:
+                parts.append(np.array([eos], np.int32))
+            parts.append(np.asarray(ids, np.int32))
+        batch.clear()
+
+    for text in texts:  # the fast tokenizer encodes a batch on all cores; batches of bounded size bound its memory
+        for k, piece in enumerate(_pieces(text)):
+            batch.append((k == 0, piece))
+            if len(batch) == 64 or sum(len(t) for _, t in batch) >= PIECE:
+                flush()
+    if batch:
+        flush()
+    stream = np.concatenate(parts).astype(np.int64) if parts else np.zeros(0, np.int64)
     bos = prepends_bos(tokenizer)
     body = seq_len - 1 if bos else seq_len
     n = len(stream) // body

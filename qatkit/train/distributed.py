@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 from contextlib import contextmanager
@@ -285,23 +286,73 @@ def save(run_dir: Path, student, opt, step: int, batches, cfg, group: Group) -> 
     return root / name
 
 
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP reads a checkpoint's `.metadata` with plain pickle, which runs whatever a crafted file
+    names. qatkit reads it first with this one, which builds only the classes DCP's metadata is
+    made of (checked on torch 2.13's files), and refuses any other."""
+
+    ALLOWED = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+               ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath"),
+               ("collections", "OrderedDict")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED or module == "torch.distributed.checkpoint.metadata" or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it names {module}.{name}, which is no part of a checkpoint's metadata")
+
+
+def _weights_only_planner():
+    """DCP's load planner, but its non-tensor items (the optimizer's settings) are read with
+    torch's weights-only unpickler: DCP's own reads them with weights_only=False."""
+    import io
+
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            plain = torch.load(value, weights_only=True)  # numbers, strings, containers; no code
+            buf = io.BytesIO()
+            torch.save(plain, buf)
+            buf.seek(0)
+            super().load_bytes(read_item, buf)
+
+    return Planner()
+
+
+def _why(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
 def load(path: Path, student, opt, batches) -> int:
     """Read a sharded checkpoint into `student` and `opt` (sharded or not: DCP reshards to
-    whatever this run has, one process included); returns its step."""
+    whatever this run has, one process included); returns its step. Nothing in it runs code:
+    the metadata is checked by a restricted unpickler, tensors and settings are read weights-only."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    trainer = json.loads((path / "trainer.json").read_text())
+    try:
+        trainer = json.loads((path / "trainer.json").read_text())
+        with open(path / ".metadata", "rb") as f:
+            _MetadataUnpickler(f).load()
+    except Exception as e:  # missing, cut, flipped, or foreign
+        raise QatkitError(f"{path}: not a readable sharded checkpoint ({_why(e)})") from None
     model_sd, optim_sd = get_state_dict(student, opt, options=_options())  # the layout to fill
     state = {"model": model_sd, "optim": optim_sd}
     try:
-        dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # a missing or foreign key, a damaged file
-        why = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise QatkitError(f"{path}: this sharded checkpoint does not fit this run ({why})") from None
+        dcp.load(state, checkpoint_id=path, planner=_weights_only_planner())
+        step = int(trainer["step"])
+        batches.load_state_dict(trainer["batches"])
+    except (Exception, CheckpointException) as e:  # a missing or foreign key, a damaged file (DCP's exception is a BaseException)
+        raise QatkitError(f"{path}: this sharded checkpoint does not fit this run ({_why(e)})") from None
+    for name, t in state["model"].items():
+        local = t.to_local() if hasattr(t, "to_local") else t
+        if isinstance(local, torch.Tensor) and not torch.isfinite(local).all():
+            raise QatkitError(f"{path}: {name} holds values that are not finite")
     set_state_dict(student, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=_options(strict=False))
-    batches.load_state_dict(trainer["batches"])
-    return int(trainer["step"])
+    return step
 
 
 def full_trainable_state(student) -> dict[str, torch.Tensor]:
