@@ -7,7 +7,8 @@ half the positions, grad checkpointing), teacher in float32 and in bfloat16.
 
 Part 2 (measured, on this CPU): each model trains 3 steps in a fresh process, once as QAT (Q4_0
 fake-quant student distilled from its float teacher: qatkit's own step) and once as plain
-fine-tuning (the same weights trainable, cross-entropy, no teacher, no fake-quant). The figure
+fine-tuning (the same weights trainable, cross-entropy, no teacher, no fake-quant), and QAT
+with gradient checkpointing (qat-gc). The figure
 is the process's peak resident memory during the steps (VmHWM, reset after loading) above its
 resident memory before any model existed, i.e. what the models and the step added (glibc told
 to map every large block on its own, so that freed tensors leave the resident set). Printed
@@ -17,7 +18,7 @@ vocabulary), a small Gemma 4 E-style (6 layers, per-layer table, K/V sharing), a
 Part 3 (measured, sharded): the same QAT under torchrun over --world CPU processes (gloo, FSDP2,
 global batch = world): each process's peak against the per-device prediction for that world.
 
-    python benchmarks/memory.py [--steps 3] [--seq-len 256] [--skip-default] [--world 2]
+    python benchmarks/memory.py [--steps 3] [--seq-len 256] [--models small-llama ...] [--world 2]
 """
 
 from __future__ import annotations
@@ -109,12 +110,14 @@ def measure(model_name: str, mode: str, steps: int, seq_len: int) -> dict:
     vocab = config.get_text_config().vocab_size
     seqs = torch.randint(0, vocab, (16, seq_len), generator=torch.Generator().manual_seed(0))
     world = group.world if group else 1
-    cfg = TrainConfig(steps=steps, batch_size=world, seq_len=seq_len, kl_positions=0.25, lr=1e-5)
-    if mode == "qat":
+    cfg = TrainConfig(steps=steps, batch_size=world, seq_len=seq_len, kl_positions=0.25, lr=1e-5, grad_checkpointing=mode == "qat-gc")
+    if mode.startswith("qat"):
         student = copy.deepcopy(teacher)
         prepare(student, arch_for_config(config), QATConfig())
         teacher.requires_grad_(False)
         student.train()
+        if cfg.grad_checkpointing:
+            loop.enable_grad_checkpointing(student)
         if group:
             distributed.shard(student, group)
             distributed.shard(teacher, group)
@@ -132,7 +135,7 @@ def measure(model_name: str, mode: str, steps: int, seq_len: int) -> dict:
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # VmHWM := VmRSS: loading's transients are not the step's
     for step in range(steps):
-        if mode == "qat":
+        if mode.startswith("qat"):
             loop._step(student, teacher, opt, batches, step, cfg, torch.device("cpu"), group=group)
         else:
             x = next(batches)
@@ -143,7 +146,7 @@ def measure(model_name: str, mode: str, steps: int, seq_len: int) -> dict:
         opt.step()
         opt.zero_grad(set_to_none=True)
     peak = (rss_kb("VmHWM") - base) * 1024
-    pred = training_memory(config, cfg.batch_size, seq_len, cfg.kl_positions, qat=mode == "qat", device="cpu", world=world)
+    pred = training_memory(config, cfg.batch_size, seq_len, cfg.kl_positions, cfg.grad_checkpointing, qat=mode.startswith("qat"), device="cpu", world=world)
     if group:
         distributed.teardown()
     return {"model": model_name, "mode": mode, "measured": peak, "predicted": pred["total"], "params": pred["params"], "trainable": pred["trainable"]}
@@ -175,7 +178,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--skip-default", action="store_true", help="measure the small models only")
+    ap.add_argument("--models", nargs="+", default=["small-llama", "small-gemma4", "gemma3-270m"], help="which models to measure")
     ap.add_argument("--world", type=int, default=2, help="also QAT sharded over this many CPU processes under torchrun (1: not)")
     ap.add_argument("--one", nargs=2, metavar=("MODEL", "MODE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -184,7 +187,7 @@ def main() -> None:
         return
     predicted_table()
     print()
-    models = ["small-llama", "small-gemma4"] + ([] if args.skip_default else ["gemma3-270m"])
+    models = args.models
     print(f"Measured on this CPU: peak resident memory of {args.steps} steps of batch 1 x {args.seq_len} (KL/CE on 0.25 of positions) above the "
           "process before any model; each in a fresh process")
     head = f"{'model':<14} {'mode':<9} {'measured GB':>12} {'predicted GB':>13} {'measured/predicted':>19}"
@@ -193,7 +196,7 @@ def main() -> None:
     results = {}
     env = {**os.environ, "OMP_NUM_THREADS": "2", "MALLOC_MMAP_THRESHOLD_": "131072"}  # a fixed threshold: freed tensors leave the resident set
     for model in models:
-        for mode in ("qat", "finetune"):
+        for mode in ("qat", "qat-gc", "finetune"):
             out = subprocess.run([sys.executable, __file__, "--one", model, mode, "--steps", str(args.steps), "--seq-len", str(args.seq_len)],
                                  capture_output=True, text=True, env=env)
             if out.returncode:

@@ -326,6 +326,11 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
             teacher.cpu()
 
 
+def enable_grad_checkpointing(model) -> None:
+    """Recompute each decoder layer's forward in backward (transformers >= 5 renamed the switch)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 def _evaluate(student, teacher, held_seqs, watch: dict) -> dict:
     row = {"held_out_kl": held_out_kl(student, teacher, held_seqs)}
     if watch:
@@ -340,8 +345,8 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
     teacher.eval().requires_grad_(False)
     student.train()
-    if cfg.grad_checkpointing:  # transformers >= 5 renamed it
-        (getattr(student, "activation_checkpointing_enable", None) or student.gradient_checkpointing_enable)()
+    if cfg.grad_checkpointing:
+        enable_grad_checkpointing(student)
     opt = make_optimizer(student, cfg)
     batches = Batches(train_seqs, cfg.batch_size, cfg.seed)
     cache = None
