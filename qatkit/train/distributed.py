@@ -52,6 +52,7 @@ class Group:
     world: int
     local_rank: int
     device: torch.device
+    mesh: object = None  # the 1-D DeviceMesh FSDP shards over (made once, by all processes together)
 
     @property
     def main(self) -> bool:
@@ -101,7 +102,9 @@ def setup() -> Group:
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return Group(rank, world, local, device)
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return Group(rank, world, local, device, init_device_mesh(device.type, (world,)))
 
 
 def teardown() -> None:
@@ -118,16 +121,17 @@ def barrier(group: Group) -> None:
 
 
 @contextmanager
-def main_first(group: Group | None):
-    """Rank 0 runs the block first (filling caches: converted models, sampled sequences), the
-    others after it, reading what it wrote."""
+def in_turn(group: Group | None):
+    """The processes run the block one after another, rank 0 first (filling caches the others
+    then read: converted models, sampled sequences): process r passes r barriers before the
+    block and the rest after it, so its block starts when process r-1's has ended."""
     if group is None:
         yield
         return
-    if not group.main:
+    for _ in range(group.rank):
         barrier(group)
     yield
-    if group.main:
+    for _ in range(group.world - group.rank - 1):
         barrier(group)
 
 
@@ -180,7 +184,7 @@ def shard(model: torch.nn.Module, group: Group) -> None:
     """Spread `model` over the processes, in place: each frozen lookup table that does not share
     its weight with the output head (Gemma 4's per-layer table; an untied token embedding) split
     by rows (RowShardedTable); FSDP2 units on each decoder layer and on the whole model as the
-    root (token embedding tied to the head, final norm); parameters on the group's device."""
+    root (token embedding tied to the head, final norm); everything on the group's device."""
     from torch.distributed.fsdp import fully_shard
 
     layers = getattr(getattr(model, "model", None), "layers", None)
@@ -188,13 +192,20 @@ def shard(model: torch.nn.Module, group: Group) -> None:
         raise QatkitError(f"{type(model).__name__}: no decoder layers at model.layers to shard")
     head = getattr(model.get_output_embeddings(), "weight", None)
     tables = [(name, m) for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and m.weight is not head and not m.weight.requires_grad]
-    for name, table in tables:  # before the move: only this process's rows reach its device
+    for name, table in tables:  # only this process's rows reach its device
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, RowShardedTable(table, group))
-    model.to(group.device)
+    # fully_shard moves each unit's weights and buffers to the device as it shards them: one
+    # layer at a time is whole there, never the model
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mesh=group.mesh)
+    fully_shard(model, mesh=group.mesh)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
 
 
 def local_batch(x: torch.Tensor, group: Group | None) -> torch.Tensor:

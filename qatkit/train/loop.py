@@ -301,11 +301,12 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
     watch: {name: sequences} whose KL is logged at every evaluation (row["watch_kl"][name]),
     never trained on: text of other domains, to see whether the gain carries over.
     group: this process's place in a torchrun launch; both models are then sharded with FSDP2
-    (train/distributed.py) and stay so."""
+    (train/distributed.py; here, unless the caller did) and stay so."""
     if group is not None:
         device = group.device
-        distributed.shard(student, group)
-        distributed.shard(teacher, group)
+        for model in (student, teacher):
+            if not distributed.is_sharded(model):
+                distributed.shard(model, group)
     else:
         device = device or default_device()
         student.to(device)

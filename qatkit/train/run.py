@@ -167,20 +167,24 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
         distributed.check_supported(cfg, group)
     torch.manual_seed(cfg.train.seed)
     t0 = time.time()
-    if loaded is None:
-        with distributed.main_first(group):  # rank 0 fills the conversion cache, the others read it
+    # Under torchrun the processes take turns: each holds whole copies of the models in host
+    # memory only until its shards are made (rank 0 first, filling the conversion and sample caches)
+    with distributed.in_turn(group):
+        if loaded is None:
             source = resolve(cfg.model)
             check_memory(source, cfg, group.world if group else 1)
             teacher, tokenizer = load(source)
-    else:
-        source, teacher, tokenizer = loaded
-    with distributed.main_first(group):  # and the cache of sampled sequences
+        else:
+            source, teacher, tokenizer = loaded
         train_seqs, held = training_data(cfg, teacher, tokenizer)
-    student = copy.deepcopy(teacher)
-    if cfg.train.teacher_dtype != "float32":  # after the copy: the student trains in float32
-        teacher.to(getattr(torch, cfg.train.teacher_dtype))
-    plan = prepare(student, source.arch, cfg.qat)
-    calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
+        student = copy.deepcopy(teacher)
+        if cfg.train.teacher_dtype != "float32":  # after the copy: the student trains in float32
+            teacher.to(getattr(torch, cfg.train.teacher_dtype))
+        plan = prepare(student, source.arch, cfg.qat)
+        calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
+        if group is not None:
+            distributed.shard(student, group)
+            distributed.shard(teacher, group)
     if group is None or group.main:
         write_text(run_dir / "config.json", cfg.to_json())
     types = None
