@@ -229,12 +229,6 @@ def cmd_train(args) -> int:
     return 0
 
 
-def distributed_launch() -> bool:
-    from .train.distributed import launched
-
-    return launched()
-
-
 def _dry_run(args, cfg) -> int:
     """The memory table of `qatkit train --dry-run`: nothing loaded but MODEL's config."""
     from .models.load import read_config, resolve
@@ -243,7 +237,7 @@ def _dry_run(args, cfg) -> int:
 
     path = Path(args.model)
     config = read_config(path) if path.suffix == ".json" or (path.is_dir() and (path / "config.json").exists()) else read_config(resolve(args.model).hf_dir)
-    worlds = sorted({1, args.world_size or 1})
+    worlds = sorted({1, 1 if args.world_size is None else args.world_size})
     if min(worlds) < 1:
         raise QatkitError(f"--world-size {args.world_size}: at least 1 device")
     rows = {w: memory_estimate(config, cfg.train, w) for w in worlds}
@@ -460,8 +454,10 @@ def main(argv: list[str] | None = None) -> int:
         # would come before qatkit's one line; --verbose shows them
         warnings.filterwarnings("ignore", module=r"(torch|torchao|transformers|executorch|gguf|numpy|safetensors|huggingface_hub|tokenizers|matplotlib)(\.|$)")
     try:
-        if args.command != "train" and distributed_launch():
-            raise QatkitError(f"qatkit {args.command} runs in one process; under torchrun use qatkit train (then qatkit eval or run on its file)")
+        from .train.distributed import launched
+
+        if args.command != "train" and launched():
+            raise QatkitError(f"qatkit {args.command} runs in one process; under torchrun use qatkit train (then qatkit eval on the file it exports)")
         if args.command != "eval":  # eval needs llama.cpp only; transformers is slow to import
             _quiet_transformers(args.verbose)
         return COMMANDS[args.command](args)
