@@ -1,12 +1,15 @@
 """Training on several processes with PyTorch's own engine: FSDP2 (`fully_shard`) under
 `torchrun`, checkpoints with `torch.distributed.checkpoint` (DCP).
 
-    torchrun --nproc-per-node 8 -m qatkit train MODEL --out RUN_DIR --batch-size 8 --export
+    torchrun --standalone --nproc-per-node 8 -m qatkit.cli train MODEL --out RUN_DIR --batch-size 8 --export
 
 What changes against one process, and what does not:
+- The processes load, prepare and shard the models in turn (rank 0 first), so a machine holds
+  whole float copies for one process at a time.
 - Student and teacher are both sharded: each decoder layer is an FSDP unit (its weights gathered
   for its forward and backward, then freed), the rest of the model (embedding, final norm, head)
-  is the root unit. Fake-quant runs on the gathered weight, so the numbers are the same.
+  is the root unit. Fake-quant runs on the gathered weight, so the numbers are the same. Frozen
+  lookup tables not tied to the head are split by rows instead (RowShardedTable).
 - `--batch-size` is the *global* micro-batch: every process draws the same sequences (same seed,
   same data position) and keeps its own 1/W of them; FSDP averages the gradients, so an
   optimizer step sees the same mean gradient as one process with that batch. Losses, KL and the
