@@ -260,11 +260,17 @@ def test_bfloat16_teacher_moves_the_target_a_little_and_the_student_stays_float3
 
     src = hf_dir(tmp_path / "m")
     (tmp_path / "d.txt").write_text(TEXT * 6)
+    from qatkit.models.load import load, resolve
+
+    source = resolve(str(src))
+    teacher, tok = load(source)
     runs = {}
     for dtype in ("float32", "bfloat16"):
         cfg = RunConfig(model=str(src), data=[str(tmp_path / "d.txt")], qat=QATConfig(),
                         train=TrainConfig(steps=2, seq_len=32, lr=1e-4, eval_every=1, teacher_dtype=dtype))
-        runs[dtype] = qat_run(cfg, tmp_path / dtype, progress=False)
+        runs[dtype] = qat_run(cfg, tmp_path / dtype, progress=False, loaded=(source, teacher, tok))
+    # the caller's teacher is left in float32: `qatkit run` measures the export gap with it
+    assert {p.dtype for p in teacher.parameters()} == {torch.float32}
     f32, bf16 = (runs[d]["metrics"] for d in ("float32", "bfloat16"))
     assert {p.dtype for p in runs["bfloat16"]["student"].parameters()} == {torch.float32}
     for a, b in zip(f32, bf16):

@@ -177,9 +177,10 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
         else:
             source, teacher, tokenizer = loaded
         train_seqs, held = training_data(cfg, teacher, tokenizer)
-        student = copy.deepcopy(teacher)
+        student = copy.deepcopy(teacher).requires_grad_(True)  # (a teacher that trained a student before is frozen)
         if cfg.train.teacher_dtype != "float32":  # after the copy: the student trains in float32
-            teacher.to(getattr(torch, cfg.train.teacher_dtype))
+            # a caller's teacher (`loaded`) stays float32: it goes on to measure the export gap
+            teacher = (copy.deepcopy(teacher) if loaded is not None else teacher).to(getattr(torch, cfg.train.teacher_dtype))
         plan = prepare(student, source.arch, cfg.qat)
         calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
         if group is not None:
