@@ -175,14 +175,15 @@ def training_memory(config, batch_size: int, seq_len: int, kl_positions: float =
     An estimate, not a measurement: benchmarks/memory.py measures and prints the ratio."""
     from torch import nn
 
-    model = skeleton(config)
+    model = skeleton(config.get_text_config())  # the language model: what qatkit trains of a multimodal checkpoint
     total = sum(p.numel() for p in model.parameters())
-    tables = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding)]
-    frozen = sum(tables)
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     head = getattr(model.get_output_embeddings(), "weight", None)
-    untied = [m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not head]
-    if qat and head is not None and not any(head is m.weight for m in model.modules() if isinstance(m, nn.Embedding)):
-        frozen += head.numel()  # an untied head stays frozen at its file type (Q6_K/Q8_0), as prepare leaves it
+    fixed = {id(w): w for w in tables}  # what gets no gradient: the embedding tables, and under QAT an untied head
+    if qat and head is not None:  # (frozen at its file type, Q6_K/Q8_0, as prepare leaves it; a tied one is a table already)
+        fixed[id(head)] = head
+    frozen = sum(w.numel() for w in fixed.values())
+    untied = [w.numel() for w in tables if w is not head]
     layers_mod = model.model.layers
     layer_sizes = [sum(p.numel() for p in layer.parameters()) for layer in layers_mod]
     linear_sizes = [sum(m.weight.numel() for m in layer.modules() if isinstance(m, nn.Linear))
@@ -207,8 +208,7 @@ def training_memory(config, batch_size: int, seq_len: int, kl_positions: float =
         "logits": (16.0 if qat else 12.0) * max(1, round(tokens * kl_positions)) * vocab,
     }
     if qat and device == "cpu":  # host memory, where a GPU run keeps it too: each frozen table's file bytes (Q6_K/Q8_0, <= 1.06 a value)
-        out["weights"] += 1.0625 * sum(tables)
-    fixed = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)} | ({id(head)} if qat and head is not None else set())
+        out["weights"] += 1.0625 * sum(w.numel() for w in tables)
     trained = [p.numel() for p in model.parameters() if id(p) not in fixed]
     out["optimizer_step"] = 4.0 * (total - frozen) / world if device == "cuda" else 8.0 * max(trained) / world
     working = out["gathered"] + out["fake_quant"] + out["activations"] + out["logits"]

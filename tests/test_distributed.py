@@ -269,3 +269,22 @@ def test_optimizer_settings_are_read_weights_only(tmp_path):
     with pytest.raises(pickle.UnpicklingError):
         _weights_only_planner().load_bytes(None, buf)
     assert not marker.exists()
+
+
+def test_dry_run_of_a_multimodal_directory_sizes_its_language_model(tmp_path, capsys):
+    """A multimodal checkpoint (Gemma 4 12B's kind) is sized as what qatkit trains of it, its
+    text decoder, from config.json alone: one table, no traceback."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from qatkit.cli import main
+    from qatkit.plan import training_memory
+    from tiny_models import gemma4_dir
+
+    src = gemma4_dir(tmp_path / "unified", shape="unified")
+    capsys.readouterr()
+    assert main(["train", str(src), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and out.count("\ntotal") == 1
+    full = AutoConfig.from_pretrained(src)
+    text_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(full.get_text_config()).parameters())
+    assert training_memory(full, 1, 32)["params"] == text_params
