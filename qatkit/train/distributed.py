@@ -369,6 +369,21 @@ def load(path: Path, student, opt, batches) -> int:
     return step
 
 
+def load_whole(state: dict, student, opt) -> None:
+    """A one-process checkpoint's whole tensors ({"params", "optimizer"} of checkpoint.pt) into a
+    sharded student and its optimizer, each process keeping its shard. The optimizer state,
+    numbered by position in the param groups, is renamed to the tensors' names, the form
+    torch.distributed.checkpoint.state_dict reads."""
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    name = {id(p): n for n, p in student.named_parameters()}
+    order = [name[id(p)] for g in opt.param_groups for p in g["params"]]
+    saved = state["optimizer"]
+    optim = {"state": {order[int(i)]: v for i, v in saved["state"].items()},
+             "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
+    set_state_dict(student, opt, model_state_dict=state["params"], optim_state_dict=optim, options=_options(full_state_dict=True, strict=False))
+
+
 def full_trainable_state(student) -> dict[str, torch.Tensor]:
     """The trained tensors, whole and on the CPU, on rank 0 (empty elsewhere). Collective."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict

@@ -231,7 +231,7 @@ def load_checkpoint(path: Path, student, opt, batches: Batches, state: dict | No
             raise QatkitError(f"{path}: {n} is not a finite tensor of shape {tuple(p.shape)}")
     try:
         if sharded:
-            _load_full_into_shards(state, student, opt)
+            distributed.load_whole(state, student, opt)
         else:
             with torch.no_grad():
                 for n, p in params.items():
@@ -241,21 +241,6 @@ def load_checkpoint(path: Path, student, opt, batches: Batches, state: dict | No
         raise QatkitError(f"{path}: its optimizer state does not fit this run ({e})") from None
     batches.load_state_dict(state["batches"])
     return int(state["step"])
-
-
-def _load_full_into_shards(state: dict, student, opt) -> None:
-    """checkpoint.pt's whole tensors into an FSDP2 student and its optimizer: the optimizer
-    state, numbered by position in one process's param groups, renamed to the tensors' names
-    (the form torch.distributed.checkpoint.state_dict reads), each process keeping its shard."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-    name = {id(p): n for n, p in student.named_parameters()}
-    order = [name[id(p)] for g in opt.param_groups for p in g["params"]]
-    saved = state["optimizer"]
-    optim = {"state": {order[int(i)]: v for i, v in saved["state"].items()},
-             "param_groups": [{**g, "params": [order[int(i)] for i in g["params"]]} for g in saved["param_groups"]]}
-    set_state_dict(student, opt, model_state_dict=state["params"], optim_state_dict=optim,
-                   options=StateDictOptions(full_state_dict=True, strict=False, ignore_frozen_params=True))
 
 
 def _resume(run_dir: Path, student, opt, batches: Batches, group: distributed.Group | None) -> int:

@@ -122,16 +122,23 @@ def check_memory(source, cfg: RunConfig, world: int = 1) -> dict:
     return need
 
 
+def make_student(model, source, cfg: RunConfig, train_seqs: torch.Tensor) -> dict[str, str]:
+    """Turn a copy of the teacher into the QAT student, in place: fake-quant modules per the plan
+    (returned), static int8 activation scales from the first training sequences (a resumed run
+    loads its own over them)."""
+    plan = prepare(model, source.arch, cfg.qat)
+    calibrate_static(model, train_seqs[:CALIBRATION_SEQS])
+    return plan
+
+
 def _gathered_student(sharded, source, cfg: RunConfig, train_seqs: torch.Tensor, group: distributed.Group):
     """After a sharded training: the trained tensors gathered on rank 0 into a plain student,
-    prepared as the sharded one was (same plan, same calibration) from a fresh load; None on
-    the other ranks."""
+    made as the sharded one was (make_student) from a fresh load; None on the other ranks."""
     trained = distributed.full_trainable_state(sharded)  # collective
     if not group.main:
         return None
     teacher, _ = load(source)
-    prepare(teacher, source.arch, cfg.qat)
-    calibrate_static(teacher, train_seqs[:CALIBRATION_SEQS])
+    make_student(teacher, source, cfg, train_seqs)
     result = teacher.load_state_dict(trained, strict=False)
     if result.unexpected_keys:
         raise QatkitError(f"the gathered student has tensors a fresh one lacks: {result.unexpected_keys[:3]}")
@@ -181,8 +188,7 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
         if cfg.train.teacher_dtype != "float32":  # after the copy: the student trains in float32
             # a caller's teacher (`loaded`) stays float32: it goes on to measure the export gap
             teacher = (copy.deepcopy(teacher) if loaded is not None else teacher).to(getattr(torch, cfg.train.teacher_dtype))
-        plan = prepare(student, source.arch, cfg.qat)
-        calibrate_static(student, train_seqs[:CALIBRATION_SEQS])  # static int8 scales; a resumed run loads its own over them
+        plan = make_student(student, source, cfg, train_seqs)
         if group is not None:
             distributed.shard(student, group)
             distributed.shard(teacher, group)
