@@ -9,7 +9,10 @@ single-token decode steps, and the process's peak resident memory above what it 
 loading. Prints medians and ratios (.pte / GGUF).
 
     python benchmarks/mobile_vs_gguf.py [--embedding int4] [--rounds 3] [--prompt 128] [--tokens 64]
-                                        [--pte existing.pte | --save keep.pte] [--threads 2]
+                                        [--pte existing.pte | --save keep.pte] [--threads 2] [--one-file]
+
+The tied table is stored once, in a .ptd beside the .pte (sizes are of both files together);
+--one-file exports it twice inside one .pte, as before.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from qatkit.runtime.executorch import program_bytes
+
 EXPORT = """
 import json, resource, sys, time
 from qatkit.models.load import load, resolve
@@ -34,7 +39,7 @@ floats = sum(p.numel() for p in model.parameters()) * 4
 prepare(model, src.arch, QATConfig(fmt="mobile", embedding=sys.argv[2]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
-info = export_pte(model, tok, sys.argv[1], max_context=512)
+info = export_pte(model, tok, sys.argv[1], max_context=512, share_table=sys.argv[3] == "shared")
 info["wall_s"] = time.perf_counter() - t0
 info["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 info["rss_before_export"] = before
@@ -58,7 +63,8 @@ if kind == "pte":
     from pathlib import Path
     torch.set_num_threads(threads)
     before = status("VmRSS")
-    method = Runtime.get().load_program(Path(path)).load_method("forward")
+    ptd = Path(path).with_suffix(".ptd")  # the shared table, where the program has one
+    method = Runtime.get().load_program(Path(path), data_path=ptd if ptd.exists() else None).load_method("forward")
     loaded, locked = status("VmRSS") - before, status("VmLck")
     def run(tokens, pos):
         return method.execute([torch.tensor([tokens]), torch.tensor([pos])])[0]
@@ -100,13 +106,14 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--save", type=Path, help="keep the exported program here (to measure it again with --pte)")
+    ap.add_argument("--one-file", action="store_true", help="the tied table twice in one .pte (the lookup's and XNNPACK's), not once in a .ptd beside it")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     with tempfile.TemporaryDirectory() as d:
         pte = args.pte
         if pte is None:
             pte = args.save or Path(d) / "mobile.pte"
-            e = child(EXPORT, pte, args.embedding, env=env)
+            e = child(EXPORT, pte, args.embedding, "one-file" if args.one_file else "shared", env=env)
             print(f"export of one program: {e['wall_s']:.0f} s (torch.export {e['export_s']:.0f} s, lowering {e['lower_s']:.0f} s), "
                   f"{e['xnnpack_partitions']} XNNPACK partitions; peak RSS {e['peak_rss'] / 1e9:.2f} GB = "
                   f"{e['peak_rss'] / e['float32_bytes']:.2f}x the model's float32 size ({e['float32_bytes'] / 1e9:.2f} GB)")
@@ -124,11 +131,12 @@ def main() -> None:
             for kind, path in (("pte", pte), ("gguf", gguf)):
                 rows[kind].append(child(RUN, kind, path, args.prompt, args.tokens, args.threads, env=env))
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tps", "decode_tps", "rss", "loaded", "locked")} for k, v in rows.items()}
-        size = {"pte": pte.stat().st_size, "gguf": gguf.stat().st_size}
+        size = {"pte": program_bytes(pte), "gguf": gguf.stat().st_size}
         print(f"{args.threads} threads; prompt of {args.prompt} random token ids, then {args.tokens} single-token steps; "
               f"median of {args.rounds} alternated rounds, each a fresh process")
         print(f"{'':<28} {'size MB':>9} {'prefill t/s':>12} {'decode t/s':>11} {'peak RSS MB':>12}")
-        for kind, label in (("pte", f"mobile .pte (emb {args.embedding})"), ("gguf", "llama.cpp PTQ Q4_0 GGUF")):
+        files = ".pte+.ptd" if pte.with_suffix(".ptd").exists() else ".pte"
+        for kind, label in (("pte", f"mobile {files} (emb {args.embedding})"), ("gguf", "llama.cpp PTQ Q4_0 GGUF")):
             m = med[kind]
             print(f"{label:<28} {size[kind] / 1e6:9.1f} {m['prefill_tps']:12.1f} {m['decode_tps']:11.1f} {m['rss'] / 1e6:12.1f}")
         p, g = med["pte"], med["gguf"]

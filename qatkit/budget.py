@@ -8,9 +8,12 @@ the exact bytes it takes in each format the target can store it in:
   sizes, so the bytes are exact; with the model's metadata the GGUF header is exact too, and
   so the whole file.
 - mobile (.pte): decoder Linears int4 per channel (4-bit codes + a float32 scale per row, the
-  qc4w kernel) or int8 (+ float32 scale per row); a tied embedding int4 or int8 per row,
-  stored twice (the lookup table and XNNPACK's copy for the head); untied lookup tables int4
-  or int8. int2 saves nothing here: XNNPACK has no 2-bit kernel and stores int2 in int4 codes.
+  qc4w kernel) or int8 (+ float32 scale per row); a tied embedding int4 or int8 per row, stored
+  once (named data in the .ptd beside the program, codes and scales, which the lookup and
+  XNNPACK's head share; twice when its rows have an odd width); untied lookup tables int2, int4
+  or int8. int2 saves nothing on a Linear: XNNPACK has no 2-bit kernel and stores int2 in int4
+  codes. These are the weights' bytes; the program around them (its instructions, RoPE and
+  mask constants, the .ptd's header) is not counted.
 
 With weights, the loss of each choice is measured (`qatkit.planner`). Losses are taken as additive,
 and the mix is the greedy multiple-choice knapsack: start from every tensor at its lowest
@@ -102,8 +105,8 @@ def gguf_inventory(model: nn.Module, arch) -> list[Entry]:
 
 
 def mobile_bytes(shape: tuple[int, ...], scheme: str) -> int:
-    """Bytes of one weight in the .pte: codes (int4 packed two to a byte, rows padded to even
-    width; int2, lookup tables only, four to a byte) plus a float32 scale per row."""
+    """Bytes of one weight in the program: codes (int4 two to a byte, rows padded to an even
+    width; int2, lookup tables only, four to a byte) and a float32 scale per row."""
     rows, width = _rows(shape), shape[-1]
     if scheme == "int2":
         return rows * ((width + 3) // 4) + 4 * rows
@@ -117,8 +120,9 @@ def mobile_bytes(shape: tuple[int, ...], scheme: str) -> int:
 
 
 def mobile_inventory(model: nn.Module) -> list[Entry]:
-    """Every weight of the mobile program: Linears, the token embedding (twice when tied: the
-    lookup and the head) and other lookup tables; 1-D tensors (norms) stay float32."""
+    """Every weight of the mobile program: Linears, the token embedding (once when tied to the
+    head: see `export.executorch.SharedTableEmbedding`; twice at an odd width, where XNNPACK's
+    packing pads the rows) and other lookup tables; 1-D tensors (norms) stay float32."""
     tied = bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False))
     emb = model.get_input_embeddings()
     out = []
@@ -128,7 +132,7 @@ def mobile_inventory(model: nn.Module) -> list[Entry]:
             out.append(Entry(name, shape, "linear", {s: mobile_bytes(shape, s) for s in MOBILE_LINEAR}, math.prod(shape)))
         elif isinstance(mod, nn.Embedding):
             shape = tuple(mod.weight.shape)
-            copies = 2 if mod is emb and tied else 1
+            copies = 2 if mod is emb and tied and shape[-1] % 2 else 1
             schemes = MOBILE_TABLE if mod is emb else MOBILE_OTHER_TABLE
             out.append(Entry(name, shape, "table", {s: copies * mobile_bytes(shape, s) for s in schemes}, math.prod(shape)))
     small = sum(p.numel() for p in model.parameters() if p.dim() < 2)

@@ -326,7 +326,8 @@ def _export_mobile(args) -> int:
     else:
         how = (f"mobile {qat.mobile_weights}, {len(qat.int2)} int2 / {len(qat.int8)} int8 / {len(qat.keep)} float patterns, embedding {qat.embedding}"
                + (f", other tables {qat.per_layer_embedding}" if other_tables(model) else ""))
-    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {how}, {qat.activations} activations) and {info['tokenizer']} in {time.time() - t0:.1f} s")
+    table = f", its shared table {info['data_path']}" if info.get("data_path") else ""
+    print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {how}, {qat.activations} activations){table} and {info['tokenizer']} in {time.time() - t0:.1f} s")
     return 0
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import resource
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ def run(cfg: RunConfig, out: Path, texts: dict[str, str], chunks: int, resume: b
     for key, path in files.items():
         facts[key] = dict(summary["means"][key])
         if path is not None:
-            size = os.path.getsize(path)
+            size = target.file_bytes(path)
             facts[key] = {"path": str(path), "file_bytes": size, **facts[key], "bits_per_weight": 8 * size / n_weights, **target.file_facts(job, path)}
     log.info("[6/6] export gap: %s on the trained file vs the trained student", runtime)
     gap, errors = target.verify(job, trained, files, next(iter(texts.values())), chunks)

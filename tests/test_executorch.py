@@ -147,6 +147,36 @@ def test_perplexity_in_the_runtime_matches_torch(exported):
     assert abs(r["nll"] - nll / count) < 1e-3  # code flips (see BOUND) move it by ~1e-4
 
 
+def test_the_tied_table_is_stored_once(exported, tmp_path):
+    """A tied table's bytes are named data shared by the lookup and XNNPACK's head: the .pte and
+    its .ptd together are one table smaller than the program that keeps both copies inside
+    (the tests above run the shared program: it computes what the student computes). A program
+    without its .ptd is refused in one line; an untied model writes no .ptd."""
+    import shutil
+
+    from qatkit.budget import mobile_bytes
+    from qatkit.runtime.executorch import data_path, program_bytes
+
+    family, m, plan, out, info = exported
+    if family == "llama":
+        assert not info["shared_table"] and info["data_path"] is None and not data_path(out).exists()
+        return
+    assert info["shared_table"] and data_path(out).exists() and info["file_bytes"] == program_bytes(out) == out.stat().st_size + data_path(out).stat().st_size
+    if family != "gemma3":
+        return
+    (tmp_path / "one.ptd").write_bytes(b"stale")  # an earlier program's table under this name goes
+    one = export_pte(m, tiny_tokenizer(), tmp_path / "one.pte", max_context=96, share_table=False)
+    assert not one["shared_table"] and not (tmp_path / "one.ptd").exists()
+    table = mobile_bytes(tuple(m.get_input_embeddings().weight.shape), plan["model.embed_tokens"])  # codes and float32 scales
+    # the .ptd: the codes and scales once (XNNPACK's copies are the same entries) and its header
+    assert 0 <= data_path(out).stat().st_size - table < 1024
+    saved = one["file_bytes"] - info["file_bytes"]
+    assert 0 <= table - saved <= 1024, (saved, table)  # less the .ptd's header (measured 640 bytes)
+    shutil.copy(out, tmp_path / "alone.pte")
+    with pytest.raises(QatkitError, match="alone.ptd is missing"):
+        PteModel(tmp_path / "alone.pte")
+
+
 def test_bad_input(tmp_path):
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"\x00" * 100)
@@ -239,6 +269,7 @@ def test_gemma4_program_computes_what_the_student_computes(tmp_path):
     assert all(len(torch.unique(row)) <= 4 for row in ple[:20])  # four levels a row: what 2 bits hold
     out = tmp_path / "g4.pte"
     info = export_pte(m, gemma_tokenizer(), out, max_context=48)
+    assert info["shared_table"]  # int4: the lookup reads XNNPACK's nibble order, pairs flipped back
     assert "quantized_decomposed.embedding_2bit.out" in info["outside_xnnpack"]
     assert "quantized_decomposed.embedding_4bit.out" in info["outside_xnnpack"]
     ids = torch.randint(3, m.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))

@@ -35,6 +35,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import os
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -44,7 +46,7 @@ from torch import nn
 
 from .. import QatkitError, patched
 from ..atomic import atomic_path
-from ..runtime.executorch import require_executorch, tokenizer_path
+from ..runtime.executorch import SHARED_FLAG, data_path, require_executorch, tokenizer_path
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,71 @@ class ChannelInt4Linear(nn.Module):
         x = qd.dequantize_per_token.default(qd.quantize_per_token.default(x, s, z, -128, 127, torch.int8), s, z, -128, 127, torch.int8, torch.float32)
         w = qd.dequantize_per_channel.default(self.codes, self.w_scale, self.w_zero, 0, -8, 7, torch.int8)
         return nn.functional.linear(x, w, self.bias)
+
+
+SHARED = "qatkit_shared"  # the name of the tied table's buffers, and of its named-data tag
+
+
+def pack_like_xnnpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The bytes XNNPACK stores for a per-channel weight of int4 (qc4w: two codes a byte, +8, the
+    odd column in the high nibble) or int8 (the codes as they are) codes."""
+    if bits == 8:  # a copy: a buffer aliasing the head's codes would be exported under the head's name
+        return codes.to(torch.int8).clone().contiguous()
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    return ((u[:, 1::2] << 4) | u[:, 0::2]).contiguous()
+
+
+class SharedTableEmbedding(nn.Module):
+    """The embedding lookup of a table tied to the head, reading the very bytes XNNPACK keeps for
+    the head, so that the program stores the table once. ExecuTorch's embedding_4bit reads the
+    even column from the high nibble, XNNPACK's qc4w from the low one: looked up in XNNPACK's
+    bytes, each row comes out with its column pairs swapped, and one flip puts them back (a
+    permutation: the numbers are the trained ones). int8 tables are the same bytes to both. The
+    bytes and the scales are named data with one tag, which ExecuTorch stores once by content."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, multiplier: torch.Tensor | None):
+        super().__init__()
+        import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed.embedding_*)
+
+        self.bits = bits
+        self.register_buffer(f"{SHARED}_table", pack_like_xnnpack(codes, bits))
+        self.register_buffer(f"{SHARED}_scale", scale.float().reshape(-1).contiguous())
+        self.multiplier = None if multiplier is None else multiplier.detach().float().clone()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        qd = torch.ops.quantized_decomposed
+        table, scale = getattr(self, f"{SHARED}_table"), getattr(self, f"{SHARED}_scale")
+        if self.bits == 4:
+            x = qd.embedding_4bit.default(table, scale, None, -8, 7, ids)
+            x = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        else:
+            x = qd.embedding_byte.default(table, scale, None, -128, 127, ids)
+        return x if self.multiplier is None else x * self.multiplier
+
+
+class SharedTableHead(nn.Module):
+    """The head of a shared table: a per-channel int4 or int8 Linear with dynamic int8 inputs
+    (qd8 x qc4w / qc8w in XNNPACK) whose weight and scales are tagged as named data of the shared
+    table, so that XNNPACK's bytes and the lookup's are one entry."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int):
+        super().__init__()
+        import torch.ao.quantization.fx._decomposed  # noqa: F401
+
+        self.register_buffer("codes", codes.to(torch.int8).contiguous())
+        self.register_buffer("w_scale", scale.float().reshape(-1).contiguous())
+        self.register_buffer("w_zero", torch.zeros(codes.shape[0], dtype=torch.int64))
+        self.qmin, self.qmax = (-8, 7) if bits == 4 else (-128, 127)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import torch.fx.traceback as fx_traceback
+
+        qd = torch.ops.quantized_decomposed
+        s, z = qd.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+        x = qd.dequantize_per_token.default(qd.quantize_per_token.default(x, s, z, -128, 127, torch.int8), s, z, -128, 127, torch.int8, torch.float32)
+        with fx_traceback.annotate({"delegate_constant_tag": SHARED}):
+            w = qd.dequantize_per_channel.default(self.codes, self.w_scale, self.w_zero, 0, self.qmin, self.qmax, torch.int8)
+        return nn.functional.linear(x, w)
 
 
 class StaticInt8Linear(nn.Module):
@@ -194,9 +261,29 @@ def _static_linear(name: str, old: nn.Module, codes: torch.Tensor, scale: torch.
     return StaticInt8Linear(codes, scale, spec.bits, old.bias, float(s_in), float(s_out))
 
 
-def runtime_model(student: nn.Module) -> nn.Module:
+def _shared_table(student: nn.Module, weights: dict):
+    """(codes, scales, bits) of an embedding tied to the head at the same per-channel int4 or int8
+    codes and scales, whose bytes the lookup and XNNPACK can share; None otherwise."""
+    from ..formats import mobile
+
+    if not getattr(student.config.get_text_config(), "tie_word_embeddings", False) or "lm_head" not in weights:
+        return None
+    codes, scale, spec = weights["lm_head"]
+    emb = student.get_input_embeddings()
+    if spec.group is not None or spec.bits not in (4, 8) or spec != getattr(emb, "mobile_spec", None) or codes.shape[1] % 2:
+        return None
+    e_codes, e_scale = mobile.quantize_weight(emb.weight, emb.mobile_spec, emb.mobile_scale)
+    if not (torch.equal(codes, e_codes) and torch.equal(scale, e_scale)):
+        return None
+    if not torch.equal(mobile.dequantize_weight(codes, scale, spec), emb.weight.detach().float()):
+        raise QatkitError("the embedding is not at its mobile per-row values; prepare the model with --format mobile")
+    return codes, scale, spec.bits
+
+
+def runtime_model(student: nn.Module, share_table: bool = False) -> nn.Module:
     """A copy of the mobile student whose Linears and embedding hold the exported integer codes
-    (torchao tensors), with the tied head untied and Gemma's tanh GELU spelled out."""
+    (torchao tensors), with the tied head untied and Gemma's tanh GELU spelled out. With
+    `share_table`, a tied table is kept once, in the bytes of `SharedTableEmbedding`."""
     from ..formats import mobile
     from ..nn import FakeQuantLinear
     from ..prepare import mobile_weights, other_tables
@@ -211,8 +298,11 @@ def runtime_model(student: nn.Module) -> nn.Module:
     # the copy takes the quantized modules and embedding in place of the float ones, so the float
     # weights (and a frozen head's cached fake-quant values) are never copied only to be dropped
     memo: dict[int, object] = {}
+    shared = _shared_table(student, weights) if share_table else None
     for name, (codes, scale, spec) in weights.items():
         old = student.get_submodule(name)
+        if old is head and shared is not None:
+            continue  # below
         if getattr(old, "act", "dynamic") == "static":
             memo[id(old)] = _static_linear(name, old, codes, scale, spec)
             continue
@@ -226,7 +316,12 @@ def runtime_model(student: nn.Module) -> nn.Module:
         memo[id(old)] = lin
     # the lookup tables (the embedding, Gemma 4's per-layer embeddings): their frozen values
     # re-quantize to the same codes with their own scales
-    tables = [emb, *other_tables(student).values()]
+    if shared is not None:
+        codes, scale, bits = shared
+        multiplier = getattr(emb, "embed_scale", None)
+        memo[id(emb)] = SharedTableEmbedding(codes, scale, bits, None if multiplier is None else multiplier.to(torch.float32))
+        memo[id(head)] = SharedTableHead(codes, scale, bits)
+    tables = [*([] if shared is not None else [emb]), *other_tables(student).values()]
     for table in tables:
         spec = getattr(table, "mobile_spec", None)
         if spec is None:
@@ -405,7 +500,7 @@ class KVCacheLM(nn.Module):
         return out.logits.float()
 
 
-def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True) -> dict:
+def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True, share_table: bool = True) -> dict:
     """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it.
     Returns facts about the file: sizes, delegated partitions, seconds. `dynamic=False` writes a
     one-token program (the runner then prefills token by token): it exports 1.8x faster at the
@@ -426,15 +521,17 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512,
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # transformers' output recorder is a global that dynamo reports as a side effect; unused here
         warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
-        return _export_pte(student, tokenizer, out, max_context, dynamic)
+        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table)
 
 
-def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool) -> dict:
+def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     t0 = time.perf_counter()
-    wrapper = KVCacheLM(runtime_model(student), max_context).eval()
+    runtime = runtime_model(student, share_table)
+    shared = isinstance(runtime.get_input_embeddings(), SharedTableEmbedding)
+    wrapper = KVCacheLM(runtime, max_context).eval()
     max_seq = max_context - 1 if dynamic else 1  # export cannot take a dynamic length equal to the cache length
     example = (torch.zeros(1, 4 if dynamic else 1, dtype=torch.long), torch.tensor([0], dtype=torch.long))
     shapes = ({1: torch.export.Dim("seq_len", min=1, max=max_seq)}, {0: 1}) if dynamic else None
@@ -453,21 +550,40 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
         "use_kv_cache": True,
         "enable_dynamic_shape": dynamic,
         "use_sdpa_with_kv_cache": False,
+        SHARED_FLAG: shared,  # the program reads its tied table from the .ptd beside it
     }
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     t2 = time.perf_counter()
-    et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True))
+    # the shared table's bytes and scales go to named data under one tag (the .ptd beside the
+    # .pte), where the lookup's constants and XNNPACK's head weights are one entry each
+    tag = (lambda node: SHARED if SHARED in node.name else None) if shared else False
+    et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=True, do_quant_fusion_and_const_prop=True, external_constants=tag))
     graph = edge.exported_program().graph
     delegates = sum(1 for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" in str(n.target))
     outside = sorted({str(n.target) for n in graph.nodes if n.op == "call_function" and "executorch_call_delegate" not in str(n.target)})
     stray = [op for op in outside if any(k in op for k in MUST_BE_DELEGATED)]
     if stray:  # e.g. a static Linear without its output quantize pair: portable kernels, other numbers
         raise QatkitError(f"matrix products left outside the XNNPACK delegate ({', '.join(stray)}): the program would not compute what was trained")
-    with atomic_path(out) as tmp, atomic_path(tokenizer_path(out)) as tok_tmp:  # the tokenizer lands first, then the program
+    stale = data_path(out)
+    with contextlib.ExitStack() as stack:  # exits in reverse: the tokenizer and the data land first, then the program
+        tmp = stack.enter_context(atomic_path(out))
+        ptd_tmp = stack.enter_context(atomic_path(stale)) if shared else None
+        tok_tmp = stack.enter_context(atomic_path(tokenizer_path(out)))
         with open(tmp, "wb") as f:
             et.write_to_file(f)
         tokenizer.backend_tokenizer.save(str(tok_tmp))
-    info = {"path": str(out), "file_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
+        if shared:
+            d = Path(stack.enter_context(tempfile.TemporaryDirectory(dir=out.parent, prefix=".qatkit-ptd-")))
+            et.write_tensor_data_to_file(d)
+            written = sorted(p.name for p in d.iterdir())
+            if written != [f"{SHARED}.ptd"]:
+                raise QatkitError(f"ExecuTorch wrote data files {written}; expected {SHARED}.ptd")
+            os.replace(d / written[0], ptd_tmp)
+    if not shared and stale.exists():
+        stale.unlink()  # an earlier program's shared table beside this name
+    files = [out] + ([data_path(out)] if shared else [])
+    info = {"path": str(out), "data_path": str(data_path(out)) if shared else None, "shared_table": shared,
+            "file_bytes": sum(f.stat().st_size for f in files), "pte_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
             "xnnpack_partitions": delegates, "outside_xnnpack": outside, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
     log.info("wrote %s (%.1f MB, %d XNNPACK partitions) in %.0f s", out, info["file_bytes"] / 1e6, delegates, info["seconds"])
     return info

@@ -36,6 +36,24 @@ def tokenizer_path(pte: Path) -> Path:
     return pte.with_name(pte.stem + ".tokenizer.json")
 
 
+SHARED_FLAG = "qatkit_shared_table_file"  # a program's constant method: 1 where its tied table lies in the .ptd
+
+
+def data_path(pte: Path) -> Path:
+    """Where a .pte's named data (the table its lookup and its head share) lies beside it."""
+    return Path(pte).with_suffix(".ptd")
+
+
+def program_bytes(pte) -> int:
+    """The bytes a device needs for a .pte: the program and its named data beside it."""
+    return os.path.getsize(pte) + (os.path.getsize(d) if (d := _data_file(pte)) else 0)
+
+
+def _data_file(pte) -> str | None:
+    p = data_path(Path(pte))
+    return os.fspath(p) if p.exists() else None
+
+
 @contextlib.contextmanager
 def native_stderr(captured: list[str], fds: tuple[int, ...] = (2,)):
     """Hold the runtime's own C++ log lines (written straight to file descriptor 2; the LLM
@@ -74,7 +92,7 @@ class PteModel:
         log: list[str] = []
         try:
             with native_stderr(log):
-                self.program = Runtime.get().load_program(Path(self.path))
+                self.program = Runtime.get().load_program(Path(self.path), data_path=_data_file(self.path))
                 self.forward = self.program.load_method("forward")
                 self.max_seq_len = int(self._meta("get_max_seq_len"))
                 self.max_context = int(self._meta("get_max_context_len"))
@@ -83,7 +101,15 @@ class PteModel:
             self.bos = None if bos < 0 else bos
         except Exception as e:  # the runtime's own log line says why; the exception says little
             why = next((line.split("] ", 1)[-1] for line in reversed(log) if "] " in line), str(e).splitlines()[0] if str(e) else type(e).__name__)
+            if _data_file(self.path) is None and self._needs_data():
+                why = f"its shared table {data_path(Path(self.path)).name} is missing beside it; copy the .pte with its .ptd"
             raise QatkitError(f"{self.path}: not a loadable qatkit ExecuTorch program ({why})") from None
+
+    def _needs_data(self) -> bool:
+        try:
+            return SHARED_FLAG in self.program.method_names and bool(self._meta(SHARED_FLAG))
+        except Exception:
+            return False
 
     def _meta(self, name: str):
         return self.program.load_method(name).execute([])[0]
@@ -128,7 +154,7 @@ def score(path, text: str, ref_path=None, n_ctx: int = 512, max_chunks: int | No
         if text_tokens(ref_path, text) != ids:
             raise QatkitError(f"{path}: tokenizes the text differently from reference {ref_path}")
         ref_logits = ref.scored_logits
-    return {"path": path, "ref_path": None if ref_path is None else os.fspath(ref_path), "file_bytes": os.path.getsize(path),
+    return {"path": path, "ref_path": None if ref_path is None else os.fspath(ref_path), "file_bytes": program_bytes(path),
             **score_ids(model.scored_logits, ids, model.bos, n_ctx, max_chunks, ref_logits, label=path), "seconds": time.perf_counter() - t0}
 
 
@@ -158,7 +184,7 @@ def generate(path, prompt: str, n_tokens: int = 32, tokenizer_file=None) -> dict
     failed = None
     with native_stderr(log, fds=(1, 2)):  # the runner narrates each load and prints its text
         try:
-            runner = TextLLMRunner(os.fspath(path), tok)
+            runner = TextLLMRunner(os.fspath(path), tok, _data_file(path))
             runner.generate(prompt, cfg, token_callback=pieces.append, stats_callback=stats.append)
         except UnicodeDecodeError:
             pass  # the runner hands a partial UTF-8 character to Python as str: what came before stands

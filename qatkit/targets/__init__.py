@@ -11,7 +11,8 @@ A target answers, for one run (a `Job`: the config, the loaded teacher and its t
     baseline(job)                   the untrained file: what plain post-training quantization gives
     export(trained)                 the trained student's file, through the quantizer it trained with
     score(job, files, texts, n)     {domain: {key: perplexity, KL, same-top row}} in the runtime
-    file_facts(job, path)           size, bits per weight, speed, memory of one file in the runtime
+    file_facts(job, path)           speed and memory of one file in the runtime
+    file_bytes(path)                what a device stores to run it (a .pte with its .ptd)
     verify(job, trained, files, t)  the export gap (runtime vs the trained student) and, where
                                     the target can say, per-layer errors of PTQ and QAT
     about(cfg)                      the report's words: runtime, file kind, labels, plan
@@ -23,6 +24,7 @@ through the training's result.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +70,10 @@ class Target:
 
     def file_facts(self, job: Job, path: Path) -> dict:
         raise NotImplementedError
+
+    def file_bytes(self, path: Path) -> int:
+        """The bytes a device needs to run the file (its companion files included)."""
+        return os.path.getsize(path)
 
     def verify(self, job: Job, trained: dict, files: dict[str, Path | None], text: str, chunks: int) -> tuple[dict, dict | None]:
         raise NotImplementedError

@@ -22,7 +22,7 @@ from .. import QatkitError, metrics
 from ..budget import plan_key
 from ..export.executorch import export_pte
 from ..prepare import prepare
-from ..runtime.executorch import PteModel, generate, require_executorch, score_ids, text_tokens
+from ..runtime.executorch import PteModel, generate, program_bytes, require_executorch, score_ids, text_tokens
 from ..train.run import calibrate_on_default_text
 from . import N_CTX, Job, Target
 
@@ -93,6 +93,9 @@ class ExecuTorchTarget(Target):
     def file_facts(self, job: Job, path: Path) -> dict:
         speed = generate(path, SPEED_PROMPT, n_tokens=64)
         return {"prefill_tps": speed.get("prefill_token_per_sec"), "decode_tps": speed.get("decode_token_per_sec")}
+
+    def file_bytes(self, path: Path) -> int:
+        return program_bytes(path)  # the .pte and the shared table's .ptd beside it
 
     def verify(self, job: Job, trained: dict, files: dict[str, Path | None], text: str, chunks: int) -> tuple[dict, None]:
         student = trained["student"].eval()
