@@ -7,7 +7,6 @@ import itertools
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -102,12 +101,13 @@ def test_a_plan_of_another_model_is_refused(tmp_path):
 
 def test_mobile_plan_sizes_track_the_program(tmp_path):
     """Two plans of one tiny model exported as .pte files (every weight at its lowest and at its
-    highest scheme): the difference of their sizes is the difference the planner predicts, to
-    within the alignment padding of each constant. (The program itself, constant across plans,
-    is what the planner leaves out.)"""
+    highest scheme): the difference of their weights' bytes is the difference the planner
+    predicts, to the byte; the files differ by that and the program's few own bytes. (The
+    program itself, nearly constant across plans, is what the planner leaves out.)"""
     pytest.importorskip("executorch")
     from qatkit.config import QATConfig
     from qatkit.models.load import load, resolve
+    from qatkit.runtime.executorch import weight_bytes
     from qatkit.targets.executorch import ptq_program
 
     model = hf_dir(tmp_path / "m", "gemma3", hidden=64, layers=1)
@@ -129,16 +129,6 @@ def test_mobile_plan_sizes_track_the_program(tmp_path):
     # tied table's lookup flips nibble pairs: measured 768 bytes)
     assert abs(got - want) <= 1024, (got, want)
 
-
-def weight_bytes(pte) -> int:
-    """The data bytes of a .pte's constants and named data, and of its .ptd's segments."""
-    from executorch.exir._serialize._program import deserialize_pte_binary
-    from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
-
-    f = deserialize_pte_binary(Path(pte).read_bytes())
-    n = sum(len(b.storage) for b in f.program.constant_buffer or []) + sum(len(b) for b in (f.named_data.buffers if f.named_data else []))
-    ptd = Path(pte).with_suffix(".ptd")
-    return n + (sum(s.size for s in _deserialize_to_flat_tensor(ptd.read_bytes()).segments) if ptd.exists() else 0)
 
 
 def test_e2b_text_only_from_its_config(tmp_path, capsys):

@@ -49,6 +49,18 @@ def program_bytes(pte) -> int:
     return os.path.getsize(pte) + (os.path.getsize(d) if (d := _data_file(pte)) else 0)
 
 
+def weight_bytes(pte) -> int:
+    """The data bytes of a program's constants and named data and of its .ptd's segments: what
+    the planner's byte rule predicts, without the program around them and its padding."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+    from executorch.extension.flat_tensor.serialize.serialize import _deserialize_to_flat_tensor
+
+    f = deserialize_pte_binary(Path(pte).read_bytes())
+    n = sum(len(b.storage) for b in f.program.constant_buffer or []) + sum(len(b) for b in (f.named_data.buffers if f.named_data else []))
+    data = _data_file(pte)
+    return n + (sum(s.size for s in _deserialize_to_flat_tensor(Path(data).read_bytes()).segments) if data else 0)
+
+
 def _data_file(pte) -> str | None:
     p = data_path(Path(pte))
     return os.fspath(p) if p.exists() else None

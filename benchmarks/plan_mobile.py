@@ -1,0 +1,113 @@
+"""The budget planner for the mobile format on the default model: planned mixes against uniform
+precision, measured in ExecuTorch.
+
+Measures the per-tensor sensitivity of Gemma 3 270M for the mobile format once (weight-only KL
+rise on the default training text, `qatkit.planner.measure_losses`), plans the given budgets, and
+writes each plan as an untrained (PTQ) .pte with qatkit's exporter, beside the two-format
+corners: every weight int4, every weight int8, and Linears int8 with an int4 table. Each file's
+weights' bytes (its constants, named data and .ptd segments) are checked against the planner's
+prediction; what the program adds around them is printed. Every program is scored in the
+ExecuTorch runtime against the float model in torch on the held-out suite (text unlike the
+sensitivity text): mean KL and perplexity. Each plan is compared with the best corner that is no
+larger.
+
+    python benchmarks/plan_mobile.py [--budgets 150MB 180MB 220MB] [--chunks 1] [--losses runs/plan_losses_mobile.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+from qatkit import metrics
+from qatkit.budget import fit, human, inventory, parse_size, predicted_loss, save_plan
+from qatkit.eval.suite import load_suite
+from qatkit.models.load import load, resolve
+from qatkit.planner import measure_losses
+from qatkit.prepare import QATConfig
+from qatkit.runtime.executorch import PteModel, program_bytes, text_tokens, weight_bytes
+from qatkit.targets.executorch import ptq_program
+from qatkit.train.data import default_train_texts, pack
+
+N_CTX = 512
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budgets", nargs="+", default=["150MB", "180MB", "220MB"])
+    ap.add_argument("--losses", type=Path, default=Path("runs/plan_losses_mobile.json"), help="measured losses are kept here and reused")
+    ap.add_argument("--chunks", type=int, default=1, help="chunks of 512 tokens per held-out domain")
+    args = ap.parse_args()
+    src = resolve("gemma3-270m")
+    model, tok = load(src)
+    entries = inventory(model, src.arch, "mobile")
+    if args.losses.exists():
+        saved = json.loads(args.losses.read_text())
+        for e in entries:
+            e.loss = saved["losses"][e.name]
+        how = saved["how"] + f" (read from {args.losses})"
+    else:
+        t0 = time.perf_counter()
+        ids = pack(tok, default_train_texts(), 256, vocab_size=model.config.vocab_size)[-1:]
+        how = measure_losses(entries, copy.deepcopy(model), src.arch, "mobile", ids) + f"; {time.perf_counter() - t0:.0f} s"
+        args.losses.parent.mkdir(parents=True, exist_ok=True)
+        args.losses.write_text(json.dumps({"how": how, "losses": {e.name: e.loss for e in entries}}))
+    print(f"sensitivity: {how}")
+
+    def uniform(linear: str, table: str) -> dict[str, str]:
+        return {e.name: (e.levels[0] if len(e.levels) == 1 else table if e.kind == "table" else linear) for e in entries}
+
+    plans = {"uniform int4": uniform("int4", "int4"), "Linears int8, table int4": uniform("int8", "int4"), "uniform int8": uniform("int8", "int8")}
+    for b in args.budgets:
+        plans[f"planned for {b}"] = fit(entries, parse_size(b))[0]
+    suite = load_suite()
+    teacher = metrics.torch_logits(model.eval())
+    rows = {}
+    with tempfile.TemporaryDirectory() as d:
+        for i, (name, plan) in enumerate(plans.items()):
+            plan_file = Path(d) / f"{i}.json"
+            save_plan(plan_file, "mobile", plan, {})
+            out = Path(d) / f"{i}.pte"
+            t0 = time.perf_counter()
+            ptq_program(src, model, tok, QATConfig(fmt="mobile", plan=str(plan_file)), out)
+            predicted = sum(e.options[plan[e.name]] for e in entries)
+            rows[name] = {"bytes": program_bytes(out), "weights": weight_bytes(out), "predicted": predicted, "export_s": time.perf_counter() - t0,
+                          "int8_linears": sum(1 for e in entries if e.kind == "linear" and plan[e.name] == "int8"),
+                          "table": next(plan[e.name] for e in entries if e.kind == "table"), "predicted_loss": predicted_loss(entries, plan), "kld": [], "nll": []}
+            pte = PteModel(out)
+            for domain, text in suite.items():
+                chunk_list = metrics.chunks([pte.bos, *text_tokens(out, text)], N_CTX, pte.bos, args.chunks, label=domain)
+                pte_scores, _ = metrics.score_chunks([pte.scored_logits, teacher], chunk_list, ref_index=1)
+                r = pte_scores.result()
+                rows[name]["kld"].append(r["kld"])
+                rows[name]["nll"].append(r["nll"])
+            print(f"  {name}: {rows[name]['bytes']:,} bytes, exported in {rows[name]['export_s']:.0f} s, scored", flush=True)
+    print(f"Gemma 3 270M, PTQ mobile programs (.pte and .ptd) scored in ExecuTorch against the float model in torch; held-out suite "
+          f"({', '.join(suite)}), {args.chunks} x {N_CTX} tokens each")
+    print(f"{'file':<28} {'bytes':>12} {'weights':>12} {'predicted':>12} {'program':>8} {'int8 Lin.':>9} {'table':>5} {'pred. loss':>10} {'mean KLD':>9} {'PPL':>8}")
+    for name, r in rows.items():
+        r["mean_kld"] = sum(r["kld"]) / len(r["kld"])
+        ppl = math.exp(sum(r["nll"]) / len(r["nll"]))
+        print(f"{name:<28} {r['bytes']:>12,} {r['weights']:>12,} {r['predicted']:>12,} {r['bytes'] - r['predicted']:>8,} {r['int8_linears']:>9} "
+              f"{r['table']:>5} {r['predicted_loss']:>10.4f} {r['mean_kld']:>9.4f} {ppl:>8.3f}")
+    for b in args.budgets:
+        name = f"planned for {b}"
+        r = rows[name]
+        fitting = [n for n in rows if not n.startswith("planned") and rows[n]["bytes"] <= parse_size(b)]
+        if not fitting:
+            print(f"{name}: no corner file fits {b}")
+            continue
+        best = min(fitting, key=lambda n: rows[n]["mean_kld"])
+        u = rows[best]
+        verdict = "beats" if r["mean_kld"] < u["mean_kld"] else "ties with" if r["mean_kld"] == u["mean_kld"] else "does NOT beat"
+        print(f"{name} ({human(r['bytes'])}) {verdict} the best corner within the budget, {best} ({human(u['bytes'])}): "
+              f"KLD {r['mean_kld']:.4f} vs {u['mean_kld']:.4f}")
+
+
+if __name__ == "__main__":
+    main()
