@@ -35,7 +35,10 @@ def gguf_shapes(model, arch) -> dict[str, tuple[int, ...]]:
     converter transforms keep shapes; a tied head is written once, as token_embd)."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     shapes = {name: tuple(t.shape) for name, t in generated_tensors(arch, model.config).items()}
-    shapes.update({gguf_name(arch, hf): tuple(w.shape) for hf, w in model.state_dict().items() if not (hf == "lm_head.weight" and tied)})
+    for hf, w in model.state_dict().items():
+        name = None if hf == "lm_head.weight" and tied else gguf_name(arch, hf)
+        if name is not None:  # (None: a part the file does not hold)
+            shapes[name] = tuple(w.shape)
     return shapes
 
 

@@ -3,6 +3,8 @@ byte-level BPE tokenizer trained in the test: seconds to build, real code paths 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 TEXT = (
@@ -226,3 +228,38 @@ def ctrl_c_at_step(monkeypatch, n: int) -> list:
 
     monkeypatch.setattr(loop, "_step", step)
     return calls
+
+
+def tiny_assistant(seed: int = 1, vocab_size: int = 400, backbone_hidden_size: int = 64, **kw):
+    """A random Gemma 4 MTP drafter (Gemma4AssistantForCausalLM) that pairs with `tiny_gemma4`'s
+    E shape: the target's KV heads, head sizes and window, two layers (sliding, full) reading
+    the target's last two layers' K/V. Weights scaled so that its logits are not flat (std ~3)."""
+    from transformers import Gemma4AssistantConfig, Gemma4AssistantForCausalLM, Gemma4TextConfig
+
+    text = dict(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                head_dim=32, global_head_dim=64, layer_types=["sliding_attention", "full_attention"], sliding_window=16,
+                hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, use_double_wide_mlp=False, enable_moe_block=False,
+                final_logit_softcapping=30.0, max_position_embeddings=1024, rms_norm_eps=1e-6, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+                tie_word_embeddings=True)
+    use_ordered = kw.pop("use_ordered_embeddings", False)
+    cfg = Gemma4AssistantConfig(text_config=Gemma4TextConfig(**{**text, **kw}), backbone_hidden_size=backbone_hidden_size,
+                                use_ordered_embeddings=use_ordered)
+    torch.manual_seed(seed)
+    m = Gemma4AssistantForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.1)
+            elif "embed" not in name:
+                p.mul_(3.0)
+        for layer in m.model.layers:
+            layer.layer_scalar.uniform_(0.5, 1.0)
+        m.model.embed_tokens.weight.mul_(30.0)
+    return m
+
+
+def assistant_dir(path, seed: int = 1, **kw):
+    """`tiny_assistant` and its (the target's) tokenizer saved as a Hugging Face directory."""
+    tiny_assistant(seed, **kw).save_pretrained(path)
+    gemma_tokenizer().save_pretrained(path)
+    return Path(path)

@@ -41,11 +41,18 @@ def gguf_tensors(model: torch.nn.Module, arch: Arch) -> dict[str, torch.Tensor]:
     config = model.config
     tied = bool(getattr(config, "tie_word_embeddings", False))
     out: dict[str, torch.Tensor] = dict(generated_tensors(arch, config))
+    dropped = []
     for hf, w in model.state_dict().items():
         if hf == "lm_head.weight" and tied:
             continue  # llama.cpp reuses token_embd as the head when output.weight is absent
         name = gguf_name(arch, hf)
+        if name is None:
+            dropped.append(hf)  # a part llama.cpp's converter drops too (the drafter's centroid head)
+            continue
         out[name] = to_gguf_tensor(arch, config, name, w.detach().float().cpu())
+    if dropped:
+        log.warning("not in the GGUF, as llama.cpp's converter leaves them out: %s (llama.cpp drafts from the whole vocabulary, "
+                    "so its drafts can differ from transformers'; the target still verifies each)", ", ".join(dropped))
     return out
 
 
@@ -57,7 +64,7 @@ def hf_metadata(model: torch.nn.Module, tokenizer, arch: Arch, pre: str | None =
     meta["general.name"] = ["STRING", Path(str(name)).name or arch.name]
     for key, value in hparams(arch, config).items():
         meta[key] = value if isinstance(value, list) else gguf_meta.typed(value)
-    meta.update(tokenizer_metadata(tokenizer, config.vocab_size, arch.name, pre))
+    meta.update(tokenizer_metadata(tokenizer, config.get_text_config().vocab_size, arch.name, pre))
     suppress = getattr(getattr(model, "generation_config", None), "suppress_tokens", None)
     if config.model_type == "gemma4_unified_text" and suppress:  # the converter's Gemma4UnifiedModel writes them
         meta["tokenizer.ggml.suppress_tokens"] = ["ARRAY", "INT32", [int(t) for t in suppress]]

@@ -44,6 +44,7 @@ class Arch:
     family_hparams: Callable | None = None  # config -> typed {key: [type, value]}: the family's whole key set
     generated: Callable | None = None  # config -> {GGUF name: tensor} the converter makes (no HF tensor)
     check: Callable | None = None  # config -> None, raising for a layout llama.cpp cannot run
+    dropped: tuple[str, ...] = ()  # HF name prefixes the GGUF does not hold (said where it matters)
 
 
 ARCHS: dict[str, Arch] = {
@@ -98,6 +99,19 @@ ARCHS: dict[str, Arch] = {
     ),
 }
 
+# the drafter: a Gemma 4 decoder without K/V of its own, and its two projections to the target
+ARCHS[gemma4.ASSISTANT_ARCH] = Arch(
+    gemma4.ASSISTANT_ARCH,
+    gemma4.ASSISTANT_TYPES,
+    ARCHS["gemma4"].layer_map,
+    top_map={"pre_projection.weight": "nextn.pre_projection.weight", "post_projection.weight": "nextn.post_projection.weight"},
+    layer_params={"layer_scalar": "layer_output_scale.weight"},
+    family_hparams=gemma4.assistant_hparams,
+    generated=lambda config: {"rope_freqs.weight": gemma4.rope_freqs(config.get_text_config())},
+    check=gemma4.check_assistant,
+    dropped=gemma4.ASSISTANT_DROPPED,
+)
+
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
 _LAYER_PARAM = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 _TOP = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight", "lm_head.weight": "output.weight"}
@@ -125,6 +139,8 @@ def gguf_name(arch: Arch, hf_name: str) -> str | None:
     """HF parameter name -> GGUF tensor name; None for tensors llama.cpp does not store
     (e.g. rotary buffers). Raises for a parameter the table does not know, so that no weight is
     silently dropped."""
+    if hf_name.startswith(arch.dropped) and arch.dropped:
+        return None
     if hf_name in _TOP:
         return _TOP[hf_name]
     if hf_name in arch.top_map:

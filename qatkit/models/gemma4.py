@@ -67,8 +67,9 @@ def _full_layer_override(d: dict, key: str):
     return d.get(f"global_{key}") if key == "head_dim" else None
 
 
-def check(config) -> None:
-    """Refuse a Gemma 4 text config qatkit or llama.cpp cannot run, in one line."""
+def check(config, drafter: bool = False) -> None:
+    """Refuse a Gemma 4 text config qatkit or llama.cpp cannot run, in one line. `drafter`: the
+    text config of an MTP drafter (see `check_assistant`)."""
     d = _raw(config)
     types = d.get("layer_types") or []
     n = d["num_hidden_layers"]
@@ -83,7 +84,12 @@ def check(config) -> None:
     if _full_layer_override(d, "head_dim") is None:
         raise QatkitError("gemma4: no head size for the full-attention layers (per_layer_config or global_head_dim)")
     shared = int(d.get("num_kv_shared_layers") or 0)
-    if shared:
+    if drafter:
+        off = [k for k in ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp") if d.get(k)]
+        if shared != n or off:
+            why = f"{', '.join(off)} set" if off else f"{shared} of its {n} layers read the target's K/V"
+            raise QatkitError(f"gemma4 drafter: every layer must read the target's K/V, without per-layer embeddings, MoE or double-wide MLP ({why})")
+    elif shared:
         first = n - shared
         if first < 2 or types[first - 1] != FULL or types[first - 2] != SLIDING:
             got = ", ".join(types[max(0, first - 2):first]) or "none"
@@ -91,12 +97,12 @@ def check(config) -> None:
                               f"(got {got}); llama.cpp maps them that way and aborts on any other layout")
 
 
-def hparams(config) -> dict:
-    """The `gemma4.*` keys, valued and typed as the converter writes them ([type, value] or
-    ["ARRAY", type, list] entries for gguf_meta)."""
-    check(config)
+def hparams(config, a: str = "gemma4", drafter: bool = False) -> dict:
+    """The `gemma4.*` keys (`a`.*), valued and typed as the converter writes them ([type, value]
+    or ["ARRAY", type, list] entries for gguf_meta)."""
+    check(config, drafter)
     d = _raw(config)
-    a, n = "gemma4", d["num_hidden_layers"]
+    n = d["num_hidden_layers"]
     u32 = lambda v: ["UINT32", int(v)]  # noqa: E731
     f32 = lambda v: ["FLOAT32", float(v)]  # noqa: E731
     types = d["layer_types"]
@@ -147,3 +153,33 @@ def rope_freqs(config) -> torch.Tensor:
     head_full = int(_full_layer_override(d, "head_dim"))
     n_rot = int(head_full * float(d["rope_parameters"][FULL]["partial_rotary_factor"]) / 2)
     return torch.tensor([1.0] * n_rot + [UNROTATED] * (head_full // 2 - n_rot), dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------- the MTP drafter
+# Gemma 4's multi-token-prediction drafter ("assistant"; transformers `gemma4_assistant`, llama.cpp
+# arch `gemma4-assistant`): a small Gemma 4 decoder whose every layer attends to the target's K/V,
+# fed with [target embedding of the last token x sqrt(H_target), target's last hidden state]
+# through `pre_projection` (2 H_target -> H), handing its next hidden state back through
+# `post_projection` (H -> H_target); its head is tied to its own embedding. The optional centroid
+# head (`masked_embedding`: top clusters of the vocabulary) is dropped by llama.cpp's converter,
+# and llama.cpp scores the whole vocabulary: drafts can differ from transformers' there (the
+# target still verifies every one).
+ASSISTANT_TYPES = ("gemma4_assistant",)
+ASSISTANT_ARCH = "gemma4-assistant"
+ASSISTANT_DROPPED = ("masked_embedding.",)  # HF tensors the GGUF does not hold
+
+
+def check_assistant(config) -> None:
+    check(config.get_text_config(), drafter=True)
+    if not getattr(config, "backbone_hidden_size", None):
+        raise QatkitError("gemma4 drafter: its config names no backbone_hidden_size (the target's hidden size)")
+
+
+def assistant_hparams(config) -> dict:
+    """The `gemma4-assistant.*` keys: its decoder's as for gemma4, the target's width it reads
+    and writes (embedding_length_out), and its layer count as nextn_predict_layers."""
+    text = config.get_text_config()
+    out = hparams(text, ASSISTANT_ARCH, drafter=True)
+    out[f"{ASSISTANT_ARCH}.embedding_length_out"] = ["UINT32", int(config.backbone_hidden_size)]
+    out[f"{ASSISTANT_ARCH}.nextn_predict_layers"] = ["UINT32", int(text.num_hidden_layers)]
+    return out

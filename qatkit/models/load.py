@@ -194,7 +194,7 @@ def check_checkpoint(hf_dir: Path, config) -> None:
             raise QatkitError(f"{file}: unreadable safetensors file ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'corrupt'})") from None
     # the layer count first: a damaged num_hidden_layers (2^31) would take transformers hours to build
     layers = {int(m[1]) for names in shapes.values() for name in names if (m := re.search(r"\blayers\.(\d+)\.", name))}
-    n = config.to_dict().get("num_hidden_layers")
+    n = config.get_text_config().to_dict().get("num_hidden_layers")  # (a drafter's layers are its text config's)
     if layers and n != len(layers):
         raise QatkitError(f"{hf_dir / 'config.json'}: num_hidden_layers is {n}, but the weights hold {len(layers)} layers")
     try:

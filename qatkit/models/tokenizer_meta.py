@@ -52,7 +52,8 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
         types[i] = CONTROL if i in special else USER_DEFINED if tok in added else NORMAL
     byte_fallback = bool(model.get("byte_fallback"))
     meta: Metadata = {"tokenizer.ggml.tokens": ["ARRAY", "STRING", tokens]}
-    if arch_name == "gemma4":
+    gemma4 = arch_name in ("gemma4", "gemma4-assistant")  # the drafter's file carries the target's tokenizer
+    if gemma4:
         if not byte_fallback:
             raise QatkitError("gemma4: the tokenizer must be a BPE with byte fallback, as Gemma's is")
         base = len(model["vocab"])
@@ -85,7 +86,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
         if tid is not None:
             meta[f"tokenizer.ggml.{key}_token_id"] = ["UINT32", int(tid)]
     probe = tokenizer("a")["input_ids"]
-    add_bos = tokenizer.bos_token_id is not None and (probe[:1] == [tokenizer.bos_token_id] or arch_name == "gemma4")  # llama.cpp forces it for gemma4
+    add_bos = tokenizer.bos_token_id is not None and (probe[:1] == [tokenizer.bos_token_id] or gemma4)  # llama.cpp forces it for gemma4
     meta["tokenizer.ggml.add_bos_token"] = ["BOOL", add_bos]
     meta["tokenizer.ggml.add_eos_token"] = ["BOOL", tokenizer.eos_token_id is not None and probe[-1:] == [tokenizer.eos_token_id] and len(probe) > 1]
     template = getattr(tokenizer, "chat_template", None)
