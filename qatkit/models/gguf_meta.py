@@ -208,7 +208,7 @@ def check_shapes(path) -> None:
     checks = [("feed_forward_length", "blk.0.ffn_up.weight", 1, 1), ("expert_count", "blk.0.ffn_up_exps.weight", 2, 1),
               ("expert_count", "blk.0.ffn_gate_up_exps.weight", 2, 1)]
     heads = value("attention.head_count")
-    if a != "gemma4" and heads is not None:  # (gemma4's sliding and full layers differ in head size)
+    if a not in ("gemma4", "gemma4-assistant") and heads is not None:  # (gemma4's sliding and full layers differ in head size)
         if heads < 1:
             raise QatkitError(f"{path}: {a}.attention.head_count is {heads}")
         head_dim = value("attention.key_length") or emb // heads
