@@ -12,7 +12,9 @@ loading. Prints medians and ratios (.pte / GGUF).
                                         [--pte existing.pte | --save keep.pte] [--threads 2] [--one-file]
 
 The tied table is stored once, in a .ptd beside the .pte (sizes are of both files together);
---one-file exports it twice inside one .pte, as before.
+--one-file exports it twice inside one .pte, as before. The program is measured twice: as
+ExecuTorch's Python runtime loads it (mlock'ing what it maps, as root), and as an app does,
+where the lock is not allowed (setpriv / prlimit).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -88,8 +91,16 @@ print("RESULT " + json.dumps({"prefill_tps": n_prompt / (t1 - t0), "decode_tps":
 """
 
 
-def child(code: str, *args, env=None) -> dict:
-    out = subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
+# As a phone app loads a program: ExecuTorch maps its files with mlock where it is allowed (the
+# Python bindings and the LLM runner ask for MmapUseMlockIgnoreErrors), which locks the whole
+# lookup table in memory for a root process; an app's RLIMIT_MEMLOCK (64 KiB on Android) makes
+# the lock fail and the runtime go on without it. This runs the child so: no CAP_IPC_LOCK, no
+# lockable memory.
+AS_APP = (["setpriv", "--inh-caps=-ipc_lock", "--bounding-set=-ipc_lock"] if os.geteuid() == 0 else []) + ["prlimit", "--memlock=0:0", "--"]
+
+
+def child(code: str, *args, env=None, prefix: list[str] | None = None) -> dict:
+    out = subprocess.run([*(prefix or []), sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, env=env)
     line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
     if out.returncode or line is None:
         raise SystemExit(f"child failed ({out.returncode}):\n{out.stderr[-3000:]}")
@@ -126,24 +137,34 @@ def main() -> None:
             gguf = src.cache_dir / "ptq-llama.cpp-q4_0.gguf"
             if not gguf.exists():
                 ptq_llama_cpp(src, gguf, "q4_0")
-        rows: dict[str, list[dict]] = {"pte": [], "gguf": []}
+        app = all(shutil.which(c) for c in AS_APP if c != "--" and not c.startswith("-"))
+        rows: dict[str, list[dict]] = {"pte": [], "gguf": [], **({"app": []} if app else {})}
         for _ in range(args.rounds):
-            for kind, path in (("pte", pte), ("gguf", gguf)):
-                rows[kind].append(child(RUN, kind, path, args.prompt, args.tokens, args.threads, env=env))
+            for kind, path in (("pte", pte), ("gguf", gguf), *((("app", pte),) if app else ())):
+                rows[kind].append(child(RUN, "gguf" if kind == "gguf" else "pte", path, args.prompt, args.tokens, args.threads, env=env,
+                                        prefix=AS_APP if kind == "app" else None))
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tps", "decode_tps", "rss", "loaded", "locked")} for k, v in rows.items()}
-        size = {"pte": program_bytes(pte), "gguf": gguf.stat().st_size}
+        size = {"pte": program_bytes(pte), "app": program_bytes(pte), "gguf": gguf.stat().st_size}
         print(f"{args.threads} threads; prompt of {args.prompt} random token ids, then {args.tokens} single-token steps; "
               f"median of {args.rounds} alternated rounds, each a fresh process")
         print(f"{'':<28} {'size MB':>9} {'prefill t/s':>12} {'decode t/s':>11} {'peak RSS MB':>12}")
         files = ".pte+.ptd" if pte.with_suffix(".ptd").exists() else ".pte"
-        for kind, label in (("pte", f"mobile {files} (emb {args.embedding})"), ("gguf", "llama.cpp PTQ Q4_0 GGUF")):
+        labels = {"pte": f"mobile {files} (emb {args.embedding})", "app": "  the same, loaded as an app", "gguf": "llama.cpp PTQ Q4_0 GGUF"}
+        for kind in rows:
             m = med[kind]
-            print(f"{label:<28} {size[kind] / 1e6:9.1f} {m['prefill_tps']:12.1f} {m['decode_tps']:11.1f} {m['rss'] / 1e6:12.1f}")
-        p, g = med["pte"], med["gguf"]
-        print(f"{'ratio .pte / GGUF':<28} {size['pte'] / size['gguf']:9.2f}x {p['prefill_tps'] / g['prefill_tps']:11.2f}x "
-              f"{p['decode_tps'] / g['decode_tps']:10.2f}x {p['rss'] / g['rss']:11.2f}x")
+            print(f"{labels[kind]:<28} {size[kind] / 1e6:9.1f} {m['prefill_tps']:12.1f} {m['decode_tps']:11.1f} {m['rss'] / 1e6:12.1f}")
+        g = med["gguf"]
+        for kind, label in (("pte", "ratio .pte / GGUF"), ("app", "  as an app / GGUF")):
+            if kind in med:
+                p = med[kind]
+                print(f"{label:<28} {size[kind] / size['gguf']:9.2f}x {p['prefill_tps'] / g['prefill_tps']:11.2f}x "
+                      f"{p['decode_tps'] / g['decode_tps']:10.2f}x {p['rss'] / g['rss']:11.2f}x")
         print("targets: size <= 0.55x, prefill and decode >= 1.00x, peak RSS <= 0.60x")
-        for kind, label in (("pte", "ExecuTorch"), ("gguf", "llama.cpp")):
+        if not app:
+            print("(not measured as an app: setpriv / prlimit missing)")
+        for kind, label in (("pte", "ExecuTorch"), ("app", "ExecuTorch as an app (no mlock)"), ("gguf", "llama.cpp")):
+            if kind not in med:
+                continue
             m = med[kind]
             print(f"{label}: resident after load {m['loaded'] / 1e6:.1f} MB, of which locked in memory (mlock) {m['locked'] / 1e6:.1f} MB; peak {m['rss'] / 1e6:.1f} MB")
 
