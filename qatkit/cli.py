@@ -38,6 +38,7 @@ Examples:
   qatkit export gemma3-270m --format mobile --int2 '*.mlp.down_proj' --out ptq-mobile.pte
   qatkit train --format mobile --learn-scales --export --out runs/mobile
   qatkit eval runs/mobile/qat-mobile.pte ptq-mobile.pte     # perplexity in ExecuTorch
+  qatkit drafter ASSISTANT_DIR --target target-q4_0.gguf --steps 500 --lr 1e-4 --out runs/drafter
 
 Exit codes: 0 success, 2 bad input (one line on stderr, no output file left), 130 interrupted.
 """
@@ -159,6 +160,49 @@ def _add_train(sub) -> None:
     _add_config_options(p)
 
 
+def _add_drafter(sub) -> None:
+    p = sub.add_parser(
+        "drafter",
+        help="QAT of a Gemma 4 MTP drafter against its quantized target GGUF",
+        description="Distil a Gemma 4 multi-token-prediction drafter (a Gemma4AssistantForCausalLM directory) to the "
+        "next-token distribution of the target the user will run: the target GGUF (Q4_0, trained or PTQ) frozen with "
+        "its file's numbers, the drafter fake-quantized for its own Q4_0 file, every drafting position of a sequence "
+        "trained at once, --draft-steps deep. Writes RUN_DIR/metrics.jsonl, checkpoint.pt and qat-drafter-q4_0.gguf; "
+        "--resume continues. Run it with qatkit.runtime.mtp (speculative decoding in llama.cpp).",
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("drafter", metavar="DRAFTER_DIR", help="the drafter (Gemma4AssistantForCausalLM) as a Hugging Face directory")
+    p.add_argument("--target", required=True, metavar="TARGET.gguf", help="the quantized Gemma 4 target it will draft for")
+    p.add_argument("--out", required=True, type=Path, metavar="RUN_DIR")
+    p.add_argument("--data", nargs="+", default=None, metavar="TEXT", help="training text: files, folders, .jsonl, or pydoc / code / shakespeare "
+                   "(default: the default training text)")
+    p.add_argument("--draft-steps", type=int, default=2, metavar="K", help="draft steps trained at each position (step k reads step k-1's hidden state)")
+    p.add_argument("--window", default="llama.cpp", choices=["llama.cpp", "transformers"],
+                   help="the sliding layers' keys a drafting position sees: llama.cpp's last W-1 or transformers' last W+1")
+    p.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its checkpoint")
+    add_options(p, TrainConfig, "training", skip=DRAFTER_SKIPS)
+
+
+DRAFTER_SKIPS = ("scale_lr", "act_scale_lr", "kl_positions", "ce_weight", "temperature", "teacher_topk", "teacher_cache_dir", "teacher_dtype",
+                 "eval_every", "grad_checkpointing")  # the main trainer's settings a drafter run has no use for
+
+
+def cmd_drafter(args) -> int:
+    from .train.data import read_texts
+    from .train.drafter import train_drafter
+
+    if args.draft_steps < 1:
+        raise QatkitError(f"--draft-steps {args.draft_steps}: at least 1")
+    texts = read_texts(args.data) if args.data else None
+    r = train_drafter(args.drafter, args.target, args.out, from_args(TrainConfig, args), texts=texts, draft_steps=args.draft_steps,
+                      window=args.window, resume=args.resume)
+    rows = r["rows"]
+    steps = [k for k in rows[0] if k.startswith("kl")] if rows else []
+    print(f"trained {len(rows)} steps; KL to the target per draft step: " + ", ".join(f"{rows[0][k]:.4f} -> {rows[-1][k]:.4f}" for k in steps))
+    print(f"wrote {r['gguf']} ({r['file_bytes'] / 1e6:.1f} MB); run directory: {args.out}")
+    return 0
+
+
 def _add_domains(p) -> None:
     from .eval.suite import DOMAINS
 
@@ -190,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_run(sub)
     _add_train(sub)
+    _add_drafter(sub)
     _add_export(sub)
     _add_plan(sub)
     _add_eval(sub)
@@ -430,7 +475,7 @@ def cmd_run(args) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "eval": cmd_eval, "plan": cmd_plan, "run": cmd_run, "train": cmd_train}
+COMMANDS = {"drafter": cmd_drafter, "export": cmd_export, "eval": cmd_eval, "plan": cmd_plan, "run": cmd_run, "train": cmd_train}
 
 
 def _quiet_transformers(verbose: bool) -> None:

@@ -52,3 +52,82 @@ def test_a_drafter_llama_cpp_cannot_run_is_refused(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("qatkit: error: gemma4: ") and "proportional / default" in err, err
     assert not out.exists()
+
+
+def test_qat_drafter_learns_the_q4_0_target_and_runs_as_trained(tmp_path, capsys):
+    """QAT of the drafter against a Q4_0 target file (train.drafter): the KL to the target's
+    next-token distribution falls at both draft steps; the drafter's Q4_0 file holds the very
+    numbers the student trained with, and llama.cpp drafts from it what the student computes
+    from llama.cpp's target (runtime-faithful: the target's activation roundings and F16 K/V,
+    the drafter's Q8_0 inputs): float noise. A run cut at step 20 and resumed ends in the same
+    file as one run straight through."""
+    import numpy as np
+    import torch
+
+    from qatkit.config import TrainConfig
+    from qatkit.export.gguf import load_gguf_weights
+    from qatkit.models.load import load, resolve
+    from qatkit.nn import FakeQuantLinear
+    from qatkit.runtime import mtp
+    from qatkit.runtime.faithful import llamacpp_faithful
+    from qatkit.train.drafter import draft_logits, target_state, train_drafter
+    from tiny_models import TEXT, gemma_tokenizer, tiny_gemma4
+
+    target = tiny_gemma4(0)
+    with torch.no_grad():
+        target.model.embed_tokens.weight.mul_(30)  # a target whose next token is not a coin toss
+    target.save_pretrained(tmp_path / "t")
+    gemma_tokenizer().save_pretrained(tmp_path / "t")
+    tgguf = tmp_path / "t-q4_0.gguf"
+    assert main(["export", str(tmp_path / "t"), "--format", "q4_0", "--out", str(tgguf)]) == 0
+    adir = assistant_dir(tmp_path / "a")
+    cfg = dict(seq_len=48, lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, ckpt_every=10)
+    r = train_drafter(str(adir), str(tgguf), tmp_path / "run", TrainConfig(steps=30, **cfg), texts=[TEXT * 6], progress=False)
+    first, last = r["rows"][0], r["rows"][-1]
+    assert last["kl"] < 0.5 * first["kl"] and last["kl_step2"] < 0.5 * first["kl_step2"], (first, last)
+
+    # the student's numbers are the file's
+    dsrc = resolve(str(adir))
+    twin, _ = load(dsrc)
+    types = load_gguf_weights(twin, dsrc.arch, r["gguf"])
+    fq = {n: m for n, m in r["student"].named_modules() if isinstance(m, FakeQuantLinear)}
+    assert len(fq) == 12 and all(types[n] == "q4_0" for n in fq)
+    assert all(torch.equal(m.quantized_weight(), twin.get_submodule(n).weight) for n, m in fq.items())
+
+    # llama.cpp drafts what the student computes, on a prompt longer than the sliding window
+    prompt = [2] + gemma_tokenizer()(TEXT, add_special_tokens=False)["input_ids"][:30]
+    with mtp._Llama(tgguf, r["gguf"], 64, 1) as s:
+        token = s.decode(prompt, 0, all_rows=False)[0]
+        _, (ref, *_), _ = s.draft(token, len(prompt), s.hrow(len(prompt) - 1), 1, keep=True)
+    with torch.no_grad(), llamacpp_faithful(r["target"], r["target_types"]):
+        state = target_state(r["target"], torch.tensor(prompt + [token]))
+    with torch.no_grad(), llamacpp_faithful(twin, types):
+        got = draft_logits(twin, state)[0][-1].numpy()
+    gap = float(np.abs(got - ref).max() / ref.std())
+    assert gap < 1e-4 and got.argmax() == ref.argmax(), gap  # measured 5e-7
+
+    # cut at 20 steps, resumed to 30: the same file
+    cut = tmp_path / "cut"
+    train_drafter(str(adir), str(tgguf), cut, TrainConfig(steps=20, **cfg), texts=[TEXT * 6], progress=False)
+    train_drafter(str(adir), str(tgguf), cut, TrainConfig(steps=30, **cfg), texts=[TEXT * 6], resume=True, progress=False)
+    assert (cut / "qat-drafter-q4_0.gguf").read_bytes() == (tmp_path / "run" / "qat-drafter-q4_0.gguf").read_bytes()
+
+
+def test_cli_drafter(tmp_path, capsys):
+    """qatkit drafter: a short run writes the drafter's file; a target that is not a Gemma 4
+    GGUF, or a drafter directory that is not a drafter, is one line and exit 2."""
+    from tiny_models import gemma4_dir
+
+    tdir = gemma4_dir(tmp_path / "t")
+    tgguf = tmp_path / "t.gguf"
+    assert main(["export", str(tdir), "--format", "q4_0", "--out", str(tgguf)]) == 0
+    adir = assistant_dir(tmp_path / "a")
+    capsys.readouterr()
+    assert main(["drafter", str(adir), "--target", str(tgguf), "--steps", "2", "--seq-len", "32", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "KL to the target per draft step" in out and (tmp_path / "run" / "qat-drafter-q4_0.gguf").exists()
+    for args, words in (([str(adir), "--target", str(tdir)], "must be a Gemma 4 GGUF"), ([str(tdir), "--target", str(tgguf)], "not a Gemma 4 MTP drafter")):
+        assert main(["drafter", *args, "--steps", "2", "--out", str(tmp_path / "bad")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and words in err, err
+        assert not (tmp_path / "bad").exists()

@@ -84,7 +84,7 @@ def check(config, drafter: bool = False) -> None:
     if _full_layer_override(d, "head_dim") is None:
         raise QatkitError("gemma4: no head size for the full-attention layers (per_layer_config or global_head_dim)")
     shared = int(d.get("num_kv_shared_layers") or 0)
-    if drafter:
+    if drafter or shared == n:  # (every layer reading another model's K/V: a drafter's decoder)
         off = [k for k in ("hidden_size_per_layer_input", "enable_moe_block", "use_double_wide_mlp") if d.get(k)]
         if shared != n or off:
             why = f"{', '.join(off)} set" if off else f"{shared} of its {n} layers read the target's K/V"

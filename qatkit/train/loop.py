@@ -279,14 +279,17 @@ def default_device() -> torch.device:
 
 
 def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, cfg: TrainConfig, run_dir: Path, resume: bool = False, progress: bool = True, device: torch.device | None = None,
-          weight_types: dict[str, str] | None = None, watch: dict[str, torch.Tensor] | None = None, group: distributed.Group | None = None) -> list[dict]:
+          weight_types: dict[str, str] | None = None, watch: dict[str, torch.Tensor] | None = None, group: distributed.Group | None = None,
+          loss_fn=None) -> list[dict]:
     """Train `student` in place on `device` (default: CUDA when present); returns the metrics rows
     (also appended to run_dir/metrics.jsonl). Both models are back on the CPU afterwards.
     weight_types: {Linear module name: GGUF format}, which `cfg.faithful` needs.
     watch: {name: sequences} whose KL is logged at every evaluation (row["watch_kl"][name]),
     never trained on: text of other domains, to see whether the gain carries over.
     group: this process's place in a torchrun launch; both models are then sharded with FSDP2
-    (train/distributed.py; here, unless the caller did) and stay so."""
+    (train/distributed.py; here, unless the caller did) and stay so.
+    loss_fn: another objective with `distill_loss`'s arguments and result ((loss, stats with a
+    "kl"); the MTP drafter's, train/drafter.py); the loop, checkpoints and resume are the same."""
     if group is not None:
         device = group.device
         for model in (student, teacher):
@@ -305,7 +308,8 @@ def train(student, teacher, train_seqs: torch.Tensor, held_seqs: torch.Tensor, c
 
             student_context = partial(llamacpp_faithful, student, weight_types, exact=False)
         watch = {k: v.to(device) for k, v in (watch or {}).items()}
-        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context, watch, group)
+        return _train(student, teacher, train_seqs, held_seqs.to(device) if held_seqs is not None else None, cfg, run_dir, resume, progress, device, student_context, watch, group,
+                      loss_fn or distill_loss)
     finally:
         if group is None:
             student.cpu()
@@ -325,7 +329,7 @@ def _evaluate(student, teacher, held_seqs, watch: dict) -> dict:
 
 
 def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: Path, resume: bool, progress: bool, device: torch.device, student_context, watch: dict,
-           group: distributed.Group | None = None) -> list[dict]:
+           group: distributed.Group | None = None, loss_fn=None) -> list[dict]:
     main = group is None or group.main  # the process that logs and writes the run's files
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt, metrics_path = run_dir / "checkpoint.pt", run_dir / "metrics.jsonl"
@@ -357,7 +361,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
     try:
         for step in bar:
             data_at_step = batches.state_dict()
-            row = _step(student, teacher, opt, batches, step, cfg, device, cache, student_context, group)
+            row = _step(student, teacher, opt, batches, step, cfg, device, cache, student_context, group, loss_fn or distill_loss)
             if math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]):
                 updating, skipped = True, 0
                 opt.step()
@@ -411,7 +415,7 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
 
 
 def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, device: torch.device, cache=None, student_context=nullcontext,
-          group: distributed.Group | None = None) -> dict:
+          group: distributed.Group | None = None, loss_fn=None) -> dict:
     """Forward and backward of one optimizer step (all micro-batches); returns its metrics row.
     With a `group`, each process takes its share of every micro-batch; the statistics are the
     means over the processes."""
@@ -423,7 +427,7 @@ def _step(student, teacher, opt, batches: Batches, step: int, cfg: TrainConfig, 
     stats_sum: dict[str, float] = {}
     for _ in range(cfg.grad_accum):
         x = distributed.local_batch(next(batches), group).to(device)
-        loss, stats = distill_loss(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen).to(device), cfg, cache, student_context)
+        loss, stats = (loss_fn or distill_loss)(student, teacher, x, positions(x.shape[1], cfg.kl_positions, gen).to(device), cfg, cache, student_context)
         (loss / cfg.grad_accum).backward()
         stats["loss"] = float(loss.detach())
         for k, v in stats.items():

@@ -180,7 +180,7 @@ def llamacpp_faithful(model: nn.Module, weight_types: dict[str, str], exact: boo
                         if type(m).__name__.endswith("Attention")}
         if not rotary or not attn_modules or not all(hasattr(mod, "apply_rotary_pos_emb") for mod in attn_modules):
             raise ValueError(f"{type(model).__name__}: cannot find its rotary embedding to make it ggml's")
-        offset = arch_for_config(config).norm_offset
+        offset = arch_for_config(model.config).norm_offset  # (a drafter: its own arch, not its decoder's)
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):
                 handles.append(module.register_forward_hook(_rms_norm_hook(config.rms_norm_eps, offset)))
