@@ -57,8 +57,8 @@ def main() -> None:
     from qatkit import quiet_import_noise
     from qatkit.cli import main as cli
     from qatkit.config import TrainConfig
+    from qatkit.drafter import train_drafter
     from qatkit.runtime import mtp
-    from qatkit.train.drafter import train_drafter
     from tiny_models import assistant_dir, gemma_tokenizer, tiny_gemma4
 
     quiet_import_noise()

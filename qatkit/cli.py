@@ -188,8 +188,8 @@ DRAFTER_SKIPS = ("scale_lr", "act_scale_lr", "kl_positions", "ce_weight", "tempe
 
 
 def cmd_drafter(args) -> int:
+    from .drafter import train_drafter
     from .train.data import read_texts
-    from .train.drafter import train_drafter
 
     if args.draft_steps < 1:
         raise QatkitError(f"--draft-steps {args.draft_steps}: at least 1")

@@ -65,12 +65,13 @@ def test_qat_drafter_learns_the_q4_0_target_and_runs_as_trained(tmp_path, capsys
     import torch
 
     from qatkit.config import TrainConfig
+    from qatkit.drafter import train_drafter
     from qatkit.export.gguf import load_gguf_weights
     from qatkit.models.load import load, resolve
     from qatkit.nn import FakeQuantLinear
     from qatkit.runtime import mtp
     from qatkit.runtime.faithful import llamacpp_faithful
-    from qatkit.train.drafter import draft_logits, target_state, train_drafter
+    from qatkit.train.drafter import draft_logits, target_state
     from tiny_models import TEXT, gemma_tokenizer, tiny_gemma4
 
     target = tiny_gemma4(0)

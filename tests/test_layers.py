@@ -23,7 +23,7 @@ STAGES = [
     {"qatkit.export", "qatkit.targets"},
     {"qatkit.eval", "qatkit.planner"},
     {"qatkit.report"},
-    {"qatkit.pipeline"},
+    {"qatkit.pipeline", "qatkit.drafter"},
     {"qatkit.cli", "qatkit.__main__", "qatkit.api"},
 ]
 
