@@ -116,7 +116,8 @@ def test_qat_drafter_learns_the_q4_0_target_and_runs_as_trained(tmp_path, capsys
 
 def test_cli_drafter(tmp_path, capsys):
     """qatkit drafter: a short run writes the drafter's file; a target that is not a Gemma 4
-    GGUF, or a drafter directory that is not a drafter, is one line and exit 2."""
+    GGUF, a directory that is not a drafter, or a drafter of another target's width is one line
+    and exit 2."""
     from tiny_models import gemma4_dir
 
     tdir = gemma4_dir(tmp_path / "t")
@@ -127,7 +128,9 @@ def test_cli_drafter(tmp_path, capsys):
     assert main(["drafter", str(adir), "--target", str(tgguf), "--steps", "2", "--seq-len", "32", "--out", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "KL to the target per draft step" in out and (tmp_path / "run" / "qat-drafter-q4_0.gguf").exists()
-    for args, words in (([str(adir), "--target", str(tdir)], "must be a Gemma 4 GGUF"), ([str(tdir), "--target", str(tgguf)], "not a Gemma 4 MTP drafter")):
+    narrow = assistant_dir(tmp_path / "narrow", backbone_hidden_size=32)  # a drafter for another target
+    for args, words in (([str(adir), "--target", str(tdir)], "must be a Gemma 4 GGUF"), ([str(tdir), "--target", str(tgguf)], "not a Gemma 4 MTP drafter"),
+                        ([str(narrow), "--target", str(tgguf)], "not its target")):
         assert main(["drafter", *args, "--steps", "2", "--out", str(tmp_path / "bad")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and words in err, err
