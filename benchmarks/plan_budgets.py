@@ -90,17 +90,24 @@ def main() -> None:
         r["mean_kld"] = sum(r["kld"]) / len(r["kld"])
         ppl = math.exp(sum(r["nll"]) / len(r["nll"]))
         print(f"{name:<40} {r['bytes']:>12,} {r['q8_linears']:>12} {r['table']:>9} {r['predicted_loss']:>10.4f} {r['mean_kld']:>9.4f} {ppl:>8.3f}")
-    for b in args.budgets:
+    print_verdicts(rows, args.budgets, {"uniform": "uniform", None: "reference"})
+
+
+def print_verdicts(rows: dict[str, dict], budgets: list[str], kinds: dict) -> None:
+    """Each "planned for B" row against the best row of each kind (a name prefix, None: any)
+    that fits B, by mean KLD."""
+    for b in budgets:
         name = f"planned for {b}"
         r = rows[name]
-        for kind in ("uniform", None):
+        for kind, word in kinds.items():
             fitting = [n for n in rows if not n.startswith("planned") and (kind is None or n.startswith(kind)) and rows[n]["bytes"] <= parse_size(b)]
             if not fitting:
+                print(f"{name}: no {word} file fits {b}")
                 continue
             best = min(fitting, key=lambda n: rows[n]["mean_kld"])
             u = rows[best]
             verdict = "beats" if r["mean_kld"] < u["mean_kld"] else "ties with" if r["mean_kld"] == u["mean_kld"] else "does NOT beat"
-            print(f"{name} ({human(r['bytes'])}) {verdict} the best {'uniform' if kind else 'reference'} file within the budget, "
+            print(f"{name} ({human(r['bytes'])}) {verdict} the best {word} file within the budget, "
                   f"{best} ({human(u['bytes'])}): KLD {r['mean_kld']:.4f} vs {u['mean_kld']:.4f}")
 
 

@@ -24,8 +24,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from plan_budgets import print_verdicts  # (benchmarks/ is on the path when a benchmark runs)
+
 from qatkit import metrics
-from qatkit.budget import fit, human, inventory, parse_size, predicted_loss, save_plan
+from qatkit.budget import fit, inventory, parse_size, predicted_loss, save_plan
 from qatkit.eval.suite import load_suite
 from qatkit.models.load import load, resolve
 from qatkit.planner import measure_losses
@@ -95,19 +97,7 @@ def main() -> None:
         ppl = math.exp(sum(r["nll"]) / len(r["nll"]))
         print(f"{name:<28} {r['bytes']:>12,} {r['weights']:>12,} {r['predicted']:>12,} {r['bytes'] - r['predicted']:>8,} {r['int8_linears']:>9} "
               f"{r['table']:>5} {r['predicted_loss']:>10.4f} {r['mean_kld']:>9.4f} {ppl:>8.3f}")
-    for b in args.budgets:
-        name = f"planned for {b}"
-        r = rows[name]
-        fitting = [n for n in rows if not n.startswith("planned") and rows[n]["bytes"] <= parse_size(b)]
-        if not fitting:
-            print(f"{name}: no corner file fits {b}")
-            continue
-        best = min(fitting, key=lambda n: rows[n]["mean_kld"])
-        u = rows[best]
-        verdict = "beats" if r["mean_kld"] < u["mean_kld"] else "ties with" if r["mean_kld"] == u["mean_kld"] else "does NOT beat"
-        print(f"{name} ({human(r['bytes'])}) {verdict} the best corner within the budget, {best} ({human(u['bytes'])}): "
-              f"KLD {r['mean_kld']:.4f} vs {u['mean_kld']:.4f}")
-
+    print_verdicts(rows, args.budgets, {"uniform": "uniform", None: "corner"})
 
 if __name__ == "__main__":
     main()
