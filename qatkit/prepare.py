@@ -56,7 +56,7 @@ def linear_weight_types(model: nn.Module, arch: Arch, plan: dict[str, str]) -> d
     embedding's): what the runtime-faithful mode needs to round each product's input."""
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
     return {name: plan["token_embd.weight" if name == "lm_head" and tied else gguf_name(arch, f"{name}.weight")]
-            for name in _linears(model)}
+            for name in _linears(model) if (name == "lm_head" and tied) or gguf_name(arch, f"{name}.weight") is not None}
 
 
 def _linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -74,6 +74,9 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
     for name, lin in _linears(model).items():
         if name == "lm_head" and tied:
             continue  # shares the embedding's weight: handled with it below
+        if gguf_name(arch, f"{name}.weight") is None:  # not in the file (a drafter's centroid head): frozen as it is
+            lin.requires_grad_(False)
+            continue
         fmt = plan[gguf_name(arch, f"{name}.weight")]
         if fmt not in ("q4_0", "q8_0"):
             continue
