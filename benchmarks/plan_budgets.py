@@ -43,17 +43,7 @@ def main() -> None:
     entries = inventory(model, src.arch, "q4_0")
     shapes = {e.name: e.shape for e in entries}
     meta = file_metadata(src, model, tok)
-    if args.losses.exists():
-        saved = json.loads(args.losses.read_text())
-        for e in entries:
-            e.loss = saved["losses"][e.name]
-        how = saved["how"] + f" (read from {args.losses})"
-    else:
-        t0 = time.perf_counter()
-        ids = pack(tok, default_train_texts(), 256, vocab_size=model.config.vocab_size)[-1:]
-        how = measure_losses(entries, model, src.arch, "q4_0", ids) + f"; {time.perf_counter() - t0:.0f} s"
-        args.losses.parent.mkdir(parents=True, exist_ok=True)
-        args.losses.write_text(json.dumps({"how": how, "losses": {e.name: e.loss for e in entries}}))
+    how = cached_losses(entries, model, tok, src.arch, "q4_0", args.losses)
     print(f"sensitivity: {how}")
     overhead = file_bytes(meta, {e.name: e.levels[0] for e in entries}, shapes, "q4_0") - sum(e.options[e.levels[0]] for e in entries)
 
@@ -91,6 +81,22 @@ def main() -> None:
         ppl = math.exp(sum(r["nll"]) / len(r["nll"]))
         print(f"{name:<40} {r['bytes']:>12,} {r['q8_linears']:>12} {r['table']:>9} {r['predicted_loss']:>10.4f} {r['mean_kld']:>9.4f} {ppl:>8.3f}")
     print_verdicts(rows, args.budgets, {"uniform": "uniform", None: "reference"})
+
+
+def cached_losses(entries, model, tok, arch, fmt: str, path: Path) -> str:
+    """The entries' measured losses, read from `path` or measured once (the model is restored)
+    and kept there; returns how they were measured."""
+    if path.exists():
+        saved = json.loads(path.read_text())
+        for e in entries:
+            e.loss = saved["losses"][e.name]
+        return saved["how"] + f" (read from {path})"
+    t0 = time.perf_counter()
+    ids = pack(tok, default_train_texts(), 256, vocab_size=model.config.vocab_size)[-1:]
+    how = measure_losses(entries, model, arch, fmt, ids) + f"; {time.perf_counter() - t0:.0f} s"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"how": how, "losses": {e.name: e.loss for e in entries}}))
+    return how
 
 
 def print_verdicts(rows: dict[str, dict], budgets: list[str], kinds: dict) -> None:

@@ -17,24 +17,20 @@ larger.
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import math
 import tempfile
 import time
 from pathlib import Path
 
-from plan_budgets import print_verdicts  # (benchmarks/ is on the path when a benchmark runs)
+from plan_budgets import cached_losses, print_verdicts  # (benchmarks/ is on the path when a benchmark runs)
 
 from qatkit import metrics
 from qatkit.budget import fit, inventory, parse_size, predicted_loss, save_plan
 from qatkit.eval.suite import load_suite
 from qatkit.models.load import load, resolve
-from qatkit.planner import measure_losses
 from qatkit.prepare import QATConfig
 from qatkit.runtime.executorch import PteModel, program_bytes, text_tokens, weight_bytes
 from qatkit.targets.executorch import ptq_program
-from qatkit.train.data import default_train_texts, pack
 
 N_CTX = 512
 
@@ -48,17 +44,7 @@ def main() -> None:
     src = resolve("gemma3-270m")
     model, tok = load(src)
     entries = inventory(model, src.arch, "mobile")
-    if args.losses.exists():
-        saved = json.loads(args.losses.read_text())
-        for e in entries:
-            e.loss = saved["losses"][e.name]
-        how = saved["how"] + f" (read from {args.losses})"
-    else:
-        t0 = time.perf_counter()
-        ids = pack(tok, default_train_texts(), 256, vocab_size=model.config.vocab_size)[-1:]
-        how = measure_losses(entries, copy.deepcopy(model), src.arch, "mobile", ids) + f"; {time.perf_counter() - t0:.0f} s"
-        args.losses.parent.mkdir(parents=True, exist_ok=True)
-        args.losses.write_text(json.dumps({"how": how, "losses": {e.name: e.loss for e in entries}}))
+    how = cached_losses(entries, model, tok, src.arch, "mobile", args.losses)
     print(f"sensitivity: {how}")
 
     def uniform(linear: str, table: str) -> dict[str, str]:
