@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from qatkit.runtime.executorch import program_bytes
+from qatkit.runtime.executorch import data_path, program_bytes
 
 EXPORT = """
 import json, resource, sys, time
@@ -148,7 +148,7 @@ def main() -> None:
         print(f"{args.threads} threads; prompt of {args.prompt} random token ids, then {args.tokens} single-token steps; "
               f"median of {args.rounds} alternated rounds, each a fresh process")
         print(f"{'':<28} {'size MB':>9} {'prefill t/s':>12} {'decode t/s':>11} {'peak RSS MB':>12}")
-        files = ".pte+.ptd" if pte.with_suffix(".ptd").exists() else ".pte"
+        files = ".pte+.ptd" if data_path(pte).exists() else ".pte"
         labels = {"pte": f"mobile {files} (emb {args.embedding})", "app": "  the same, loaded as an app", "gguf": "llama.cpp PTQ Q4_0 GGUF"}
         for kind in rows:
             m = med[kind]

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from . import QatkitError
-from .export.gguf import export_model, load_gguf_weights
+from .export.gguf import export_model, gguf_weight_types
 from .models.load import load, resolve
 from .prepare import QATConfig, convert, frozen_bytes, linear_weight_types, prepare
 from .train.data import default_train_texts, pack
@@ -33,7 +33,7 @@ def train_drafter(drafter_spec: str, target_gguf: str, run_dir, cfg, texts: list
     if tsrc.arch.name != "gemma4" or tsrc.gguf_metadata is None:
         raise QatkitError(f"{target_gguf}: the target must be a Gemma 4 GGUF file (the quantized model the drafter will serve)")
     target, tokenizer = load(tsrc)
-    target_types = load_gguf_weights(target, tsrc.arch, target_gguf)  # (the loaded values are the file's; this says their formats)
+    target_types = gguf_weight_types(target, tsrc.arch, target_gguf)  # (the loaded values are the file's; this says their formats)
     dsrc = resolve(drafter_spec)
     if dsrc.arch.name != "gemma4-assistant":
         raise QatkitError(f"{drafter_spec}: not a Gemma 4 MTP drafter (a {dsrc.arch.name} model)")

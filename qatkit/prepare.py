@@ -74,10 +74,11 @@ def prepare(model: nn.Module, arch: Arch, config: QATConfig) -> dict[str, str]:
     for name, lin in _linears(model).items():
         if name == "lm_head" and tied:
             continue  # shares the embedding's weight: handled with it below
-        if gguf_name(arch, f"{name}.weight") is None:  # not in the file (a drafter's centroid head): frozen as it is
+        gguf = gguf_name(arch, f"{name}.weight")
+        if gguf is None:  # not in the file (a drafter's centroid head): frozen as it is
             lin.requires_grad_(False)
             continue
-        fmt = plan[gguf_name(arch, f"{name}.weight")]
+        fmt = plan[gguf]
         if fmt not in ("q4_0", "q8_0"):
             continue
         if config.settle_boundaries:

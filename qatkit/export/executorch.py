@@ -46,7 +46,7 @@ from torch import nn
 
 from .. import QatkitError, patched
 from ..atomic import atomic_path
-from ..runtime.executorch import SHARED_FLAG, data_path, require_executorch, tokenizer_path
+from ..runtime.executorch import SHARED_FLAG, data_path, program_bytes, require_executorch, tokenizer_path
 
 log = logging.getLogger(__name__)
 
@@ -581,9 +581,8 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
             os.replace(d / written[0], ptd_tmp)
     if not shared and stale.exists():
         stale.unlink()  # an earlier program's shared table beside this name
-    files = [out] + ([data_path(out)] if shared else [])
     info = {"path": str(out), "data_path": str(data_path(out)) if shared else None, "shared_table": shared,
-            "file_bytes": sum(f.stat().st_size for f in files), "pte_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
+            "file_bytes": program_bytes(out), "pte_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
             "xnnpack_partitions": delegates, "outside_xnnpack": outside, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
     log.info("wrote %s (%.1f MB, %d XNNPACK partitions) in %.0f s", out, info["file_bytes"] / 1e6, delegates, info["seconds"])
     return info

@@ -207,23 +207,42 @@ def load_gguf_weights(model: torch.nn.Module, arch: Arch, path: str | os.PathLik
     format} for the model's Linear layers and {parameter name: format} for 3-D MoE expert weights
     (for the runtime-faithful mode)."""
     tensors = read_gguf_tensors(path)
-    config = model.config
-    state = model.state_dict()
-    types: dict[str, str] = {}
-    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    tied = bool(getattr(config, "tie_word_embeddings", False))
     with torch.no_grad():
-        for hf, p in state.items():
-            name = "token_embd.weight" if hf == "lm_head.weight" and tied else gguf_name(arch, hf)
-            if name not in tensors:
-                raise QatkitError(f"{path}: tensor {name} missing")
+        for hf, name, p in _file_tensors(model, arch, tensors, path):
             ggml_type, data, shape = tensors[name]
             w = torch.from_numpy(decode(data, ggml_type, shape).copy())
-            p.copy_(from_gguf_tensor(arch, config, name, w).reshape(p.shape))
-            module = hf[: -len(".weight")]
-            f = BY_GGML_TYPE.get(ggml_type)
-            if hf.endswith(".weight") and module in linears:
-                types[module] = f.name if f else f"ggml{ggml_type}"
-            elif hf.rsplit(".", 1)[-1] in EXPERT_WEIGHTS and p.dim() == 3:  # MoE experts
-                types[hf] = f.name if f else f"ggml{ggml_type}"
+            p.copy_(from_gguf_tensor(arch, model.config, name, w).reshape(p.shape))
+    return _weight_types(model, arch, {name: t for name, (t, _, _) in tensors.items()}, path)
+
+
+def gguf_weight_types(model: torch.nn.Module, arch: Arch, path: str | os.PathLike) -> dict[str, str]:
+    """What `load_gguf_weights` returns, from the file's tensor table alone (no data read): for a
+    model that already holds the file's values."""
+    return _weight_types(model, arch, {t.name: int(t.tensor_type) for t in gguf_meta.open_reader(path).tensors}, path)
+
+
+def _file_tensors(model: torch.nn.Module, arch: Arch, in_file, path):
+    """(HF name, GGUF name, parameter) of every tensor of `model` the file holds (parts it does
+    not hold by design, a drafter's centroid head, are skipped); a missing one is an error."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    for hf, p in model.state_dict().items():
+        name = "token_embd.weight" if hf == "lm_head.weight" and tied else gguf_name(arch, hf)
+        if name is None:
+            continue
+        if name not in in_file:
+            raise QatkitError(f"{path}: tensor {name} missing")
+        yield hf, name, p
+
+
+def _weight_types(model: torch.nn.Module, arch: Arch, ggml_types: dict[str, int], path) -> dict[str, str]:
+    """{Linear module name: format} and {3-D MoE expert parameter: format} of the file."""
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    types: dict[str, str] = {}
+    for hf, name, p in _file_tensors(model, arch, ggml_types, path):
+        f = BY_GGML_TYPE.get(ggml_types[name])
+        fmt = f.name if f else f"ggml{ggml_types[name]}"
+        if hf.endswith(".weight") and hf[: -len(".weight")] in linears:
+            types[hf[: -len(".weight")]] = fmt
+        elif hf.rsplit(".", 1)[-1] in EXPERT_WEIGHTS and p.dim() == 3:  # MoE experts
+            types[hf] = fmt
     return types

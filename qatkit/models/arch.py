@@ -139,7 +139,7 @@ def gguf_name(arch: Arch, hf_name: str) -> str | None:
     """HF parameter name -> GGUF tensor name; None for tensors llama.cpp does not store
     (e.g. rotary buffers). Raises for a parameter the table does not know, so that no weight is
     silently dropped."""
-    if hf_name.startswith(arch.dropped) and arch.dropped:
+    if hf_name.startswith(arch.dropped):  # (an empty tuple matches nothing)
         return None
     if hf_name in _TOP:
         return _TOP[hf_name]

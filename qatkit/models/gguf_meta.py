@@ -22,6 +22,8 @@ from gguf import GGUFReader, GGUFValueType, GGUFWriter
 from .. import QatkitError
 from ..atomic import write_json
 
+GEMMA4_ARCHS = ("gemma4", "gemma4-assistant")  # Gemma 4's files, the target's and its MTP drafter's: two head sizes, Gemma 4's tokenizer
+
 Metadata = dict[str, list]  # key -> [type name, value] or ["ARRAY", sub type name, [values]]
 
 # Keys a writer sets itself or that describe the source's tensors (quantize.imatrix.* names the
@@ -208,7 +210,7 @@ def check_shapes(path) -> None:
     checks = [("feed_forward_length", "blk.0.ffn_up.weight", 1, 1), ("expert_count", "blk.0.ffn_up_exps.weight", 2, 1),
               ("expert_count", "blk.0.ffn_gate_up_exps.weight", 2, 1)]
     heads = value("attention.head_count")
-    if a not in ("gemma4", "gemma4-assistant") and heads is not None:  # (gemma4's sliding and full layers differ in head size)
+    if a not in GEMMA4_ARCHS and heads is not None:  # (gemma4's sliding and full layers differ in head size)
         if heads < 1:
             raise QatkitError(f"{path}: {a}.attention.head_count is {heads}")
         head_dim = value("attention.key_length") or emb // heads

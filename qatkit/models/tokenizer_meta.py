@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 
 from .. import QatkitError
-from .gguf_meta import Metadata
+from .gguf_meta import GEMMA4_ARCHS, Metadata
 
 # llama.cpp token types
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -52,7 +52,7 @@ def tokenizer_metadata(tokenizer, vocab_size: int, arch_name: str, pre: str | No
         types[i] = CONTROL if i in special else USER_DEFINED if tok in added else NORMAL
     byte_fallback = bool(model.get("byte_fallback"))
     meta: Metadata = {"tokenizer.ggml.tokens": ["ARRAY", "STRING", tokens]}
-    gemma4 = arch_name in ("gemma4", "gemma4-assistant")  # the drafter's file carries the target's tokenizer
+    gemma4 = arch_name in GEMMA4_ARCHS  # (the drafter's file carries the target's tokenizer)
     if gemma4:
         if not byte_fallback:
             raise QatkitError("gemma4: the tokenizer must be a BPE with byte fallback, as Gemma's is")
