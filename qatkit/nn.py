@@ -120,6 +120,19 @@ class FakeQuantLinear(nn.Linear):
             return get(self.fmt).learned_fake_quant(self.weight, self.scale)
         return get(self.fmt).fake_quant(self.weight)
 
+    @torch.no_grad()
+    def follow_scale_cut_(self) -> int:
+        """Learned Q4_0 scales: write the cut the quantizer applies (formats/q4_0.py,
+        "Re-quantization") into the parameter, so that it does not drift above the value that
+        acts; returns the number of blocks cut. Under FSDP2 both tensors are split by rows
+        alike, so each process cuts its own rows."""
+        if self.spec is not None or not isinstance(self.scale, nn.Parameter):
+            return 0
+        w, d = (getattr(t, "_local_tensor", t) for t in (self.weight, self.scale))
+        settled, cut = get(self.fmt).requantizable_scales(w, d)
+        d.copy_(settled)
+        return int(cut.sum())
+
     def act_scales(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The static (input, output) int8 scales, float32: the numbers the .pte is given."""
         if not torch.isfinite(self.act_log_scale).all():

@@ -108,14 +108,17 @@ def test_straight_through_gradient():
 
 
 def test_q4_0_given_scales_pack_exactly():
-    """Learned scales: any fp16 d is stored as is, codes clamp to 0..15, and the bytes decode
-    (with gguf's dequantizer, i.e. llama.cpp's math) to exactly the fake-quant values."""
+    """Learned scales: an fp16 d is stored as is where its block keeps a code 0 (else it is cut:
+    test_hf_export.py), codes clamp to 0..15, and the bytes decode (with gguf's dequantizer,
+    i.e. llama.cpp's math) to exactly the fake-quant values."""
     torch.manual_seed(0)
     w = torch.randn(8, 128)
     d = q4_0.absmax_scale(w) * torch.empty(8, 4).uniform_(0.5, 1.5)  # some weights out of range
     codes, d16 = q4_0.quantize(w, d)
     assert codes.max() == 15 and codes.min() == 0
-    assert torch.equal(d16, d.half())
+    had_zero = (torch.trunc(w.reshape(8, 4, 32) / d.half().float().unsqueeze(-1) + 8.5) <= 0).any(-1)
+    assert 0 < int(had_zero.sum()) < 32 and torch.equal(d16[had_zero], d.half()[had_zero]) and not torch.equal(d16, d.half())
+    assert (codes.reshape(8, 4, 32) == 0).any(-1).all()
     raw = q4_0.pack(codes, d16)
     np.testing.assert_array_equal(decode(raw, T.Q4_0, (8, 128)), q4_0.fake_quant(w, d).numpy())
     # With ggml's own scales passed in explicitly, the dequantized values agree with the

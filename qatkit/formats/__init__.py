@@ -68,6 +68,11 @@ class Format:
         """The scales PTQ would pick, as the learned ones start (learnable formats only)."""
         raise ValueError(f"{self.name} has no learnable scales")
 
+    def requantizable_scales(self, w: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the learned scales as the quantizer stores them where it must change them so that a
+        re-quantization of the values gives the same bytes, mask of those blocks)."""
+        raise ValueError(f"{self.name} has no learnable scales")
+
     def boundary_mask(self, w: torch.Tensor) -> torch.Tensor:
         """Weights exactly on a rounding boundary of the PTQ quantizer (trainable formats)."""
         raise ValueError(f"{self.name} has no training-time quantizer")
@@ -189,6 +194,9 @@ class Q4_0(_Trainable):
 
     def initial_scales(self, w):
         return q4_0.absmax_scale(w).to(torch.float16).float()
+
+    def requantizable_scales(self, w, scales):
+        return q4_0.requantizable(w, scales)
 
 
 @register

@@ -20,6 +20,16 @@ Traps:
 - Learned scales: Q4_0 stores any fp16 d, so `quantize(w, d=...)` takes given scales. Then the
   codes are computed from the fp16 scale actually stored (so dequantize(quantize(w, d)) is what
   llama.cpp computes) and clamped to 0..15, since w may fall outside [-8d, 7d].
+- Re-quantization: llama.cpp's quantizer, given a block's dequantized values (an unquantized
+  checkpoint of the trained model), recovers d as (largest |value|) / -8: the same d exactly when
+  some element of the block has code 0 (value -8d, the block's largest), and a different d, hence
+  different codes, otherwise. ggml's own scale always puts the block's extreme on code 0; a
+  learned d may not (it grew past the extreme, or the weights shrank under it). So a given d that
+  leaves its block without a code 0 is cut to the largest d that puts the block's extreme element
+  on d's side (sign(x) = -sign(d)) on code 0, |d| = |x| / 7.5 * (1 - 2^-9) (the margin keeps
+  trunc(x/d + 8.5) at 0 after fp16 rounding); a block with no element on that side (all zero
+  included: ggml writes d = -0.0) takes ggml's own scale. `quantize` applies this wherever d is
+  given, so training, conversion and export all see the cut scale (`requantizable`).
 
 Byte layout of one 18-byte block: fp16 d (little endian), then 16 bytes where byte j holds
 element j in its low nibble and element j + 16 in its high nibble.
@@ -59,18 +69,57 @@ def quantize(w: torch.Tensor, d: torch.Tensor | None = None) -> tuple[torch.Tens
     """w (..., n) float -> (codes uint8 (..., n) in 0..15, scales fp16 (..., n/32)).
 
     With `d` None the scales are ggml's own (bit-exact with quantize_row_q4_0_ref); otherwise
-    `d` (..., n/32) is taken as given (rounded to fp16, the precision the file stores)."""
+    `d` (..., n/32) is taken as given (rounded to fp16, the precision the file stores), except in
+    blocks it would leave without a code 0, where it is cut so that llama.cpp re-quantizes the
+    block's values to the same bytes (module docstring, "Re-quantization")."""
     b = _blocks(w.float())
     if _cpu.available() and not b.is_cuda and b.numel():
-        return _quantize_cpu(b, d, w.shape)
-    if d is None:
-        d32 = absmax_scale(w)
+        codes, d16 = _quantize_cpu(b, d, w.shape)
     else:
-        d32 = d.to(torch.float16).float()
+        d32 = absmax_scale(w) if d is None else d.to(torch.float16).float()
+        codes, d16 = _codes(b, d32, clamp_low=d is not None).reshape(w.shape), d32.to(torch.float16)
+    if d is not None:
+        codes, d16 = _cut_to_code_zero(b, codes, d16)
+    return codes, d16
+
+
+def _codes(b: torch.Tensor, d32: torch.Tensor, clamp_low: bool = True) -> torch.Tensor:
+    """Blocks (..., 32) and float32 scales (...) -> codes uint8 (..., 32)."""
     inv = torch.where(d32 == 0, torch.zeros_like(d32), 1.0 / d32).unsqueeze(-1)
     q = torch.trunc(b * inv + 8.5)
-    q = q.clamp(0, 15) if d is not None else q.clamp(max=15)
-    return q.to(torch.uint8).reshape(w.shape), d32.to(torch.float16)
+    return (q.clamp(0, 15) if clamp_low else q.clamp(max=15)).to(torch.uint8)
+
+
+CUT = 1.0 - 2.0**-9  # |d| = |x| / 7.5 * CUT keeps x on code 0 through the fp16 rounding of d (2^-11)
+
+
+def _cut_to_code_zero(b: torch.Tensor, codes: torch.Tensor, d16: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Given-scale blocks without a code 0 -> the scale re-quantization recovers (module
+    docstring, "Re-quantization"); other blocks untouched."""
+    cb = codes.reshape(b.shape)
+    lacking = ~(cb == 0).any(-1)
+    if not lacking.any():
+        return codes, d16
+    x, d32 = b[lacking], d16[lacking].float()
+    side = x * torch.sign(d32).unsqueeze(-1)  # code 0 sits at -8d: the element minimising x * sign(d)
+    e = x.gather(-1, side.argmin(-1, keepdim=True)).squeeze(-1)
+    new = torch.where(e * d32 < 0, e / -7.5 * CUT, absmax_scale(x).reshape(-1)).to(torch.float16).float()
+    q = _codes(x, new)
+    still = ~(q == 0).any(-1)  # a subnormal d16: ggml's own scale, which has its code 0 by construction
+    if still.any():
+        new[still] = absmax_scale(x[still]).reshape(-1).to(torch.float16).float()
+        q[still] = _codes(x[still], new[still], clamp_low=False)
+    cb, d16 = cb.clone(), d16.clone()
+    cb[lacking], d16[lacking] = q, new.to(torch.float16)
+    return cb.reshape(codes.shape), d16
+
+
+def requantizable(w: torch.Tensor, d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(float32 scales as `quantize(w, d)` stores them, mask of the blocks whose d it cut): for a
+    learned-scale parameter to follow the cut (train/loop.py), and for the exporter's count."""
+    _, d16 = quantize(w, d)
+    cut = d16 != d.detach().to(torch.float16)
+    return torch.where(cut, d16.float(), d.detach().float()), cut
 
 
 def _quantize_cpu(b: torch.Tensor, d: torch.Tensor | None, shape) -> tuple[torch.Tensor, torch.Tensor]:

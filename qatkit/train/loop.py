@@ -259,6 +259,12 @@ def _resume(run_dir: Path, student, opt, batches: Batches, group: distributed.Gr
     return step
 
 
+def _follow_scale_cuts(student) -> int:
+    """Learned Q4_0 scales take the cut that keeps each block re-quantizable (nn.FakeQuantLinear
+    .follow_scale_cut_) after every update; returns the number of blocks cut (this process's)."""
+    return sum(m.follow_scale_cut_() for m in student.modules() if isinstance(m, FakeQuantLinear))
+
+
 def _set_fake_quant(student, on: bool) -> None:
     for m in student.modules():
         if isinstance(m, FakeQuantLinear):
@@ -365,6 +371,9 @@ def _train(student, teacher, train_seqs, held_seqs, cfg: TrainConfig, run_dir: P
             if math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]):
                 updating, skipped = True, 0
                 opt.step()
+                cuts = _follow_scale_cuts(student)
+                if cuts:
+                    row["scale_cuts"] = cuts
             else:  # a NaN/Inf loss or gradient never reaches the weights (nor a checkpoint)
                 skipped += 1
                 row["skipped"] = True
