@@ -42,7 +42,7 @@ def main() -> None:
     model, tok = load(src)
     entries = inventory(model, src.arch, "q4_0")
     shapes = {e.name: e.shape for e in entries}
-    meta = file_metadata(src, model, tok)
+    meta = file_metadata(src, model, tok, {e.name: e.levels[0] for e in entries})  # (the provenance key holds a fixed-length plan digest)
     how = cached_losses(entries, model, tok, src.arch, "q4_0", args.losses)
     print(f"sensitivity: {how}")
     overhead = file_bytes(meta, {e.name: e.levels[0] for e in entries}, shapes, "q4_0") - sum(e.options[e.levels[0]] for e in entries)

@@ -64,15 +64,22 @@ def _add_export(sub) -> None:
         "to ggml's reference quantizers; the default mix follows llama.cpp's (output or tied embedding "
         "Q6_K/Q8_0, norms F32). With --ptq llama.cpp, llama.cpp's own quantizer makes the file instead "
         "(from qatkit's F32 export of the same model): the baseline QAT is measured against. "
-        "--format mobile writes an ExecuTorch program (.pte, XNNPACK) of the untrained model instead.",
+        "--format mobile writes an ExecuTorch program (.pte, XNNPACK) of the untrained model instead. "
+        "--format hf / mlx write a directory from a finished run (RUN_DIR: its trained student) or from MODEL "
+        "(quantized without training, --quant): hf is a float32 transformers checkpoint holding the Q4_0 file's very "
+        "values, which llama.cpp's converter and quantizer turn back into the same Q4_0 bytes (--verify checks it); "
+        "mlx is an mlx-lm model whose 4-bit groups carry the file's codes and scales.",
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("model", metavar="MODEL")
-    p.add_argument("--format", default="q4_0", choices=[*FILE_FORMATS, "mobile"], help="file format (mobile: an ExecuTorch .pte)")
+    p.add_argument("model", metavar="MODEL|RUN_DIR")
+    p.add_argument("--format", default="q4_0", choices=[*FILE_FORMATS, "mobile", "hf", "mlx"],
+                   help="file format (mobile: an ExecuTorch .pte; hf / mlx: a model directory)")
+    p.add_argument("--quant", choices=["q4_0", "q8_0"], default=None, help="hf / mlx from MODEL: the GGUF format whose values they carry (default q4_0)")
+    p.add_argument("--verify", action="store_true", help="hf: quantize the export again with llama.cpp and compare it with qatkit's file, tensor for tensor")
     p.add_argument("--ptq", choices=["qatkit", "llama.cpp"], default="qatkit", help="who quantizes")
     p.add_argument("--to", choices=["gguf", "executorch"], default=None, help="target runtime (default: gguf; executorch for --format mobile)")
     add_options(p, QATConfig, skip=("fmt", "learn_scales"))
-    p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf|FILE.pte")
+    p.add_argument("--out", required=True, type=Path, metavar="FILE.gguf|FILE.pte|DIR")
 
 
 def _add_plan(sub) -> None:
@@ -320,6 +327,10 @@ def cmd_export(args) -> int:
     from .models.load import load, resolve
     from .targets.gguf import ptq_llama_cpp
 
+    if args.format in ("hf", "mlx"):
+        return _export_dir(args)
+    if args.quant or args.verify:
+        raise QatkitError("--quant and --verify go with --format hf or mlx")
     if args.format != "mobile":
         check_gguf_fields(args.format, vars(args))
     to = args.to or ("executorch" if args.format == "mobile" else "gguf")
@@ -346,6 +357,31 @@ def cmd_export(args) -> int:
         info = export_model(model, tokenizer, source, args.out, args.format, args.pure, plan=plan)
         info.pop("plan")
     print(f"wrote {info['path']} ({info['file_bytes'] / 1e6:.1f} MB, {args.format}{' pure' if args.pure else ''}, by {args.ptq}) in {time.time() - t0:.1f} s")
+    return 0
+
+
+def _export_dir(args) -> int:
+    from .targets import hf
+
+    if args.ptq != "qatkit" or (args.to or "gguf") != "gguf":
+        raise QatkitError(f"--format {args.format} carries qatkit's GGUF values (drop --ptq / --to)")
+    if args.verify and args.format != "hf":
+        raise QatkitError("--verify checks an hf export (llama.cpp re-quantizes it)")
+    if args.out.suffix in (".gguf", ".pte", ".json", ".safetensors"):
+        raise QatkitError(f"--out {args.out}: --format {args.format} writes a directory; give a directory name")
+    run = hf.is_run_dir(args.model)
+    if not run:
+        check_gguf_fields(args.quant or "q4_0", vars(args))
+    t0 = time.time()
+    info = hf.export(args.model, args.out, args.format, args.quant, args.pure, getattr(args, "plan", None), verify=args.verify)
+    what = "the trained student" if run else f"{args.model} quantized without training"
+    print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB, {args.format}: {what}, the {info['format']} file's values) in {time.time() - t0:.1f} s")
+    for name, why in info.get("float", {}).items():
+        print(f"  {name}: float32 ({why})")
+    check = info.get("verify")
+    if check:
+        print(f"llama.cpp's quantizer on it: {check['identical']} of {check['tensors']} tensors byte-identical to qatkit's {info['format']} file"
+              + "".join(f"; {n}: {v[0]} of {v[1]} blocks differ" if isinstance(v[0], int) else f"; {n}: another type" for n, v in check["differ"].items()))
     return 0
 
 

@@ -118,7 +118,7 @@ def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = Fal
         from .export.gguf import file_bytes, file_metadata
 
         lowest = {e.name: e.levels[0] for e in entries}
-        overhead = file_bytes(file_metadata(source, model, tokenizer), lowest, {e.name: e.shape for e in entries}, "q4_0") - sum(e.options[e.levels[0]] for e in entries)
+        overhead = file_bytes(file_metadata(source, model, tokenizer, lowest), lowest, {e.name: e.shape for e in entries}, "q4_0") - sum(e.options[e.levels[0]] for e in entries)
         overhead_note = "the whole file: header, metadata and tensor table included (exact)"
     elif fmt == "q4_0":
         overhead_note = "tensor data only (the header needs the tokenizer: load the model, not its config, for the whole file)"

@@ -302,6 +302,17 @@ def settle_boundaries(w: torch.Tensor, fmt: str, gen: torch.Generator) -> int:
     return n
 
 
+def scale_cuts(model: nn.Module) -> int:
+    """Q4_0 blocks whose learned scale the quantizer cuts to keep a code 0 (formats/q4_0.py,
+    "Re-quantization"): 0 for a student trained by qatkit's loop, which follows the cut."""
+    n = 0
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, FakeQuantLinear) and mod.spec is None and mod.scale is not None:
+                n += int(get(mod.fmt).requantizable_scales(mod.weight, mod.scale)[1].sum())
+    return n
+
+
 def convert(model: nn.Module, arch: Arch) -> dict[str, torch.Tensor]:
     """Swap FakeQuantLinears back to nn.Linear (latent weights) and take fake-quant off MoE
     experts, in place; returns the learned Q4_0 scales by GGUF name for the exporter (empty

@@ -13,6 +13,7 @@ pytest.importorskip("executorch", reason="the mobile extra is not installed: pip
 
 from qatkit import QatkitError  # noqa: E402
 from qatkit.export.executorch import export_pte, tokenizer_path  # noqa: E402
+from qatkit.export.provenance import describe, plan_digest  # noqa: E402
 from qatkit.models.arch import arch_for_config  # noqa: E402
 from qatkit.nn import FakeQuantLinear  # noqa: E402
 from qatkit.prepare import QATConfig, calibrate_static, prepare  # noqa: E402
@@ -69,8 +70,14 @@ def exported(request, tmp_path_factory):
     family, plan = CASES[request.param]
     m, plan = student(family, **plan)
     out = tmp_path_factory.mktemp(request.param) / "m.pte"
-    info = export_pte(m, tiny_tokenizer(), out, max_context=96)
+    info = export_pte(m, tiny_tokenizer(), out, max_context=96, provenance=describe(plan, "mobile", full_plan=False))
     return request.param, m, plan, out, info
+
+
+def test_the_program_says_who_made_it(exported):
+    family, m, plan, out, info = exported
+    prov = PteModel(out).provenance
+    assert prov["tool"] == "qatkit" and prov["format"] == "mobile" and prov["plan_digest"] == plan_digest(plan) and "plan" not in prov
 
 
 def test_pte_computes_what_the_student_computes(exported):

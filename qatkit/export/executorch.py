@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -44,9 +45,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .. import QatkitError, patched
+from .. import QatkitError, __version__, patched
 from ..atomic import atomic_path
-from ..runtime.executorch import SHARED_FLAG, data_path, program_bytes, require_executorch, tokenizer_path
+from ..runtime.executorch import PROVENANCE, SHARED_FLAG, data_path, program_bytes, require_executorch, tokenizer_path
 
 log = logging.getLogger(__name__)
 
@@ -500,8 +501,11 @@ class KVCacheLM(nn.Module):
         return out.logits.float()
 
 
-def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True, share_table: bool = True) -> dict:
-    """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it.
+def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True, share_table: bool = True,
+               provenance: dict | None = None) -> dict:
+    """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it;
+    `provenance` (export/provenance.py) goes into the program as its constant method
+    `qatkit_provenance` (JSON bytes; runtime PteModel.provenance reads it).
     Returns facts about the file: sizes, delegated partitions, seconds. `dynamic=False` writes a
     one-token program (the runner then prefills token by token): it exports 1.8x faster at the
     default model's width (benchmarks/export_time.py), the dynamic length being what slows it."""
@@ -521,10 +525,10 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512,
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # transformers' output recorder is a global that dynamo reports as a side effect; unused here
         warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
-        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table)
+        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance)
 
 
-def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool) -> dict:
+def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool, provenance: dict | None) -> dict:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
@@ -551,6 +555,7 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
         "enable_dynamic_shape": dynamic,
         "use_sdpa_with_kv_cache": False,
         SHARED_FLAG: shared,  # the program reads its tied table from the .ptd beside it
+        PROVENANCE: torch.frombuffer(bytearray(json.dumps(provenance or {"tool": "qatkit", "version": __version__}).encode()), dtype=torch.uint8),
     }
     edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     t2 = time.perf_counter()

@@ -31,6 +31,7 @@ from ..models.load import Source
 from ..models.tokenizer_meta import tokenizer_metadata
 from ..plan import FILE_TYPE, default_plan
 from ..progress import bar
+from . import provenance
 
 log = logging.getLogger(__name__)
 
@@ -71,12 +72,15 @@ def hf_metadata(model: torch.nn.Module, tokenizer, arch: Arch, pre: str | None =
     return meta
 
 
-def file_metadata(source: Source, model: torch.nn.Module, tokenizer) -> gguf_meta.Metadata:
-    """The source GGUF's own metadata, or what the converter writes for an HF source."""
+def file_metadata(source: Source, model: torch.nn.Module, tokenizer, plan: dict[str, str] | None = None, training: dict | None = None) -> gguf_meta.Metadata:
+    """The source GGUF's own metadata, or what the converter writes for an HF source; with
+    `plan`, qatkit's provenance keys (export/provenance.py) on top."""
     meta = source.gguf_metadata
-    if meta is not None:
-        return meta
-    return hf_metadata(model, tokenizer, source.arch)
+    if meta is None:
+        meta = hf_metadata(model, tokenizer, source.arch)
+    if plan is not None:
+        meta = {**meta, **provenance.gguf_entries(plan, training)}
+    return meta
 
 
 def export_model(
@@ -90,15 +94,18 @@ def export_model(
     progress: bool = True,
     plan: dict[str, str] | None = None,
     raw: dict[str, np.ndarray] | None = None,
+    training: dict | None = None,
 ) -> dict:
     """Write `model` (the float model or a trained student's float weights) as a GGUF file.
     `plan`: the per-tensor plan the student was prepared with (computed here when absent);
-    `raw`: {GGUF name: bytes} of frozen tensors to write as they are (prepare.frozen_bytes)."""
+    `raw`: {GGUF name: bytes} of frozen tensors to write as they are (prepare.frozen_bytes);
+    `training`: the run's summary for the provenance keys (provenance.training_summary)."""
     tensors = gguf_tensors(model, source.arch)
     if plan is None:
         plan = default_plan({k: tuple(v.shape) for k, v in tensors.items()}, fmt, pure)
-    sizes = write_gguf(out, tensors, plan, file_metadata(source, model, tokenizer), fmt, q4_0_scales, progress, raw)
-    return {"path": str(out), "format": fmt, "pure": pure, "plan": plan, "tensor_bytes": sum(sizes.values()), "file_bytes": os.path.getsize(out)}
+    sizes = write_gguf(out, tensors, plan, file_metadata(source, model, tokenizer, plan, training), fmt, q4_0_scales, progress, raw)
+    return {"path": str(out), "format": fmt, "pure": pure, "plan": plan, "training": training, "tensor_bytes": sum(sizes.values()),
+            "file_bytes": os.path.getsize(out)}
 
 
 def write_gguf(

@@ -36,6 +36,7 @@ def tokenizer_path(pte: Path) -> Path:
     return pte.with_name(pte.stem + ".tokenizer.json")
 
 
+PROVENANCE = "qatkit_provenance"  # a program's constant method: what made it (JSON bytes; export/provenance.py)
 SHARED_FLAG = "qatkit_shared_table_file"  # a program's constant method: 1 where its tied table lies in the .ptd
 
 
@@ -122,6 +123,13 @@ class PteModel:
             return SHARED_FLAG in self.program.method_names and bool(self._meta(SHARED_FLAG))
         except Exception:
             return False
+
+    @property
+    def provenance(self) -> dict | None:
+        """What made the program (export/provenance.py), or None for a program without it."""
+        if PROVENANCE not in self.program.method_names:
+            return None
+        return json.loads(bytes(self._meta(PROVENANCE).numpy().tobytes()).decode())
 
     def _meta(self, name: str):
         return self.program.load_method(name).execute([])[0]

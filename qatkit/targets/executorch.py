@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import QatkitError, metrics
 from ..budget import plan_key
 from ..export.executorch import export_pte
+from ..export.provenance import describe, training_summary
 from ..prepare import prepare
 from ..runtime.executorch import PteModel, generate, program_bytes, require_executorch, score_ids, text_tokens
 from ..train.run import calibrate_on_default_text
@@ -35,9 +36,9 @@ def ptq_program(source, model, tokenizer, qat, out: Path, seq_len: int = 256) ->
     prepared, its static activation scales (if any) calibrated on the default training text in
     sequences of `seq_len`, exported. `model` is left as it was."""
     ptq = copy.deepcopy(model)
-    prepare(ptq, source.arch, qat)
+    plan = prepare(ptq, source.arch, qat)
     calibrate_on_default_text(ptq, tokenizer, seq_len)
-    return export_pte(ptq, tokenizer, out, max_context=qat.max_context)
+    return export_pte(ptq, tokenizer, out, max_context=qat.max_context, provenance=describe(plan, "mobile", full_plan=False))
 
 
 def ptq_path(source, qat, seq_len: int) -> Path:
@@ -66,7 +67,9 @@ class ExecuTorchTarget(Target):
 
     def export(self, trained: dict, progress: bool = True) -> dict:
         cfg = trained["config"]
-        info = export_pte(trained["student"], trained["tokenizer"], Path(trained["run_dir"]) / "qat-mobile.pte", max_context=cfg.qat.max_context)
+        training = training_summary(cfg, trained.get("metrics"))
+        info = export_pte(trained["student"], trained["tokenizer"], Path(trained["run_dir"]) / "qat-mobile.pte", max_context=cfg.qat.max_context,
+                          provenance=describe(trained["plan"], "mobile", training, full_plan=False))
         trained.update(path=info["path"], pte=info["path"], file_bytes=info["file_bytes"])
         return trained
 

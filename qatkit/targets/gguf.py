@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 
@@ -29,6 +30,8 @@ from ..plan import FILE_FORMATS
 from ..runtime.faithful import llamacpp_faithful
 from ..runtime.llamacpp import adds_bos, chunk_logits, decode_speed, llama_quantize, load_rss_mb, open_model, score_files, tokenize
 from . import N_CTX, Job, Target
+
+log = logging.getLogger(__name__)
 
 LAYER_TOKENS = 256  # tokens of held-out text whose activations the per-layer errors are taken on
 
@@ -77,6 +80,24 @@ def export_gap(twin: torch.nn.Module, types: dict[str, str], path: str, text: st
     return {"tokens": len(ids), "plain": compare(ref, plain), "faithful": compare(ref, faithful)}
 
 
+def write_trained(trained: dict, path: Path, progress: bool = True) -> dict:
+    """The trained student (a `qat_run` / `trained_student` result) as a GGUF file, through the
+    quantizer it trained with: its learned scales, its frozen tensors' kept bytes, the plan it
+    trained under (not recomputed), and its training summary in the provenance keys. The student
+    is converted in place (FakeQuantLinears back to Linears holding the latent weights)."""
+    from ..export.provenance import training_summary
+    from ..prepare import convert, frozen_bytes, scale_cuts
+
+    cfg, student, source = trained["config"], trained["student"], trained["source"]
+    cuts = scale_cuts(student)
+    if cuts:
+        log.warning("%d Q4_0 blocks' learned scales left their blocks without a code 0; the exporter cuts them so that "
+                    "llama.cpp re-quantizes the values to the same bytes (training since follows the cut at every step)", cuts)
+    scales = convert(student, source.arch)
+    return export_model(student, trained["tokenizer"], source, path, cfg.qat.fmt, cfg.qat.pure, q4_0_scales=scales, progress=progress,
+                        plan=trained["plan"], raw=frozen_bytes(student, source.arch), training=training_summary(cfg, trained.get("metrics"), cuts))
+
+
 class GGUFTarget(Target):
     name = "gguf"
     formats = TRAINABLE
@@ -103,13 +124,7 @@ class GGUFTarget(Target):
         return path
 
     def export(self, trained: dict, progress: bool = True) -> dict:
-        from ..prepare import convert, frozen_bytes
-
-        cfg, student, source = trained["config"], trained["student"], trained["source"]
-        scales = convert(student, source.arch)
-        info = export_model(student, trained["tokenizer"], source, Path(trained["run_dir"]) / f"qat-{cfg.qat.fmt}.gguf", cfg.qat.fmt, cfg.qat.pure,
-                            q4_0_scales=scales, progress=progress, plan=trained["plan"],  # the plan the student trained under, not recomputed
-                            raw=frozen_bytes(student, source.arch))
+        info = write_trained(trained, Path(trained["run_dir"]) / f"qat-{trained['config'].qat.fmt}.gguf", progress)
         trained.update(path=info["path"], gguf=info["path"], file_bytes=info["file_bytes"])
         return trained
 

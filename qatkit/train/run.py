@@ -205,3 +205,33 @@ def qat_run(cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool 
         student = _gathered_student(student, source, cfg, train_seqs, group)
     return {"run_dir": str(run_dir), "config": cfg, "steps": cfg.train.steps, "tokens_seen": cfg.train.steps * cfg.train.tokens_per_step,
             "train_seconds": round(time.time() - t0, 1), "metrics": rows, "plan": plan, "student": student, "source": source, "tokenizer": tokenizer}
+
+
+class _NoData:
+    """The data position a checkpoint restores, for a caller that trains no further."""
+
+    def load_state_dict(self, state) -> None:
+        pass
+
+
+def trained_student(run_dir: Path) -> dict:
+    """A finished run's trained student, rebuilt from its directory alone (config.json and the
+    last checkpoint, one-process or sharded): what `qat_run` returns, for exporting it again in
+    another format. A run that has not reached its last step is refused (--resume finishes it)."""
+    from .loop import _read_rows, _resume, make_optimizer
+
+    cfg = load_run_config(run_dir)
+    if cfg.qat.fmt == "mobile":
+        raise QatkitError(f"{run_dir}: a mobile run; its student exports as a .pte (qatkit train --resume --export --out {run_dir})")
+    if not (run_dir / "checkpoint.pt").exists() and distributed.latest(run_dir) is None:
+        raise QatkitError(f"{run_dir}: no checkpoint, so no trained student (the run never saved a step)")
+    source = resolve(cfg.model)
+    student, tokenizer = load(source)
+    student.requires_grad_(True)
+    plan = prepare(student, source.arch, cfg.qat)
+    step = _resume(run_dir, student, make_optimizer(student, cfg.train), _NoData(), None)
+    if step < cfg.train.steps:
+        raise QatkitError(f"{run_dir}: the run stopped at step {step} of {cfg.train.steps}; finish it first (qatkit train --resume --out {run_dir})")
+    student.requires_grad_(False).eval()
+    return {"run_dir": str(run_dir), "config": cfg, "steps": cfg.train.steps, "metrics": _read_rows(run_dir / "metrics.jsonl"),
+            "plan": plan, "student": student, "source": source, "tokenizer": tokenizer}
