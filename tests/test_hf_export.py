@@ -177,3 +177,20 @@ def test_every_gguf_says_who_made_it(tmp_path):
     f = GGUFReader(tmp_path / "q.gguf").fields
     assert f["general.quantized_by"].contents() == "qatkit" and f["qatkit.version"].contents()
     assert f["qatkit.plan"].contents().startswith("sha256:") and "qatkit.training" not in f
+
+
+def test_q6_k_heads_are_counted_where_llama_cpp_moves_them(tmp_path, caplog):
+    """A width that is a multiple of 256 gets llama.cpp's Q6_K output in the Q4_0 mix. Q6_K's
+    scale search is not idempotent: the export says in how many super-blocks, and llama.cpp's
+    quantizer on the export moves exactly those (qatkit's encoder vs llama.cpp's own)."""
+    from qatkit.targets.hf import not_fixed_points
+
+    src = hf_dir(tmp_path / "src", "llama", hidden=256)
+    assert main(["export", str(src), "--format", "q4_0", "--out", str(tmp_path / "q.gguf")]) == 0
+    moved = not_fixed_points(tmp_path / "q.gguf")
+    assert list(moved) == ["output.weight"] and moved["output.weight"][0] > 0
+    with caplog.at_level("WARNING"):
+        assert main(["export", str(src), "--format", "hf", "--out", str(tmp_path / "hf")]) == 0
+    assert "output.weight in" in caplog.text
+    check = requantize_check(tmp_path / "hf", tmp_path / "q.gguf", "q4_0")
+    assert check["differ"] == moved  # every other tensor byte for byte
