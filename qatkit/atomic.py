@@ -30,6 +30,7 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
     dest.parent.mkdir(parents=True, exist_ok=True)
     if folder:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+        os.chmod(tmp, 0o777 & ~_UMASK)  # mkdtemp makes it 0700; others read what we write
     else:
         fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
         os.close(fd)
@@ -44,6 +45,10 @@ def atomic_path(dest: str | os.PathLike, folder: bool = False, keep_existing: bo
                     raise
                 shutil.rmtree(tmp, ignore_errors=True)
             return
+        if folder:  # files some writers make 0600 (safetensors through a temporary file): readable like the rest
+            for f in tmp.rglob("*"):
+                if f.is_file() and not f.stat().st_mode & 0o044:
+                    os.chmod(f, 0o644 & ~_UMASK)
         fsync_tree(tmp)  # on disk before it replaces the previous good file: a power cut leaves one or the other
         if folder and dest.is_dir():
             shutil.rmtree(dest)  # os.replace cannot replace a non-empty folder

@@ -376,8 +376,8 @@ def _export_dir(args) -> int:
     info = hf.export(args.model, args.out, args.format, args.quant, args.pure, getattr(args, "plan", None), verify=args.verify)
     what = "the trained student" if run else f"{args.model} quantized without training"
     print(f"wrote {info['path']} ({info['bytes'] / 1e6:.1f} MB, {args.format}: {what}, the {info['format']} file's values) in {time.time() - t0:.1f} s")
-    for name, why in info.get("float", {}).items():
-        print(f"  {name}: float32 ({why})")
+    for entry in info.get("float", []):
+        print(f"  kept float32: {entry}")
     check = info.get("verify")
     if check:
         print(f"llama.cpp's quantizer on it: {check['identical']} of {check['tensors']} tensors byte-identical to qatkit's {info['format']} file"

