@@ -30,7 +30,7 @@ def training_summary(cfg, metrics: list[dict] | None = None, scale_cuts: int | N
     t, q = cfg.train, cfg.qat
     out = {"model": str(cfg.model), "format": q.fmt, "pure": q.pure, "learn_scales": q.learn_scales, "steps": t.steps,
            "tokens": t.steps * t.tokens_per_step, "lr": t.lr, "seq_len": t.seq_len, "batch_size": t.batch_size,
-           "data": list(cfg.data) or ["default"], "data_free": cfg.data_free, "seed": t.seed, "faithful": t.faithful}
+           "data": cfg.train_sources, "data_free": cfg.data_free, "seed": t.seed, "faithful": t.faithful}
     kls = [r["held_out_kl"] for r in metrics or [] if "held_out_kl" in r]
     if kls:
         out["held_out_kl"] = [kls[0], kls[-1]]

@@ -30,6 +30,7 @@ import torch
 from .. import QatkitError
 from ..export.gguf import export_model, load_gguf_weights, read_gguf_tensors
 from ..export.provenance import describe
+from ..models import gguf_meta
 from ..models.load import load, resolve
 from ..runtime.llamacpp import llama_quantize
 
@@ -73,6 +74,9 @@ def file_valued(spec: str, fmt: str, pure: bool, plan_file: str | None, gguf_pat
         info = export_model(model, tokenizer, source, gguf_path, fmt, pure, plan=plan, progress=progress)
         training = None
     load_gguf_weights(model, source.arch, gguf_path)
+    template = gguf_meta.get(source.gguf_metadata or {}, "tokenizer.chat_template")
+    if template and not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = template  # transformers' GGUF reader leaves a GGUF source's template behind
     moved = not_fixed_points(gguf_path)
     if moved:
         log.warning("llama.cpp's Q6_K is not its own fixed point: re-quantizing this export moves %s (the Q4_0/Q8_0 tensors come back byte for byte)",
