@@ -35,6 +35,8 @@ CASES = {
     # --pure: the tied embedding in Q4_0 too
     "qwen3-pure": ("qwen3", {}, True, False, []),
     "gemma3": ("gemma3", dict(layers=6), False, True, []),
+    # sqrt(96) is no bfloat16 number: mlx-lm's rounded embedding scale, made up in the post-norms
+    "gemma3-h96": ("gemma3", dict(layers=6, hidden=96), False, True, []),
     # E-style: per-layer embeddings, K/V sharing, double-wide MLP, full layers of their own head size
     "gemma4": ("gemma4", {}, False, True, ["model.per_layer_model_projection.weight (f32"]),
 }

@@ -31,9 +31,15 @@ another way, untested), model types outside the verified table or without an mlx
 layouts mlx-lm computes differently from transformers (Gemma 3 with fewer layers than its
 sliding-window pattern or layer types off that pattern, sliding layers in llama/qwen).
 
-Known runtime difference: mlx-lm's gemma3_text rounds the embedding scale sqrt(hidden) to bfloat16
-(25.25 for Gemma 3 270M's 25.30), transformers and llama.cpp do not. Nothing in the file can
-change that; hidden sizes whose root is a bfloat16 number (64: 8.0) are unaffected.
+Gemma 3's embedding scale: mlx-lm's gemma3_text multiplies the embeddings by sqrt(hidden) rounded
+to bfloat16 (25.25 for Gemma 3 270M, where transformers and llama.cpp take float32's 25.30), so
+its whole residual stream is k = 25.25/25.30 times the trained model's. Every norm but the two
+after each sub-block reads the stream through an RMSNorm, which does not see a common factor; so
+the exporter multiplies those two (post_attention_layernorm, post_feedforward_layernorm: (1 + w)
+-> (1 + w) * k) and the stream stays k times the trained one throughout, which the final norm
+removes: the logits are the trained model's to float rounding (measured on the default model:
+without this, KL 2.5e-6 and logits off by up to 3.4% of their spread). Hidden sizes whose root
+is a bfloat16 number (64: 8.0) have k = 1.
 
 Exporting needs numpy and safetensors only; mlx is needed to load the result.
 """
@@ -85,6 +91,7 @@ def write_mlx(model, tokenizer, gguf_path, arch: Arch, out, provenance: dict | N
     out = Path(out)
     config = _mlx_config(model)
     state = model.state_dict()
+    stream_factor = gemma3_stream_factor(config)
     moe = [k for k, v in state.items() if v.dim() >= 3]
     if moe:
         raise QatkitError(f"mlx export: MoE experts ({moe[0]}, {len(moe)} 3-D tensors) are not supported; mlx-lm's MoE layout is untested with qatkit")
@@ -117,7 +124,10 @@ def write_mlx(model, tokenizer, gguf_path, arch: Arch, out, provenance: dict | N
                 floats.append(f"{hf} ({why})")
                 if fmt not in ("f16", "f32"):
                     unfit.append(f"{hf} ({fmt})")
-            shards.add({hf: np.ascontiguousarray(p.detach().cpu().float().numpy())})
+            value = p.detach().cpu().float().numpy()
+            if stream_factor != 1.0 and hf.endswith(GEMMA3_POST_NORMS):
+                value = ((1.0 + value.astype(np.float64)) * stream_factor - 1.0).astype(np.float32)
+            shards.add({hf: np.ascontiguousarray(value)})
         shards.close()
         if unfit:
             log.warning("mlx export: %d tensors are in formats MLX cannot hold exactly; writing them as float32 of the file's values: %s", len(unfit), ", ".join(unfit))
@@ -250,6 +260,18 @@ def _legacy_rope(hf_config, config: dict, sliding: bool = False) -> None:
         if local_factor != 1.0:
             raise QatkitError("mlx export: gemma3 with rope scaling on its sliding layers is not supported (mlx-lm's gemma3_text scales only the full layers)")
         config["rope_local_base_freq"] = local
+
+
+GEMMA3_POST_NORMS = (".post_attention_layernorm.weight", ".post_feedforward_layernorm.weight")
+
+
+def gemma3_stream_factor(config: dict) -> float:
+    """mlx-lm's Gemma 3 embedding scale over the trained one (module docstring), 1.0 elsewhere."""
+    if config.get("model_type") != "gemma3_text":
+        return 1.0
+    trained = np.float32(config["hidden_size"] ** 0.5)
+    mlx = np.float32(torch.tensor(config["hidden_size"] ** 0.5, dtype=torch.bfloat16).item())
+    return float(np.float64(mlx) / np.float64(trained))
 
 
 def _gemma3(hf_config, config: dict, types: list[str]) -> None:
