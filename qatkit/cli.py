@@ -367,6 +367,8 @@ def _export_dir(args) -> int:
         raise QatkitError(f"--format {args.format} carries qatkit's GGUF values (drop --ptq / --to)")
     if args.verify and args.format != "hf":
         raise QatkitError("--verify checks an hf export (llama.cpp re-quantizes it)")
+    if args.verify and getattr(args, "plan", None):
+        raise QatkitError("--verify re-quantizes with llama.cpp's own mix, which a --plan file's per-tensor choice is not")
     if args.out.suffix in (".gguf", ".pte", ".json", ".safetensors"):
         raise QatkitError(f"--out {args.out}: --format {args.format} writes a directory; give a directory name")
     run = hf.is_run_dir(args.model)

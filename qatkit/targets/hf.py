@@ -61,6 +61,7 @@ def file_valued(spec: str, fmt: str, pure: bool, plan_file: str | None, gguf_pat
         cfg = trained["config"]
         if fmt not in (None, cfg.qat.fmt) or pure or plan_file:
             raise QatkitError(f"{spec}: a run directory exports what it trained ({cfg.qat.fmt}{' pure' if cfg.qat.pure else ''}); drop --quant/--pure/--plan")
+        plan_file = cfg.qat.plan
         info = write_trained(trained, gguf_path, progress)
         model, tokenizer, source, fmt = trained["student"], trained["tokenizer"], trained["source"], cfg.qat.fmt
         training = info["training"]
@@ -77,11 +78,7 @@ def file_valued(spec: str, fmt: str, pure: bool, plan_file: str | None, gguf_pat
     template = gguf_meta.get(source.gguf_metadata or {}, "tokenizer.chat_template")
     if template and not getattr(tokenizer, "chat_template", None):
         tokenizer.chat_template = template  # transformers' GGUF reader leaves a GGUF source's template behind
-    moved = not_fixed_points(gguf_path)
-    if moved:
-        log.warning("llama.cpp's Q6_K is not its own fixed point: re-quantizing this export moves %s (the Q4_0/Q8_0 tensors come back byte for byte)",
-                    ", ".join(f"{n} in {k} of {total} super-blocks" for n, (k, total) in moved.items()))
-    return {"model": model.eval(), "tokenizer": tokenizer, "source": source, "plan": info["plan"], "format": fmt, "pure": info["pure"],
+    return {"model": model.eval(), "tokenizer": tokenizer, "source": source, "plan": info["plan"], "format": fmt, "pure": info["pure"], "plan_file": plan_file,
             "provenance": describe(info["plan"], fmt, training)}
 
 
@@ -97,7 +94,13 @@ def export(spec: str, out: Path, kind: str, fmt: str | None = None, pure: bool =
             from ..export.hf import write_hf
 
             info = write_hf(m["model"], m["tokenizer"], out, m["provenance"])
-            if verify:
+            moved = not_fixed_points(gguf_path)
+            if moved:
+                log.warning("llama.cpp's Q6_K is not its own fixed point: re-quantizing this export moves %s (the Q4_0/Q8_0 tensors come back byte "
+                            "for byte)", ", ".join(f"{n} in {k} of {total} super-blocks" for n, (k, total) in moved.items()))
+            if verify and m["plan_file"]:
+                log.warning("--verify skipped: llama.cpp's quantizer applies its own mix, not the plan %s", m["plan_file"])
+            elif verify:
                 info["verify"] = requantize_check(out, gguf_path, m["format"], m["pure"])
         elif kind == "mlx":
             from ..export.mlx import write_mlx
