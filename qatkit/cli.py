@@ -383,7 +383,8 @@ def _export_dir(args) -> int:
     check = info.get("verify")
     if check:
         print(f"llama.cpp's quantizer on it: {check['identical']} of {check['tensors']} tensors byte-identical to qatkit's {info['format']} file"
-              + "".join(f"; {n}: {v[0]} of {v[1]} blocks differ" if isinstance(v[0], int) else f"; {n}: another type" for n, v in check["differ"].items()))
+              + "".join(f"; {n}: {v[0]} of {v[1]} blocks differ ({check['values_differ'][n] or 'none'} in value)" if isinstance(v[0], int)
+                        else f"; {n}: another type" for n, v in check["differ"].items()))
     return 0
 
 

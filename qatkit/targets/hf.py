@@ -96,8 +96,10 @@ def export(spec: str, out: Path, kind: str, fmt: str | None = None, pure: bool =
             info = write_hf(m["model"], m["tokenizer"], out, m["provenance"])
             moved = not_fixed_points(gguf_path)
             if moved:
-                log.warning("llama.cpp's Q6_K is not its own fixed point: re-quantizing this export moves %s (the Q4_0/Q8_0 tensors come back byte "
-                            "for byte)", ", ".join(f"{n} in {k} of {total} super-blocks" for n, (k, total) in moved.items()))
+                log.warning("llama.cpp's Q6_K is not its own fixed point: re-quantizing this export writes other bytes for %s (the Q4_0/Q8_0 "
+                            "tensors come back byte for byte)", ", ".join(
+                                f"{n} in {k} of {total} super-blocks ({'the same values' if not v else f'{v} with other values'})"
+                                for n, (k, v, total) in moved.items()))
             if verify and m["plan_file"]:
                 log.warning("--verify skipped: llama.cpp's quantizer applies its own mix, not the plan %s", m["plan_file"])
             elif verify:
@@ -111,10 +113,11 @@ def export(spec: str, out: Path, kind: str, fmt: str | None = None, pure: bool =
     return {**info, "format": m["format"]}
 
 
-def not_fixed_points(gguf_path: Path) -> dict[str, tuple[int, int]]:
-    """{Q6_K tensor: (super-blocks whose bytes a re-quantization of their values changes, all)}:
-    qatkit's Q6_K encoder is ggml's bit for bit, and its scale search, run on values it already
-    produced, does not always find the same scales (60 of 320 super-blocks on a tiny model)."""
+def not_fixed_points(gguf_path: Path) -> dict[str, tuple[int, int, int]]:
+    """{Q6_K tensor: (super-blocks whose bytes a re-quantization of their values changes, those
+    whose values it changes, all)}: qatkit's Q6_K encoder is ggml's bit for bit, and its scale
+    search, run on values it already produced, does not always pick the same scales (60 of 320
+    super-blocks on a tiny model, each to the same values: another factoring of d x scale)."""
     from ..formats import FORMATS, decode, encode
 
     q6 = FORMATS["q6_k"]
@@ -122,11 +125,13 @@ def not_fixed_points(gguf_path: Path) -> dict[str, tuple[int, int]]:
     for name, (t, data, shape) in read_gguf_tensors(gguf_path).items():
         if t != q6.ggml_type:
             continue
-        again = encode(torch.from_numpy(decode(data, t, shape).copy()), "q6_k")
+        values = decode(data, t, shape)
+        again = encode(torch.from_numpy(values.copy()), "q6_k")
         a, b = np.asarray(data).view(np.uint8).reshape(-1, q6.block_bytes), again.reshape(-1, q6.block_bytes)
         k = int((a != b).any(-1).sum())
         if k:
-            out[name] = (k, len(a))
+            moved = decode(again, t, shape).reshape(-1, q6.block) != values.reshape(-1, q6.block)
+            out[name] = (k, int(moved.any(-1).sum()), len(a))
     return out
 
 
@@ -146,7 +151,8 @@ def _check_out(out: Path) -> None:
 def requantize_check(hf_dir: Path, qat_gguf: Path, fmt: str, pure: bool = False, f32_gguf: Path | None = None) -> dict:
     """llama.cpp's quantizer on the float GGUF of an HF export (`f32_gguf`: llama.cpp's converter's;
     default: qatkit's F32 exporter's, which writes the converter's tensors) vs the QAT file,
-    tensor for tensor: {"tensors", "identical", "differ": {name: (blocks differing, blocks)}}."""
+    tensor for tensor: {"tensors", "identical", "differ": {name: (blocks differing, blocks)},
+    "values_differ": {name: blocks whose dequantized values differ}}."""
     with tempfile.TemporaryDirectory(prefix="qatkit-") as d:
         if f32_gguf is None:
             source = resolve(hf_dir)
@@ -158,16 +164,18 @@ def requantize_check(hf_dir: Path, qat_gguf: Path, fmt: str, pure: bool = False,
         a, b = read_gguf_tensors(qat_gguf), read_gguf_tensors(again)
     if sorted(a) != sorted(b):
         raise QatkitError(f"the re-quantized file has other tensors: {sorted(set(a) ^ set(b))[:4]}")
-    differ = {}
+    from ..formats import BY_GGML_TYPE, decode
+
+    differ, values = {}, {}
     for name, (t, data, shape) in a.items():
         t2, data2, _ = b[name]
         x, y = np.asarray(data).view(np.uint8), np.asarray(data2).view(np.uint8)
         if t != t2 or x.shape != y.shape:
             differ[name] = ("type", t, t2)
         elif not np.array_equal(x, y):
-            from ..formats import BY_GGML_TYPE
-
             f = BY_GGML_TYPE[t]
             bx, by = x.reshape(-1, f.block_bytes), y.reshape(-1, f.block_bytes)
             differ[name] = (int((bx != by).any(-1).sum()), len(bx))
-    return {"tensors": len(a), "identical": len(a) - len(differ), "differ": differ}
+            va, vb = (decode(d, t, shape).reshape(-1, f.block) for d in (data, data2))
+            values[name] = int((va != vb).any(-1).sum())
+    return {"tensors": len(a), "identical": len(a) - len(differ), "differ": differ, "values_differ": values}
