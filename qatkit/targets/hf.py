@@ -86,8 +86,11 @@ def export(spec: str, out: Path, kind: str, fmt: str | None = None, pure: bool =
            verify: bool = False) -> dict:
     """`qatkit export SPEC --format hf|mlx --out DIR`: returns what was written; `verify` (hf):
     with `requantize_check`'s result under "verify"."""
+    if kind not in ("hf", "mlx"):
+        raise QatkitError(f"--format {kind}: hf or mlx")
     _check_out(out)
-    with tempfile.TemporaryDirectory(prefix="qatkit-") as d:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.gguf-", dir=out.parent) as d:  # beside the output: a real model's GGUF is GBs
         gguf_path = Path(d) / "qat.gguf"
         m = file_valued(spec, fmt, pure, plan_file, gguf_path, progress)
         if kind == "hf":
@@ -104,12 +107,10 @@ def export(spec: str, out: Path, kind: str, fmt: str | None = None, pure: bool =
                 log.warning("--verify skipped: llama.cpp's quantizer applies its own mix, not the plan %s", m["plan_file"])
             elif verify:
                 info["verify"] = requantize_check(out, gguf_path, m["format"], m["pure"])
-        elif kind == "mlx":
+        else:
             from ..export.mlx import write_mlx
 
             info = write_mlx(m["model"], m["tokenizer"], gguf_path, m["source"].arch, out, m["provenance"], progress)
-        else:
-            raise QatkitError(f"--format {kind}: hf or mlx")
     return {**info, "format": m["format"]}
 
 
