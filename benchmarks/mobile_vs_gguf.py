@@ -4,12 +4,13 @@ For the default model (Gemma 3 270M): exports the mobile program (int4 Linears p
 embedding per row in int4 by default, int8 activations per token; untrained: speed and size do
 not depend on training) with qatkit's exporter in a child process, timing it and taking its peak
 resident memory; then alternates, in fresh processes with the same thread count, ExecuTorch on
-the .pte and llama.cpp on its own PTQ Q4_0 file: a prefill of the same random prompt ids, then
-single-token decode steps, and the process's peak resident memory above what it held before
-loading. Prints medians and ratios (.pte / GGUF).
+the .pte and llama.cpp on its own PTQ Q4_0 file: a prefill of the same prompt ids (held-out
+text by default), then single-token decode steps, and the process's peak resident memory above
+what it held before loading. Prints medians and ratios (.pte / GGUF).
 
     python benchmarks/mobile_vs_gguf.py [--embedding int4] [--rounds 3] [--prompt 128] [--tokens 64]
                                         [--pte existing.pte | --save keep.pte] [--threads 2] [--one-file]
+                                        [--ids text|random] [--head-piece-mb 16]
 
 The tied table is stored once, in a .ptd beside the .pte (sizes are of both files together);
 --one-file exports it twice inside one .pte, as before. The program is measured twice: as
@@ -42,7 +43,7 @@ floats = sum(p.numel() for p in model.parameters()) * 4
 prepare(model, src.arch, QATConfig(fmt="mobile", embedding=sys.argv[2]))
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
-info = export_pte(model, tok, sys.argv[1], max_context=512, share_table=sys.argv[3] == "shared")
+info = export_pte(model, tok, sys.argv[1], max_context=512, share_table=sys.argv[3] == "shared", head_chunk_bytes=int(float(sys.argv[4]) * 2**20))
 info["wall_s"] = time.perf_counter() - t0
 info["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 info["rss_before_export"] = before
@@ -57,7 +58,7 @@ kind, path, n_prompt, n_tokens, threads = sys.argv[1], sys.argv[2], int(sys.argv
 def status(key):
     with open("/proc/self/status") as f:
         return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key + ":"))
-ids = np.random.default_rng(0).integers(100, 200000, n_prompt + n_tokens).tolist()
+ids = json.load(open(sys.argv[6]))[: n_prompt + n_tokens]
 if kind == "pte":
     import torch
     import executorch.kernels.quantized  # noqa: F401
@@ -107,6 +108,24 @@ def child(code: str, *args, env=None, prefix: list[str] | None = None) -> dict:
     return json.loads(line[len("RESULT "):])
 
 
+def prompt_ids(kind: str, n: int) -> list[int]:
+    """n ids for both runtimes: uniform random over the vocabulary (as before 2026-12-06), or the
+    default model's tokens of the held-out suite, n/4 consecutive ones from each unseen domain."""
+    if kind == "random":
+        import numpy as np
+
+        return np.random.default_rng(0).integers(100, 200000, n).tolist()
+    from transformers import AutoTokenizer
+
+    from qatkit.eval.suite import load_suite
+    from qatkit.models.load import resolve
+
+    tok = AutoTokenizer.from_pretrained(resolve("gemma3-270m").hf_dir)
+    texts = [tok(t)["input_ids"] for dom, t in load_suite().items() if dom != "docs"]
+    per = -(-n // len(texts))
+    return [i for t in texts for i in t[1 : 1 + per]][:n]  # past each text's first token (the BOS)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--embedding", default="int4", choices=["int4", "int8"])
@@ -116,7 +135,12 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ids", choices=["text", "random"], default="text",
+                    help="the prompt and decoded ids: held-out text (48 consecutive tokens of each of the four unseen domains, "
+                         "the default) or uniform random ids over the vocabulary (which fault in more of the lookup table)")
     ap.add_argument("--save", type=Path, help="keep the exported program here (to measure it again with --pte)")
+    ap.add_argument("--head-piece-mb", type=float, default=16.0,
+                    help="the tied head's rows per XNNPACK delegate, in MiB of codes (qatkit's default 16; a large value: one delegate)")
     ap.add_argument("--one-file", action="store_true", help="the tied table twice in one .pte (the lookup's and XNNPACK's), not once in a .ptd beside it")
     args = ap.parse_args()
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -124,9 +148,9 @@ def main() -> None:
         pte = args.pte
         if pte is None:
             pte = args.save or Path(d) / "mobile.pte"
-            e = child(EXPORT, pte, args.embedding, "one-file" if args.one_file else "shared", env=env)
+            e = child(EXPORT, pte, args.embedding, "one-file" if args.one_file else "shared", str(args.head_piece_mb), env=env)
             print(f"export of one program: {e['wall_s']:.0f} s (torch.export {e['export_s']:.0f} s, lowering {e['lower_s']:.0f} s), "
-                  f"{e['xnnpack_partitions']} XNNPACK partitions; peak RSS {e['peak_rss'] / 1e9:.2f} GB = "
+                  f"{e['xnnpack_partitions']} XNNPACK partitions (the head in {e.get('head_pieces', 1)}); peak RSS {e['peak_rss'] / 1e9:.2f} GB = "
                   f"{e['peak_rss'] / e['float32_bytes']:.2f}x the model's float32 size ({e['float32_bytes'] / 1e9:.2f} GB)")
         gguf = args.gguf
         if gguf is None:
@@ -137,15 +161,18 @@ def main() -> None:
             gguf = src.cache_dir / "ptq-llama.cpp-q4_0.gguf"
             if not gguf.exists():
                 ptq_llama_cpp(src, gguf, "q4_0")
+        ids_file = Path(d) / "ids.json"
+        ids_file.write_text(json.dumps(prompt_ids(args.ids, args.prompt + args.tokens)))
         app = all(shutil.which(c) for c in AS_APP if c != "--" and not c.startswith("-"))
         rows: dict[str, list[dict]] = {"pte": [], "gguf": [], **({"app": []} if app else {})}
         for _ in range(args.rounds):
             for kind, path in (("pte", pte), ("gguf", gguf), *((("app", pte),) if app else ())):
-                rows[kind].append(child(RUN, "gguf" if kind == "gguf" else "pte", path, args.prompt, args.tokens, args.threads, env=env,
+                rows[kind].append(child(RUN, "gguf" if kind == "gguf" else "pte", path, args.prompt, args.tokens, args.threads, ids_file, env=env,
                                         prefix=AS_APP if kind == "app" else None))
         med = {k: {m: statistics.median(r[m] for r in v) for m in ("prefill_tps", "decode_tps", "rss", "loaded", "locked")} for k, v in rows.items()}
         size = {"pte": program_bytes(pte), "app": program_bytes(pte), "gguf": gguf.stat().st_size}
-        print(f"{args.threads} threads; prompt of {args.prompt} random token ids, then {args.tokens} single-token steps; "
+        what = "random token ids" if args.ids == "random" else "tokens of held-out text"
+        print(f"{args.threads} threads; prompt of {args.prompt} {what}, then {args.tokens} single-token steps; "
               f"median of {args.rounds} alternated rounds, each a fresh process")
         print(f"{'':<28} {'size MB':>9} {'prefill t/s':>12} {'decode t/s':>11} {'peak RSS MB':>12}")
         files = ".pte+.ptd" if data_path(pte).exists() else ".pte"

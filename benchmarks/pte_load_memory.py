@@ -3,6 +3,9 @@ Python runtime, then runs it, and reads /proc/self/status after each stage (resi
 above what the process held before, its peak, and what the loader locked with mlock).
 
     python benchmarks/pte_load_memory.py PROGRAM.pte      (e.g. the --save file of mobile_vs_gguf.py)
+
+As an app loads it (no mlock allowed), as root:
+    setpriv --inh-caps=-ipc_lock --bounding-set=-ipc_lock prlimit --memlock=0:0 -- python benchmarks/pte_load_memory.py PROGRAM.pte
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ def main() -> None:
     def say(stage: str) -> None:
         print(f"{stage:<22} resident +{status('VmRSS') - base:7.1f} MB   peak +{status('VmHWM') - base:7.1f} MB   locked {status('VmLck'):6.1f} MB")
 
-    program = Runtime.get().load_program(Path(sys.argv[1]))
+    from qatkit.runtime.executorch import data_path
+
+    pte = Path(sys.argv[1])
+    ptd = data_path(pte)  # the tied table's named data, where the program keeps it beside itself
+    program = Runtime.get().load_program(pte, **({"data_path": ptd} if ptd.exists() else {}))
     say("program loaded")
     method = program.load_method("forward")
     say("method loaded")

@@ -184,6 +184,32 @@ def test_the_tied_table_is_stored_once(exported, tmp_path):
         PteModel(tmp_path / "alone.pte")
 
 
+def test_the_head_in_pieces_computes_the_same_logits(exported, tmp_path):
+    """The tied head cut into row pieces, each its own XNNPACK delegate (so that the load packs one
+    piece at a time): the program's logits are bit-identical to the one-piece program's, the
+    lookup reads every piece (ids from all of them), and the table is still stored once."""
+    from qatkit.budget import mobile_bytes
+    from qatkit.export.executorch import table_chunks
+    from qatkit.runtime.executorch import data_path
+
+    family, m, plan, out, info = exported
+    if family != "gemma3":
+        return
+    emb = m.get_input_embeddings().weight
+    row = emb.shape[1] * int(plan["model.embed_tokens"][3:]) // 8
+    pieces = table_chunks(emb.shape[0], row, 50 * row + 7)
+    assert len(pieces) == -(-emb.shape[0] // 50) and pieces[-1][1] == emb.shape[0]  # the last piece is shorter
+    cut = export_pte(m, tiny_tokenizer(), tmp_path / "cut.pte", max_context=96, head_chunk_bytes=50 * row + 7)
+    assert cut["head_pieces"] == len(pieces) and info["head_pieces"] == 1
+    # each piece a delegate (the partition that held the head goes when nothing else was in it)
+    assert cut["xnnpack_partitions"] in (info["xnnpack_partitions"] + len(pieces) - 1, info["xnnpack_partitions"] + len(pieces))
+    assert "aten.cat.out" in cut["outside_xnnpack"]
+    ids = torch.cat([torch.arange(a, b)[:3] for a, b in pieces])  # a few ids of every piece
+    assert torch.equal(PteModel(cut["path"]).logits(ids), PteModel(out).logits(ids))
+    table = mobile_bytes(tuple(emb.shape), plan["model.embed_tokens"])
+    assert 0 <= data_path(cut["path"]).stat().st_size - table < 512 * len(pieces) + 1024  # once, plus headers per entry
+
+
 def test_bad_input(tmp_path):
     bad = tmp_path / "bad.pte"
     bad.write_bytes(b"\x00" * 100)
@@ -275,8 +301,9 @@ def test_gemma4_program_computes_what_the_student_computes(tmp_path):
     ple = m.model.embed_tokens_per_layer.weight
     assert all(len(torch.unique(row)) <= 4 for row in ple[:20])  # four levels a row: what 2 bits hold
     out = tmp_path / "g4.pte"
-    info = export_pte(m, gemma_tokenizer(), out, max_context=48)
+    info = export_pte(m, gemma_tokenizer(), out, max_context=48, head_chunk_bytes=150 * m.config.hidden_size // 2)  # at most 150 int4 rows a piece
     assert info["shared_table"]  # int4: the lookup reads XNNPACK's nibble order, pairs flipped back
+    assert info["head_pieces"] == -(-m.config.vocab_size // 150)  # and the head in pieces, the last one shorter
     assert "quantized_decomposed.embedding_2bit.out" in info["outside_xnnpack"]
     assert "quantized_decomposed.embedding_4bit.out" in info["outside_xnnpack"]
     ids = torch.randint(3, m.config.vocab_size, (40,), generator=torch.Generator().manual_seed(0))

@@ -129,57 +129,155 @@ def pack_like_xnnpack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return ((u[:, 1::2] << 4) | u[:, 0::2]).contiguous()
 
 
+HEAD_CHUNK_BYTES = 16 << 20  # the tied head's weight per XNNPACK delegate (see SharedTableHead)
+
+
+def table_chunks(rows: int, row_bytes: int, chunk_bytes: int) -> list[tuple[int, int]]:
+    """(start, end) row ranges of a table cut into as few pieces of at most `chunk_bytes` as can
+    be (one row at least), of equal rows but for a shorter last one."""
+    most = max(1, chunk_bytes // max(1, row_bytes))
+    step = -(-rows // -(-rows // most))  # the fewest pieces, evened out
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
 class SharedTableEmbedding(nn.Module):
     """The embedding lookup of a table tied to the head, reading the very bytes XNNPACK keeps for
     the head, so that the program stores the table once. ExecuTorch's embedding_4bit reads the
     even column from the high nibble, XNNPACK's qc4w from the low one: looked up in XNNPACK's
     bytes, each row comes out with its column pairs swapped, and one flip puts them back (a
     permutation: the numbers are the trained ones). int8 tables are the same bytes to both. The
-    bytes and the scales are named data with one tag, which ExecuTorch stores once by content."""
+    bytes and the scales are named data with one tag, which ExecuTorch stores once by content.
+    The table is in the head's row ranges (`chunks`): each id is looked up in the piece that holds
+    it (a selection, so the numbers are unchanged)."""
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, multiplier: torch.Tensor | None):
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, multiplier: torch.Tensor | None, chunks: list[tuple[int, int]]):
         super().__init__()
         import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed.embedding_*)
 
-        self.bits = bits
-        self.register_buffer(f"{SHARED}_table", pack_like_xnnpack(codes, bits))
-        self.register_buffer(f"{SHARED}_scale", scale.float().reshape(-1).contiguous())
+        self.bits, self.chunks = bits, chunks
+        scale = scale.float().reshape(-1)
+        for k, (a, b) in enumerate(chunks):
+            self.register_buffer(f"{SHARED}_table_{k}", pack_like_xnnpack(codes[a:b], bits))
+            self.register_buffer(f"{SHARED}_scale_{k}", scale[a:b].clone().contiguous())
         self.multiplier = None if multiplier is None else multiplier.detach().float().clone()
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+    def _lookup(self, k: int, ids: torch.Tensor) -> torch.Tensor:
         qd = torch.ops.quantized_decomposed
-        table, scale = getattr(self, f"{SHARED}_table"), getattr(self, f"{SHARED}_scale")
+        table, scale = getattr(self, f"{SHARED}_table_{k}"), getattr(self, f"{SHARED}_scale_{k}")
         if self.bits == 4:
             x = qd.embedding_4bit.default(table, scale, None, -8, 7, ids)
-            x = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
-        else:
-            x = qd.embedding_byte.default(table, scale, None, -128, 127, ids)
+            return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+        return qd.embedding_byte.default(table, scale, None, -128, 127, ids)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        x = None
+        for k, (a, b) in enumerate(self.chunks):
+            if len(self.chunks) == 1:
+                x = self._lookup(k, ids)
+                break
+            rows = self._lookup(k, (ids - a).clamp(0, b - a - 1))
+            x = rows if x is None else torch.where(((ids >= a) & (ids < b)).unsqueeze(-1), rows, x)
         return x if self.multiplier is None else x * self.multiplier
 
 
-class SharedTableHead(nn.Module):
-    """The head of a shared table: a per-channel int4 or int8 Linear with dynamic int8 inputs
-    (qd8 x qc4w / qc8w in XNNPACK) whose weight and scales are tagged as named data of the shared
-    table, so that XNNPACK's bytes and the lookup's are one entry."""
+HEAD_CODES = "qatkit_head_codes_"  # the head pieces' weight buffers (their placeholders name the delegates)
 
-    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int):
+
+class SharedTableHead(nn.Module):
+    """The head of a shared table: per-channel int4 or int8 Linears with dynamic int8 inputs
+    (qd8 x qc4w / qc8w in XNNPACK) whose weights and scales are tagged as named data of the shared
+    table, so that XNNPACK's bytes and the lookup's are one entry. The rows come in pieces of
+    `chunks`, each lowered as its own XNNPACK delegate (`HeadSplittingPartitioner`): XNNPACK packs a
+    delegate's weights at load while their bytes from the file are still mapped, so one delegate
+    holding the whole 262k-row head of Gemma put a second table's worth on the load's peak; in
+    pieces, one piece's worth. Each piece quantizes its input itself (the same per-token codes)."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bits: int, chunks: list[tuple[int, int]]):
         super().__init__()
         import torch.ao.quantization.fx._decomposed  # noqa: F401
 
-        self.register_buffer("codes", codes.to(torch.int8).contiguous())
-        self.register_buffer("w_scale", scale.float().reshape(-1).contiguous())
-        self.register_buffer("w_zero", torch.zeros(codes.shape[0], dtype=torch.int64))
+        self.chunks = chunks
+        scale = scale.float().reshape(-1)
+        for k, (a, b) in enumerate(chunks):
+            self.register_buffer(f"{HEAD_CODES}{k}", codes[a:b].to(torch.int8).clone())  # its own storage: XNNPACK serializes the whole storage
+            self.register_buffer(f"w_scale_{k}", scale[a:b].clone().contiguous())
+            self.register_buffer(f"w_zero_{k}", torch.zeros(b - a, dtype=torch.int64))
         self.qmin, self.qmax = (-8, 7) if bits == 4 else (-128, 127)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         import torch.fx.traceback as fx_traceback
 
         qd = torch.ops.quantized_decomposed
-        s, z = qd.choose_qparams_per_token_asymmetric.default(x, torch.int8)
-        x = qd.dequantize_per_token.default(qd.quantize_per_token.default(x, s, z, -128, 127, torch.int8), s, z, -128, 127, torch.int8, torch.float32)
-        with fx_traceback.annotate({"delegate_constant_tag": SHARED}):
-            w = qd.dequantize_per_channel.default(self.codes, self.w_scale, self.w_zero, 0, self.qmin, self.qmax, torch.int8)
-        return nn.functional.linear(x, w)
+        outs = []
+        for k in range(len(self.chunks)):
+            s, z = qd.choose_qparams_per_token_asymmetric.default(x, torch.int8)
+            xq = qd.dequantize_per_token.default(qd.quantize_per_token.default(x, s, z, -128, 127, torch.int8), s, z, -128, 127, torch.int8, torch.float32)
+            with fx_traceback.annotate({"delegate_constant_tag": SHARED}):
+                w = qd.dequantize_per_channel.default(getattr(self, f"{HEAD_CODES}{k}"), getattr(self, f"w_scale_{k}"), getattr(self, f"w_zero_{k}"),
+                                                      0, self.qmin, self.qmax, torch.int8)
+            outs.append(nn.functional.linear(xq, w))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+def head_splitting_partitioner():
+    """XNNPACK's partitioner, with each piece of a `SharedTableHead` taken out of the partition it
+    was merged into and made a delegate of its own: the piece's Linear and the nodes that feed
+    only it (its activation quantization, its weight); what consumes the pieces (their
+    concatenation) runs outside XNNPACK, so that no partition feeds another that feeds it back."""
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from torch.fx.passes.infra.partitioner import Partition
+
+    class HeadSplittingPartitioner(XnnpackPartitioner):
+        def generate_partitions(self, ep):
+            partitions = super().generate_partitions(ep)
+            next_id = max((p.id for p in partitions), default=-1) + 1
+            out = []
+            for p in partitions:
+                pieces = [n for n in p.nodes if n.op == "call_function" and "linear" in str(n.target) and _feeds_from(n, HEAD_CODES, p.nodes)]
+                if len(pieces) < 2:
+                    out.append(p)
+                    continue
+                taken: set = set()
+                for lin in pieces:
+                    own = {lin}
+                    changed = True
+                    while changed:  # the nodes of the partition whose every user is in the piece
+                        changed = False
+                        for n in p.nodes:
+                            if n not in own and n.users and all(u in own for u in n.users) and any(u in own for u in n.users):
+                                own.add(n)
+                                changed = True
+                    taken |= own
+                    out.append(Partition(id=next_id, nodes=own))
+                    next_id += 1
+                after: set = set()  # what reads the pieces leaves XNNPACK (the concatenation)
+                stack = [u for n in taken for u in n.users]
+                while stack:
+                    n = stack.pop()
+                    if n in p.nodes and n not in taken and n not in after:
+                        after.add(n)
+                        stack.extend(n.users)
+                rest = [n for n in p.nodes if n not in taken and n not in after]
+                if any(n.op == "call_function" for n in rest):
+                    out.append(Partition(id=p.id, nodes=rest))
+            return out
+
+    return HeadSplittingPartitioner()
+
+
+def _feeds_from(node, prefix: str, within) -> bool:
+    """Whether a placeholder whose name holds `prefix` feeds `node` through nodes of `within`."""
+    stack, seen = list(node.all_input_nodes), set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and prefix in n.name:
+            return True
+        if n in within and n.op == "call_function":
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 class StaticInt8Linear(nn.Module):
@@ -281,10 +379,11 @@ def _shared_table(student: nn.Module, weights: dict):
     return codes, scale, spec.bits
 
 
-def runtime_model(student: nn.Module, share_table: bool = False) -> nn.Module:
+def runtime_model(student: nn.Module, share_table: bool = False, head_chunk_bytes: int = HEAD_CHUNK_BYTES) -> nn.Module:
     """A copy of the mobile student whose Linears and embedding hold the exported integer codes
     (torchao tensors), with the tied head untied and Gemma's tanh GELU spelled out. With
-    `share_table`, a tied table is kept once, in the bytes of `SharedTableEmbedding`."""
+    `share_table`, a tied table is kept once, in the bytes of `SharedTableEmbedding`, and the
+    head is cut into pieces of at most `head_chunk_bytes` of codes."""
     from ..formats import mobile
     from ..nn import FakeQuantLinear
     from ..prepare import mobile_weights, other_tables
@@ -320,8 +419,9 @@ def runtime_model(student: nn.Module, share_table: bool = False) -> nn.Module:
     if shared is not None:
         codes, scale, bits = shared
         multiplier = getattr(emb, "embed_scale", None)
-        memo[id(emb)] = SharedTableEmbedding(codes, scale, bits, None if multiplier is None else multiplier.to(torch.float32))
-        memo[id(head)] = SharedTableHead(codes, scale, bits)
+        chunks = table_chunks(codes.shape[0], codes.shape[1] * bits // 8, head_chunk_bytes)
+        memo[id(emb)] = SharedTableEmbedding(codes, scale, bits, None if multiplier is None else multiplier.to(torch.float32), chunks)
+        memo[id(head)] = SharedTableHead(codes, scale, bits, chunks)
     tables = [*([] if shared is not None else [emb]), *other_tables(student).values()]
     for table in tables:
         spec = getattr(table, "mobile_spec", None)
@@ -502,7 +602,7 @@ class KVCacheLM(nn.Module):
 
 
 def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True, share_table: bool = True,
-               provenance: dict | None = None) -> dict:
+               provenance: dict | None = None, head_chunk_bytes: int = HEAD_CHUNK_BYTES) -> dict:
     """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it;
     `provenance` (export/provenance.py) goes into the program as its constant method
     `qatkit_provenance` (JSON bytes; runtime PteModel.provenance reads it).
@@ -525,15 +625,15 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512,
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # transformers' output recorder is a global that dynamo reports as a side effect; unused here
         warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
-        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance)
+        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance, head_chunk_bytes)
 
 
-def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool, provenance: dict | None) -> dict:
-    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool, provenance: dict | None,
+                head_chunk_bytes: int) -> dict:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     t0 = time.perf_counter()
-    runtime = runtime_model(student, share_table)
+    runtime = runtime_model(student, share_table, head_chunk_bytes)
     shared = isinstance(runtime.get_input_embeddings(), SharedTableEmbedding)
     wrapper = KVCacheLM(runtime, max_context).eval()
     max_seq = max_context - 1 if dynamic else 1  # export cannot take a dynamic length equal to the cache length
@@ -557,7 +657,7 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
         SHARED_FLAG: shared,  # the program reads its tied table from the .ptd beside it
         PROVENANCE: torch.frombuffer(bytearray(json.dumps(provenance or {"tool": "qatkit", "version": __version__}).encode()), dtype=torch.uint8),
     }
-    edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    edge = to_edge_transform_and_lower(program, partitioner=[head_splitting_partitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     t2 = time.perf_counter()
     # the shared table's bytes and scales go to named data under one tag (the .ptd beside the
     # .pte), where the lookup's constants and XNNPACK's head weights are one entry each
@@ -588,6 +688,7 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
         stale.unlink()  # an earlier program's shared table beside this name
     info = {"path": str(out), "data_path": str(data_path(out)) if shared else None, "shared_table": shared,
             "file_bytes": program_bytes(out), "pte_bytes": out.stat().st_size, "tokenizer": str(tokenizer_path(out)), "max_context": max_context,
-            "xnnpack_partitions": delegates, "outside_xnnpack": outside, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
+            "xnnpack_partitions": delegates,
+            "head_pieces": len(runtime.get_output_embeddings().chunks) if shared else 1, "outside_xnnpack": outside, "export_s": t1 - t0, "lower_s": t2 - t1, "seconds": time.perf_counter() - t0}
     log.info("wrote %s (%.1f MB, %d XNNPACK partitions) in %.0f s", out, info["file_bytes"] / 1e6, delegates, info["seconds"])
     return info
