@@ -1,10 +1,16 @@
-"""Where the mobile export's time goes: the same student exported as the usual program (a dynamic
-token count, 1..max_context-1, for prefill) and as a one-token program, side by side in one
-process, alternating. The model is the default model's architecture and width (Gemma 3 270M's
-config) with fewer layers and random weights: export time grows with the graph, not with the
-weights, so a few layers show the ratio without the full ~4-minute export.
+"""Where the mobile export's time goes, two exports of the same student side by side in one
+process, alternating:
 
-    python benchmarks/export_time.py [--layers 4] [--rounds 1]
+- `--pair length` (default): the usual program (a dynamic token count, 1..max_context-1, for
+  prefill) against a one-token program;
+- `--pair passes`: qatkit's lowering, which runs only the XNNPACK passes that find something to
+  rewrite in a partition, against XNNPACK's whole pass pipeline; the files must be byte-identical.
+
+The model is the default model's architecture and width (Gemma 3 270M's config) with --layers of
+its layers (18: all of them) and random weights: export time grows with the graph, not with the
+weights, so a few layers show the ratio without the full export.
+
+    python benchmarks/export_time.py [--pair length|passes] [--layers 4] [--rounds 1]
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=1)
+    ap.add_argument("--pair", choices=["length", "passes"], default="length")
     args = ap.parse_args()
 
     import torch
@@ -40,20 +47,26 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     prepare(model, src.arch, QATConfig(fmt="mobile", embedding="int4"))
-    times: dict[str, list[float]] = {"dynamic": [], "one-token": []}
-    info = {}
+    kinds = {"dynamic": {}, "one-token": {"dynamic": False}} if args.pair == "length" else {"lean": {}, "all passes": {"lean_passes": False}}
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    info, files = {}, {}
     with tempfile.TemporaryDirectory() as d:
         for _ in range(args.rounds):
-            for kind in times:
+            for kind, kw in kinds.items():
+                out = Path(d) / f"{kind.replace(' ', '-')}.pte"
                 t0 = time.perf_counter()
-                info[kind] = export_pte(model, tok, Path(d) / f"{kind}.pte", max_context=512, dynamic=kind == "dynamic")
+                info[kind] = export_pte(model, tok, out, max_context=512, **kw)
                 times[kind].append(time.perf_counter() - t0)
+                files[kind] = out.read_bytes() + (out.with_suffix(".ptd").read_bytes() if out.with_suffix(".ptd").exists() else b"")
     print(f"Gemma 3 270M's width, {args.layers} layers, random weights; median of {args.rounds} alternated exports")
     print(f"{'program':<12} {'seconds':>8} {'torch.export':>13} {'lowering':>9} {'partitions':>11}")
     for kind, ts in times.items():
         i = info[kind]
         print(f"{kind:<12} {statistics.median(ts):8.1f} {i['export_s']:13.1f} {i['lower_s']:9.1f} {i['xnnpack_partitions']:11d}")
-    print(f"ratio dynamic / one-token: {statistics.median(times['dynamic']) / statistics.median(times['one-token']):.2f}x")
+    a, b = kinds
+    print(f"ratio {a} / {b}: {statistics.median(times[a]) / statistics.median(times[b]):.2f}x")
+    if args.pair == "passes":
+        print("the two programs (.pte and .ptd) are " + ("byte-identical" if files[a] == files[b] else "DIFFERENT"))
 
 
 if __name__ == "__main__":

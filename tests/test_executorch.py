@@ -184,6 +184,19 @@ def test_the_tied_table_is_stored_once(exported, tmp_path):
         PteModel(tmp_path / "alone.pte")
 
 
+def test_lean_xnnpack_pipeline_writes_the_same_program(exported, tmp_path):
+    """The XNNPACK passes skipped for having nothing to rewrite change nothing: the program and its
+    data are byte-identical to those of XNNPACK's whole pipeline."""
+    from qatkit.runtime.executorch import data_path
+
+    family, m, plan, out, info = exported
+    full = export_pte(m, tiny_tokenizer(), tmp_path / "full.pte", max_context=96, provenance=describe(plan, "mobile", full_plan=False), lean_passes=False)
+    assert (tmp_path / "full.pte").read_bytes() == out.read_bytes()
+    assert full["shared_table"] == info["shared_table"]
+    if info["shared_table"]:
+        assert data_path(tmp_path / "full.pte").read_bytes() == data_path(out).read_bytes()
+
+
 def test_the_head_in_pieces_computes_the_same_logits(exported, tmp_path):
     """The tied head cut into row pieces, each its own XNNPACK delegate (so that the load packs one
     piece at a time): the program's logits are bit-identical to the one-piece program's, the

@@ -265,6 +265,41 @@ def head_splitting_partitioner():
     return HeadSplittingPartitioner()
 
 
+# XNNPACK's preprocess runs every pass of its pipeline on every partition, each a re-trace of the
+# partition's graph; these rewrite ops that qatkit's programs do not put in a partition, and were
+# a sixth of the lowering's time. Each runs where its partition holds one of the ops named.
+_XNNPACK_PASSES_BY_OP = {  # (a pass that an earlier pass could feed names that pass's ops too)
+    "XNNPACKRemoveCloneOpsTransform": ("clone",),
+    "DimOrderOpsRevertPass": ("dim_order",),
+    "ConvertToUpsampleBilinear2d": ("upsample",),
+    "ConvertToSDPAPass": ("softmax",),
+    "FuseBatchNormPass": ("batch_norm",),
+    "DecomposeBatchNorm": ("batch_norm",),
+    "Conv1dUnsqueezePass": ("convolution", "batch_norm"),  # DecomposeBatchNorm writes convolutions
+    "PReLUReshapePass": ("prelu",),
+    "FuseActivationPass": ("aten.relu", "aten.hardtanh"),
+    "DecomposeConcatenate": ("aten.cat",),
+    "InsertPadQDQPass": ("constant_pad_nd",),
+    "ConvertToLinearPass": ("aten.mm", "aten.addmm", "aten.bmm"),
+}
+
+
+def _xnnpack_passes_in_use():
+    """A context: XNNPACK's preprocess runs only the passes that find something to rewrite (the
+    programs are byte-identical to those of the whole pipeline: tested)."""
+    from executorch.backends.xnnpack import xnnpack_preprocess
+
+    full = xnnpack_preprocess.XNNPACKPassManager
+
+    def manager(ep, passes=None):
+        if passes is None:
+            ops = " ".join(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+            passes = [p for p in full(ep).passes if any(op in ops for op in _XNNPACK_PASSES_BY_OP.get(p.__name__, ("",)))]
+        return full(ep, passes=passes)
+
+    return patched([xnnpack_preprocess], "XNNPACKPassManager", manager)
+
+
 def _feeds_from(node, prefix: str, within) -> bool:
     """Whether a placeholder whose name holds `prefix` feeds `node` through nodes of `within`."""
     stack, seen = list(node.all_input_nodes), set()
@@ -602,13 +637,16 @@ class KVCacheLM(nn.Module):
 
 
 def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True, share_table: bool = True,
-               provenance: dict | None = None, head_chunk_bytes: int = HEAD_CHUNK_BYTES) -> dict:
+               provenance: dict | None = None, head_chunk_bytes: int = HEAD_CHUNK_BYTES, lean_passes: bool = True) -> dict:
     """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it;
     `provenance` (export/provenance.py) goes into the program as its constant method
     `qatkit_provenance` (JSON bytes; runtime PteModel.provenance reads it).
     Returns facts about the file: sizes, delegated partitions, seconds. `dynamic=False` writes a
     one-token program (the runner then prefills token by token): it exports 1.8x faster at the
-    default model's width (benchmarks/export_time.py), the dynamic length being what slows it."""
+    default model's width (benchmarks/export_time.py), the dynamic length being what slows it.
+    `head_chunk_bytes`: a shared head's piece per XNNPACK delegate (`SharedTableHead`);
+    `lean_passes=False` runs XNNPACK's whole pass pipeline on every partition (the same bytes,
+    slower: `_xnnpack_passes_in_use`)."""
     require_executorch()
     import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding ops)
 
@@ -625,11 +663,11 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512,
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # transformers' output recorder is a global that dynamo reports as a side effect; unused here
         warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
-        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance, head_chunk_bytes)
+        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance, head_chunk_bytes, lean_passes)
 
 
 def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool, provenance: dict | None,
-                head_chunk_bytes: int) -> dict:
+                head_chunk_bytes: int, lean_passes: bool) -> dict:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     t0 = time.perf_counter()
@@ -657,7 +695,9 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
         SHARED_FLAG: shared,  # the program reads its tied table from the .ptd beside it
         PROVENANCE: torch.frombuffer(bytearray(json.dumps(provenance or {"tool": "qatkit", "version": __version__}).encode()), dtype=torch.uint8),
     }
-    edge = to_edge_transform_and_lower(program, partitioner=[head_splitting_partitioner()], constant_methods=metadata, compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    with _xnnpack_passes_in_use() if lean_passes else contextlib.nullcontext():
+        edge = to_edge_transform_and_lower(program, partitioner=[head_splitting_partitioner()], constant_methods=metadata,
+                                           compile_config=EdgeCompileConfig(_check_ir_validity=False))
     t2 = time.perf_counter()
     # the shared table's bytes and scales go to named data under one tag (the .ptd beside the
     # .pte), where the lookup's constants and XNNPACK's head weights are one entry each
