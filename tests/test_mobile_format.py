@@ -221,3 +221,20 @@ def test_plan_per_tensor_choices():
     assert tabled["model.embed_tokens_per_layer"] == "int2" and tabled["model.embed_tokens"] == "int8"
     with pytest.raises(QatkitError, match="four to a byte"):
         mobile_plan(lins, tables={"model.embed_tokens_per_layer": 130}, table="int2")
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "int2", "int4g32"])
+def test_blocks_of_rows_give_the_whole_tensors_numbers(monkeypatch, scheme):
+    """Large tensors are quantized in blocks of rows (their float temporaries stay small): scales,
+    codes and values equal those of the whole tensor at once, blocks of uneven size included."""
+    spec = mobile.parse_spec(scheme)
+    w = torch.randn(23, 64, generator=torch.Generator().manual_seed(1)) * torch.rand(23, 1) * 3
+    whole_s = mobile.weight_scale(w, spec)
+    whole = mobile.quantize_weight(w, spec, whole_s)
+    whole_v = mobile.dequantize_weight(*whole, spec)
+    monkeypatch.setattr(mobile, "BLOCK_ROWS", 5)
+    s = mobile.weight_scale(w, spec)
+    codes, scale = mobile.quantize_weight(w, spec, s)
+    assert torch.equal(s, whole_s) and torch.equal(codes, whole[0]) and torch.equal(scale, whole[1])
+    assert torch.equal(mobile.dequantize_weight(codes, scale, spec), whole_v)
+    assert mobile.holds(codes, scale, spec, whole_v) and not mobile.holds(codes, scale, spec, whole_v + 1e-3 * (torch.arange(23) == 21)[:, None])

@@ -409,7 +409,7 @@ def _shared_table(student: nn.Module, weights: dict):
     e_codes, e_scale = mobile.quantize_weight(emb.weight, emb.mobile_spec, emb.mobile_scale)
     if not (torch.equal(codes, e_codes) and torch.equal(scale, e_scale)):
         return None
-    if not torch.equal(mobile.dequantize_weight(codes, scale, spec), emb.weight.detach().float()):
+    if not mobile.holds(codes, scale, spec, emb.weight):
         raise QatkitError("the embedding is not at its mobile per-row values; prepare the model with --format mobile")
     return codes, scale, spec.bits
 
@@ -463,7 +463,7 @@ def runtime_model(student: nn.Module, share_table: bool = False, head_chunk_byte
         if spec is None:
             raise QatkitError("a token-lookup table of the student is not quantized; prepare it with --format mobile")
         codes, scale = mobile.quantize_weight(table.weight, spec, table.mobile_scale)
-        if not torch.equal(mobile.dequantize_weight(codes, scale, spec), table.weight.detach().float()):
+        if not mobile.holds(codes, scale, spec, table.weight):
             raise QatkitError("a token-lookup table is not at its mobile per-row values; prepare the model with --format mobile")
         memo[id(table.weight)] = nn.Parameter(_quantized_tensor(codes, scale, spec, activations=False), requires_grad=False)
     m = copy.deepcopy(student, memo).eval()

@@ -100,8 +100,23 @@ def _codes(wg: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
 _CANDIDATES = torch.linspace(0.5, 1.1, 25).tolist()
 
 
+# Every op below is row by row: a large tensor goes through in blocks of rows, so that its float
+# temporaries stay small (Gemma's 262k x 640 table at once took ~1.7 GB of them; E2B's is larger).
+BLOCK_ROWS = 8192
+
+
+def _blocks(rows: int):
+    return [(a, min(a + BLOCK_ROWS, rows)) for a in range(0, rows, BLOCK_ROWS)]
+
+
 def weight_scale(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """bf16 scales (rows, groups) that minimise the squared quantization error of each group."""
+    if w.dim() == 2 and w.shape[0] > BLOCK_ROWS:
+        return torch.cat([_weight_scale(w[a:b], spec) for a, b in _blocks(w.shape[0])])
+    return _weight_scale(w, spec)
+
+
+def _weight_scale(w: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     wg = _grouped(w.detach().float(), spec)
     amax = wg.abs().amax(-1)
     base = amax / spec.qmax if spec.bits > 2 else amax / 1.5  # int2: {-2,-1,0,1}, 1.5 centres the grid
@@ -124,17 +139,26 @@ def quantize_weight(w: torch.Tensor, spec: WeightSpec, scale: torch.Tensor | Non
     if scale is None:
         scale = weight_scale(w, spec)
     s = scale.detach().to(SCALE_DTYPE)
-    wg = _grouped(w.detach().float(), spec)
-    if s.shape != wg.shape[:2]:
+    w = w.detach()
+    if s.shape != _grouped(w, spec).shape[:2]:
         raise ValueError(f"scales of shape {tuple(s.shape)} do not fit weights {tuple(w.shape)} as {spec.name}")
-    codes = _codes(wg, s.float(), spec)
-    return codes.reshape(w.shape).to(torch.int8), s
+    codes = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    for a, b in _blocks(w.shape[0]):
+        codes[a:b] = _codes(_grouped(w[a:b].float(), spec), s[a:b].float(), spec).reshape(b - a, -1).to(torch.int8)
+    return codes, s
 
 
 def dequantize_weight(codes: torch.Tensor, scale: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
     """(codes int8 (out, in), scales bf16 (out, groups)) -> float32 values."""
-    cg = _grouped(codes.float(), spec)
-    return (cg * scale.float().unsqueeze(-1)).reshape(codes.shape)
+    out = torch.empty(codes.shape, dtype=torch.float32, device=codes.device)
+    for a, b in _blocks(codes.shape[0]):
+        out[a:b] = (_grouped(codes[a:b].float(), spec) * scale[a:b].float().unsqueeze(-1)).reshape(b - a, -1)
+    return out
+
+
+def holds(codes: torch.Tensor, scale: torch.Tensor, spec: WeightSpec, w: torch.Tensor) -> bool:
+    """Whether `w` is exactly the values of (codes, scale), compared block by block."""
+    return all(torch.equal(dequantize_weight(codes[a:b], scale[a:b], spec), w[a:b].detach().float()) for a, b in _blocks(codes.shape[0]))
 
 
 def learned_fake_quant_weight(w: torch.Tensor, s: torch.Tensor, spec: WeightSpec) -> torch.Tensor:
