@@ -37,6 +37,7 @@ def main() -> None:
     from qatkit.export.executorch import export_pte
     from qatkit.models.load import load, resolve
     from qatkit.prepare import QATConfig, prepare
+    from qatkit.runtime.executorch import data_path
 
     quiet_import_noise()
     src = resolve("gemma3-270m")
@@ -57,7 +58,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 info[kind] = export_pte(model, tok, out, max_context=512, **kw)
                 times[kind].append(time.perf_counter() - t0)
-                files[kind] = out.read_bytes() + (out.with_suffix(".ptd").read_bytes() if out.with_suffix(".ptd").exists() else b"")
+                files[kind] = out.read_bytes() + (data_path(out).read_bytes() if data_path(out).exists() else b"")
     print(f"Gemma 3 270M's width, {args.layers} layers, random weights; median of {args.rounds} alternated exports")
     print(f"{'program':<12} {'seconds':>8} {'torch.export':>13} {'lowering':>9} {'partitions':>11}")
     for kind, ts in times.items():

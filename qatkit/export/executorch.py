@@ -170,13 +170,10 @@ class SharedTableEmbedding(nn.Module):
         return qd.embedding_byte.default(table, scale, None, -128, 127, ids)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = None
-        for k, (a, b) in enumerate(self.chunks):
-            if len(self.chunks) == 1:
-                x = self._lookup(k, ids)
-                break
+        x = self._lookup(0, ids if len(self.chunks) == 1 else ids.clamp(max=self.chunks[0][1] - 1))
+        for k, (a, b) in enumerate(self.chunks[1:], 1):
             rows = self._lookup(k, (ids - a).clamp(0, b - a - 1))
-            x = rows if x is None else torch.where(((ids >= a) & (ids < b)).unsqueeze(-1), rows, x)
+            x = torch.where((ids >= a).unsqueeze(-1), rows, x)  # pieces in order: the last one holding the id wins
         return x if self.multiplier is None else x * self.multiplier
 
 
@@ -239,14 +236,12 @@ def head_splitting_partitioner():
                     continue
                 taken: set = set()
                 for lin in pieces:
-                    own = {lin}
-                    changed = True
-                    while changed:  # the nodes of the partition whose every user is in the piece
-                        changed = False
-                        for n in p.nodes:
-                            if n not in own and n.users and all(u in own for u in n.users) and any(u in own for u in n.users):
-                                own.add(n)
-                                changed = True
+                    own, stack = {lin}, list(lin.all_input_nodes)
+                    while stack:  # the nodes of the partition whose every user is in the piece
+                        n = stack.pop()
+                        if n in p.nodes and n not in own and all(u in own for u in n.users):
+                            own.add(n)
+                            stack.extend(n.all_input_nodes)
                     taken |= own
                     out.append(Partition(id=next_id, nodes=own))
                     next_id += 1
