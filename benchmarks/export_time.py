@@ -3,8 +3,9 @@ process, alternating:
 
 - `--pair length` (default): the usual program (a dynamic token count, 1..max_context-1, for
   prefill) against a one-token program;
-- `--pair passes`: qatkit's lowering, which runs only the XNNPACK passes that find something to
-  rewrite in a partition, against XNNPACK's whole pass pipeline; the files must be byte-identical.
+- `--pair passes`: qatkit's lean lowering (one decomposition of the program where ExecuTorch
+  makes three, only the XNNPACK passes that find something to rewrite in a partition) against
+  the whole pipeline; the files must be byte-identical.
 
 The model is the default model's architecture and width (Gemma 3 270M's config) with --layers of
 its layers (18: all of them) and random weights: export time grows with the graph, not with the
@@ -48,7 +49,7 @@ def main() -> None:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     prepare(model, src.arch, QATConfig(fmt="mobile", embedding="int4"))
-    kinds = {"dynamic": {}, "one-token": {"dynamic": False}} if args.pair == "length" else {"lean": {}, "all passes": {"lean_passes": False}}
+    kinds = {"dynamic": {}, "one-token": {"dynamic": False}} if args.pair == "length" else {"lean": {}, "whole pipeline": {"lean": False}}
     times: dict[str, list[float]] = {k: [] for k in kinds}
     info, files = {}, {}
     with tempfile.TemporaryDirectory() as d:
@@ -60,10 +61,10 @@ def main() -> None:
                 times[kind].append(time.perf_counter() - t0)
                 files[kind] = out.read_bytes() + (data_path(out).read_bytes() if data_path(out).exists() else b"")
     print(f"Gemma 3 270M's width, {args.layers} layers, random weights; median of {args.rounds} alternated exports")
-    print(f"{'program':<12} {'seconds':>8} {'torch.export':>13} {'lowering':>9} {'partitions':>11}")
+    print(f"{'program':<15} {'seconds':>8} {'torch.export':>13} {'lowering':>9} {'partitions':>11}")
     for kind, ts in times.items():
         i = info[kind]
-        print(f"{kind:<12} {statistics.median(ts):8.1f} {i['export_s']:13.1f} {i['lower_s']:9.1f} {i['xnnpack_partitions']:11d}")
+        print(f"{kind:<15} {statistics.median(ts):8.1f} {i['export_s']:13.1f} {i['lower_s']:9.1f} {i['xnnpack_partitions']:11d}")
     a, b = kinds
     print(f"ratio {a} / {b}: {statistics.median(times[a]) / statistics.median(times[b]):.2f}x")
     if args.pair == "passes":

@@ -216,15 +216,29 @@ class SharedTableHead(nn.Module):
         return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
 
 
-def head_splitting_partitioner():
+def head_splitting_partitioner(lean: bool = True):
     """XNNPACK's partitioner, with each piece of a `SharedTableHead` taken out of the partition it
     was merged into and made a delegate of its own: the piece's Linear and the nodes that feed
     only it (its activation quantization, its weight); what consumes the pieces (their
-    concatenation) runs outside XNNPACK, so that no partition feeds another that feeds it back."""
+    concatenation) runs outside XNNPACK, so that no partition feeds another that feeds it back.
+
+    `lean`: when every node of an op XNNPACK asks to keep whole (a Linear) passes XNNPACK's own
+    check, the partitioner says so up front (no per-node check), and ExecuTorch decomposes the
+    program once instead of three times (each a re-trace of the whole graph over the symbolic
+    length: 14% of a 4-layer export). A node that fails the check keeps ExecuTorch's three-pass
+    path. The programs are byte-identical (tested)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from torch.fx.passes.infra.partitioner import Partition
 
     class HeadSplittingPartitioner(XnnpackPartitioner):
+        def ops_to_not_decompose(self, ep):
+            ops, check = super().ops_to_not_decompose(ep)
+            if lean and check is not None:
+                kept = set(ops)
+                if all(check(n) for n in ep.graph.nodes if n.op == "call_function" and n.target in kept):
+                    return ops, None
+            return ops, check
+
         def generate_partitions(self, ep):
             partitions = super().generate_partitions(ep)
             next_id = max((p.id for p in partitions), default=-1) + 1
@@ -632,7 +646,7 @@ class KVCacheLM(nn.Module):
 
 
 def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512, dynamic: bool = True, share_table: bool = True,
-               provenance: dict | None = None, head_chunk_bytes: int = HEAD_CHUNK_BYTES, lean_passes: bool = True) -> dict:
+               provenance: dict | None = None, head_chunk_bytes: int = HEAD_CHUNK_BYTES, lean: bool = True) -> dict:
     """Write the mobile student as an XNNPACK .pte (atomically) and its tokenizer.json beside it;
     `provenance` (export/provenance.py) goes into the program as its constant method
     `qatkit_provenance` (JSON bytes; runtime PteModel.provenance reads it).
@@ -640,8 +654,8 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512,
     one-token program (the runner then prefills token by token): it exports 1.8x faster at the
     default model's width (benchmarks/export_time.py), the dynamic length being what slows it.
     `head_chunk_bytes`: a shared head's piece per XNNPACK delegate (`SharedTableHead`);
-    `lean_passes=False` runs XNNPACK's whole pass pipeline on every partition (the same bytes,
-    slower: `_xnnpack_passes_in_use`)."""
+    `lean=False` runs ExecuTorch's three decompositions and XNNPACK's whole pass pipeline on every
+    partition (the same bytes, slower: `head_splitting_partitioner`, `_xnnpack_passes_in_use`)."""
     require_executorch()
     import executorch.kernels.quantized  # noqa: F401  (registers the quantized embedding ops)
 
@@ -658,11 +672,11 @@ def export_pte(student: nn.Module, tokenizer, out: Path, max_context: int = 512,
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         # transformers' output recorder is a global that dynamo reports as a side effect; unused here
         warnings.filterwarnings("ignore", message="While compiling, we found certain side effects")
-        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance, head_chunk_bytes, lean_passes)
+        return _export_pte(student, tokenizer, out, max_context, dynamic, share_table, provenance, head_chunk_bytes, lean)
 
 
 def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dynamic: bool, share_table: bool, provenance: dict | None,
-                head_chunk_bytes: int, lean_passes: bool) -> dict:
+                head_chunk_bytes: int, lean: bool) -> dict:
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 
     t0 = time.perf_counter()
@@ -690,8 +704,8 @@ def _export_pte(student: nn.Module, tokenizer, out: Path, max_context: int, dyna
         SHARED_FLAG: shared,  # the program reads its tied table from the .ptd beside it
         PROVENANCE: torch.frombuffer(bytearray(json.dumps(provenance or {"tool": "qatkit", "version": __version__}).encode()), dtype=torch.uint8),
     }
-    with _xnnpack_passes_in_use() if lean_passes else contextlib.nullcontext():
-        edge = to_edge_transform_and_lower(program, partitioner=[head_splitting_partitioner()], constant_methods=metadata,
+    with _xnnpack_passes_in_use() if lean else contextlib.nullcontext():
+        edge = to_edge_transform_and_lower(program, partitioner=[head_splitting_partitioner(lean)], constant_methods=metadata,
                                            compile_config=EdgeCompileConfig(_check_ir_validity=False))
     t2 = time.perf_counter()
     # the shared table's bytes and scales go to named data under one tag (the .ptd beside the
