@@ -4,9 +4,11 @@ precision, measured in ExecuTorch.
 Measures the per-tensor sensitivity of Gemma 3 270M for the mobile format once (weight-only KL
 rise on the default training text, `qatkit.planner.measure_losses`), plans the given budgets, and
 writes each plan as an untrained (PTQ) .pte with qatkit's exporter, beside the two-format
-corners: every weight int4, every weight int8, and Linears int8 with an int4 table. Each file's
-weights' bytes (its constants, named data and .ptd segments) are checked against the planner's
-prediction; what the program adds around them is printed. Every program is scored in the
+corners: every weight int4, every weight int8, and Linears int8 with an int4 table. The plans
+are fitted as `qatkit plan` fits them, the program around the weights measured by exporting it
+(`planner.fit_mobile_program`); each file's bytes (.pte and .ptd) are printed against the
+planner's prediction of the whole file, and its weights' bytes (constants, named data, .ptd
+segments) against the byte rule's. Every program is scored in the
 ExecuTorch runtime against the float model in torch on the held-out suite (text unlike the
 sensitivity text): mean KL and perplexity. Each plan is compared with the best corner that is no
 larger.
@@ -25,9 +27,10 @@ from pathlib import Path
 from plan_budgets import cached_losses, print_verdicts  # (benchmarks/ is on the path when a benchmark runs)
 
 from qatkit import metrics
-from qatkit.budget import fit, inventory, parse_size, predicted_loss, save_plan
+from qatkit.budget import inventory, parse_size, predicted_loss, save_plan
 from qatkit.eval.suite import load_suite
 from qatkit.models.load import load, resolve
+from qatkit.planner import fit_mobile_program, mobile_program_bytes
 from qatkit.prepare import QATConfig
 from qatkit.runtime.executorch import PteModel, program_bytes, text_tokens, weight_bytes
 from qatkit.targets.executorch import ptq_program
@@ -50,9 +53,14 @@ def main() -> None:
     def uniform(linear: str, table: str) -> dict[str, str]:
         return {e.name: (e.levels[0] if len(e.levels) == 1 else table if e.kind == "table" else linear) for e in entries}
 
+    measured: dict = {}
+
+    def program(choice: dict[str, str]) -> int:
+        return mobile_program_bytes(src, model, tok, entries, choice, measured)
+
     plans = {"uniform int4": uniform("int4", "int4"), "Linears int8, table int4": uniform("int8", "int4"), "uniform int8": uniform("int8", "int8")}
     for b in args.budgets:
-        plans[f"planned for {b}"] = fit(entries, parse_size(b))[0]
+        plans[f"planned for {b}"] = fit_mobile_program(entries, parse_size(b), program)[0]
     suite = load_suite()
     teacher = metrics.torch_logits(model.eval())
     rows = {}
@@ -63,8 +71,9 @@ def main() -> None:
             out = Path(d) / f"{i}.pte"
             t0 = time.perf_counter()
             ptq_program(src, model, tok, QATConfig(fmt="mobile", plan=str(plan_file)), out)
-            predicted = sum(e.options[plan[e.name]] for e in entries)
-            rows[name] = {"bytes": program_bytes(out), "weights": weight_bytes(out), "predicted": predicted, "export_s": time.perf_counter() - t0,
+            rule = sum(e.options[plan[e.name]] for e in entries)
+            rows[name] = {"bytes": program_bytes(out), "weights": weight_bytes(out), "rule": rule, "predicted": rule + program(plan),
+                          "export_s": time.perf_counter() - t0,
                           "int8_linears": sum(1 for e in entries if e.kind == "linear" and plan[e.name] == "int8"),
                           "table": next(plan[e.name] for e in entries if e.kind == "table"), "predicted_loss": predicted_loss(entries, plan), "kld": [], "nll": []}
             pte = PteModel(out)
@@ -77,11 +86,12 @@ def main() -> None:
             print(f"  {name}: {rows[name]['bytes']:,} bytes, exported in {rows[name]['export_s']:.0f} s, scored", flush=True)
     print(f"Gemma 3 270M, PTQ mobile programs (.pte and .ptd) scored in ExecuTorch against the float model in torch; held-out suite "
           f"({', '.join(suite)}), {args.chunks} x {N_CTX} tokens each")
-    print(f"{'file':<28} {'bytes':>12} {'weights':>12} {'predicted':>12} {'program':>8} {'int8 Lin.':>9} {'table':>5} {'pred. loss':>10} {'mean KLD':>9} {'PPL':>8}")
+    print(f"{'file':<28} {'bytes':>12} {'predicted':>12} {'off':>4} {'weights':>12} {'rule':>12} {'int8 Lin.':>9} {'table':>5} {'pred. loss':>10} "
+          f"{'mean KLD':>9} {'PPL':>8}")
     for name, r in rows.items():
         r["mean_kld"] = sum(r["kld"]) / len(r["kld"])
         ppl = math.exp(sum(r["nll"]) / len(r["nll"]))
-        print(f"{name:<28} {r['bytes']:>12,} {r['weights']:>12,} {r['predicted']:>12,} {r['bytes'] - r['predicted']:>8,} {r['int8_linears']:>9} "
+        print(f"{name:<28} {r['bytes']:>12,} {r['predicted']:>12,} {r['bytes'] - r['predicted']:>4,} {r['weights']:>12,} {r['rule']:>12,} {r['int8_linears']:>9} "
               f"{r['table']:>5} {r['predicted_loss']:>10.4f} {r['mean_kld']:>9.4f} {ppl:>8.3f}")
     print_verdicts(rows, args.budgets, {"uniform": "uniform", None: "corner"})
 

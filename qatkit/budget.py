@@ -12,8 +12,9 @@ the exact bytes it takes in each format the target can store it in:
   once (named data in the .ptd beside the program, codes and scales, which the lookup and
   XNNPACK's head share; twice when its rows have an odd width); untied lookup tables int2, int4
   or int8. int2 saves nothing on a Linear: XNNPACK has no 2-bit kernel and stores int2 in int4
-  codes. These are the weights' bytes; the program around them (its instructions, RoPE and
-  mask constants, the .ptd's header) is not counted.
+  codes. These are the weights' bytes; the program around them (its instructions, XNNPACK's
+  graphs, RoPE and norm constants, the .ptd's header) is measured by `qatkit.planner` when the
+  model's weights are at hand, and left out when planning from shapes alone.
 
 With weights, the loss of each choice is measured (`qatkit.planner`). Losses are taken as additive,
 and the mix is the greedy multiple-choice knapsack: start from every tensor at its lowest

@@ -5,10 +5,16 @@ The loss of each choice is the KL (teacher || model) rise on the second half of 
 sequence of the default training text (not the user's evaluation text) when that tensor alone is
 stored at the lower format and every other one at the highest (torch, through qatkit's exact
 fake-quant of the format; mobile: weights only). Without weights, `budget.prior_losses`.
+
+The whole file's bytes: a GGUF's header is built from the model's metadata (exact). A mobile
+program's bytes around its weights (its instructions, XNNPACK's serialized graphs, the exporter's
+constants, the .ptd's header, alignment) are not a sum the planner can do: they are measured, by
+exporting the untrained program of a plan with the same lookup-table formats (`mobile_program_bytes`).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -18,6 +24,8 @@ from . import QatkitError
 from .budget import Entry, check_reachable, fit, human, inventory, predicted_loss, prior_losses
 from .formats import FORMATS
 from .plan import skeleton
+
+log = logging.getLogger(__name__)
 
 
 def _weights(model: nn.Module, arch, fmt: str) -> dict[str, torch.Tensor]:
@@ -85,6 +93,67 @@ def measure_losses(entries: list[Entry], model: nn.Module, arch, fmt: str, ids: 
             f"highest format (base KL {base:.4f})")
 
 
+# ----------------------------------------------------------------------- the mobile program
+def mobile_program_bytes(source, model: nn.Module, tokenizer, entries: list[Entry], choice: dict[str, str], measured: dict) -> int:
+    """Bytes a mobile program of the plan `choice` holds besides its planned weights, measured: the
+    untrained program of a plan with the same lookup-table formats and every Linear at its lowest
+    is exported (what `qatkit export MODEL --format mobile --plan` writes) and the weights' bytes
+    subtracted. They depend on the tables' formats (which lookup operators the program calls, the
+    nibble flip of an int4 tied table, how many pieces the tied head is cut into), not on the
+    Linears' (int4 and int8 are the same XNNPACK operator, its types fixed-width fields): one
+    export per combination of table formats, kept in `measured` and in the model's cache folder
+    (keyed by qatkit's and ExecuTorch's versions). The programs' provenance holds the plan's
+    digest, of fixed length; a trained program adds its training record."""
+    import json
+    import tempfile
+    from importlib.metadata import version
+
+    from . import __version__
+    from .atomic import atomic_path
+    from .budget import save_plan
+    from .config import QATConfig
+    from .targets.executorch import ptq_program
+
+    tables = sorted((e.name, choice[e.name]) for e in entries if e.kind == "table")
+    key = f"qatkit {__version__}, executorch {version('executorch')}: " + ", ".join(f"{n}={f}" for n, f in tables)
+    kept = source.cache_dir / "mobile-program-bytes.json"
+    if not measured and kept.exists():
+        try:
+            measured.update(json.loads(kept.read_text()))
+        except ValueError:
+            pass  # a damaged cache is measured again
+    if key not in measured:
+        log.info("measuring the program around the weights: exporting the untrained program with tables %s", ", ".join(f for _, f in tables))
+        plan = {e.name: choice[e.name] if e.kind == "table" else e.levels[0] for e in entries}
+        with tempfile.TemporaryDirectory(prefix="qatkit-plan-") as d:
+            save_plan(Path(d) / "plan.json", "mobile", plan, {})
+            info = ptq_program(source, model, tokenizer, QATConfig(fmt="mobile", plan=str(Path(d) / "plan.json")), Path(d) / "program.pte")
+        measured[key] = info["file_bytes"] - sum(e.options[plan[e.name]] for e in entries)
+        with atomic_path(kept) as tmp:
+            Path(tmp).write_text(json.dumps(measured, indent=1) + "\n")
+    return measured[key]
+
+
+def fit_mobile_program(entries: list[Entry], budget: int, program) -> tuple[dict[str, str], int, int]:
+    """The knapsack with the program's measured bytes (`program(choice)`) in the budget: fit with
+    the largest program measured so far, measure the chosen plan's, and fit again while the file
+    would exceed the budget (each round raises the assumed program, so it ends). Returns the
+    choice, the whole file's bytes and the program's."""
+    lowest = {e.name: e.levels[0] for e in entries}
+    overhead = program(lowest)
+    check_reachable(entries, budget, overhead)
+    while True:
+        try:
+            choice, _ = fit(entries, budget, overhead)
+        except QatkitError:  # a larger program than the lowest plan's leaves only the lowest plan
+            choice = lowest
+        own = program(choice)
+        total = own + sum(e.options[choice[e.name]] for e in entries)
+        if total <= budget:
+            return choice, total, own
+        overhead = own
+
+
 # ------------------------------------------------------------------------------------ driver
 SENSITIVITY_TOKENS = 256
 
@@ -124,7 +193,22 @@ def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = Fal
         overhead_note = "tensor data only (the header needs the tokenizer: load the model, not its config, for the whole file)"
     elif fmt == "mobile":
         overhead_note = "weights only: the program and its tokenizer file come on top"
-    check_reachable(entries, budget, overhead)  # an impossible budget is refused before any measuring
+    program = None
+    if fmt != "mobile" or tokenizer is None:
+        check_reachable(entries, budget, overhead)  # an impossible budget is refused before any measuring
+    else:  # the smallest file a refusal names includes its program
+        from .runtime.executorch import require_executorch
+
+        require_executorch()
+        measured: dict = {}
+
+        def program(choice: dict[str, str]) -> int:
+            return mobile_program_bytes(source, model, tokenizer, entries, choice, measured)
+
+        overhead = program({e.name: e.levels[0] for e in entries})
+        check_reachable(entries, budget, overhead)
+        overhead_note = ("the whole .pte and .ptd of `qatkit export --format mobile --plan` (exact: the program around the weights measured "
+                         "by exporting it; a trained program adds its training record; the tokenizer file comes on top)")
     if sizes_only:
         how = prior_losses(entries)
     else:
@@ -132,7 +216,10 @@ def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = Fal
 
         ids = pack(tokenizer, default_train_texts(), SENSITIVITY_TOKENS, vocab_size=model.config.vocab_size)[-1:]
         how = measure_losses(entries, model, arch, fmt, ids, progress) + " (the last sequence of the default training text)"
-    choice, total = fit(entries, budget, overhead)
+    if program is not None:
+        choice, total, overhead = fit_mobile_program(entries, budget, program)
+    else:
+        choice, total = fit(entries, budget, overhead)
     return {"entries": entries, "choice": choice, "bytes": total, "overhead": overhead, "overhead_note": overhead_note, "losses": how,
             "budget": budget, "format": fmt, "params": sum(e.numel for e in entries), "model": spec}
 
@@ -151,6 +238,8 @@ def describe(r: dict) -> str:
         b = sum(e.options[fmt] for e in es)
         ex = ", ".join(e.name for e in es[:3]) + (", ..." if len(es) > 3 else "")
         lines.append(f"{fmt:<8} {len(es):>8} {n:>14,} {b:>15,} {8 * b / max(n, 1):>11.3f}  {ex}")
+    if r["format"] == "mobile" and r["overhead"]:
+        lines.append(f"{'program':<8} {'':>8} {'':>14} {r['overhead']:>15,} {'':>11}  instructions, XNNPACK's graphs, RoPE and norm constants (measured)")
     lo = r["overhead"] + sum(e.options[e.levels[0]] for e in entries)
     hi = r["overhead"] + sum(e.options[e.levels[-1]] for e in entries)
     params = f"{r['params'] / 1e9:.3f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.3f}M"

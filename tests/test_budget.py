@@ -99,36 +99,43 @@ def test_a_plan_of_another_model_is_refused(tmp_path):
         QATConfig(fmt="mobile", plan=str(plan), embedding="int4")
 
 
-def test_mobile_plan_sizes_track_the_program(tmp_path):
-    """Two plans of one tiny model exported as .pte files (every weight at its lowest and at its
-    highest scheme): the difference of their weights' bytes is the difference the planner
-    predicts, to the byte; the files differ by that and the program's few own bytes. (The
-    program itself, nearly constant across plans, is what the planner leaves out.)"""
+def test_mobile_plans_are_the_exported_files_to_the_byte(tmp_path, capsys):
+    """Three budgets on a tiny Gemma 3 (tied int4/int8 table): `qatkit plan --format mobile`
+    predicts the bytes of the .pte and .ptd that `qatkit export --format mobile --plan` writes,
+    to the byte: the weights by the byte rule (the program's constants, named data and .ptd
+    segments: checked apart), the program around them measured by the planner's own export; the
+    top budget takes the int8 table (another program: more lookup bytes, no nibble flip), the
+    lowest every weight at int4; a budget one byte under the smallest file exits 2 saying it."""
     pytest.importorskip("executorch")
-    from qatkit.config import QATConfig
-    from qatkit.models.load import load, resolve
-    from qatkit.runtime.executorch import weight_bytes
-    from qatkit.targets.executorch import ptq_program
+    from qatkit.cli import main
+    from qatkit.runtime.executorch import program_bytes, weight_bytes
 
     model = hf_dir(tmp_path / "m", "gemma3", hidden=64, layers=1)
-    src = resolve(str(model))
-    low = plan_budget(str(model), 10**9, "mobile", sizes_only=True)
-    lo_bytes = sum(min(e.options.values()) for e in low["entries"])
-    files = {}
-    for name, budget in (("low", lo_bytes), ("high", 10**9)):
-        r = plan_budget(str(model), budget, "mobile", sizes_only=True)
-        plan = tmp_path / f"{name}.json"
-        save_plan(plan, "mobile", r["choice"], {})
-        m, tok = load(src)
-        files[name] = (ptq_program(src, m, tok, QATConfig(fmt="mobile", plan=str(plan)), tmp_path / f"{name}.pte")["file_bytes"], r["bytes"])
-    got = files["high"][0] - files["low"][0]
-    want = files["high"][1] - files["low"][1]
-    # the weights' bytes (the program's constants and named data, the .ptd's segments) to the byte
-    assert want > 0 and weight_bytes(tmp_path / "high.pte") - weight_bytes(tmp_path / "low.pte") == want
-    # the files: the program around them differs by its padding and a few instructions (an int4
-    # tied table's lookup flips nibble pairs: measured 768 bytes)
-    assert abs(got - want) <= 1024, (got, want)
-
+    weights = {e.name: e.options for e in plan_budget(str(model), 10**9, "mobile", sizes_only=True)["entries"]}
+    low_w = sum(min(o.values()) for o in weights.values())
+    high_w = sum(max(o.values()) for o in weights.values())
+    results, stored = {}, {}
+    for i, budget in enumerate((10**9, (low_w + high_w) // 2 + 34_000, None)):  # (the program: ~33 kB)
+        if budget is None:  # the smallest file: the lowest plan with its own program
+            capsys.readouterr()
+            assert main(["plan", str(model), "--format", "mobile", "--budget", "1000"]) == 2
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and "smallest" in err[0]
+            budget = int(err[0].split("(")[1].split(" bytes")[0])
+            assert main(["plan", str(model), "--format", "mobile", "--budget", str(budget - 1)]) == 2
+        plan = tmp_path / f"plan{i}.json"
+        assert main(["plan", str(model), "--format", "mobile", "--budget", str(budget), "--out", str(plan)]) == 0
+        data = json.loads(plan.read_text())
+        assert data["predicted_bytes"] <= budget and data["losses"].startswith("measured")
+        out = tmp_path / f"p{i}.pte"
+        assert main(["export", str(model), "--format", "mobile", "--plan", str(plan), "--out", str(out)]) == 0
+        assert program_bytes(out) == data["predicted_bytes"], (i, program_bytes(out), data["predicted_bytes"])
+        results[i] = data["tensors"]
+        stored[i] = weight_bytes(out) - sum(weights[n][f] for n, f in data["tensors"].items())
+    assert stored[0] == stored[1] == stored[2]  # the weights by the rule: the exporter's own constants alone are left
+    assert results[0]["model.embed_tokens"] == "int8" and set(results[0].values()) - {"f32"} == {"int8"}
+    assert set(results[2].values()) - {"f32"} == {"int4"}  # the smallest: every weight at its lowest
+    assert len(set(results[1].values()) - {"f32"}) > 1  # a real mix
 
 
 def test_e2b_text_only_from_its_config(tmp_path, capsys):
