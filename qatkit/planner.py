@@ -245,5 +245,6 @@ def describe(r: dict) -> str:
     params = f"{r['params'] / 1e9:.3f}B" if r["params"] >= 1e8 else f"{r['params'] / 1e6:.3f}M"
     lines += ["", f"planned: {r['bytes']:,} bytes ({human(r['bytes'])}) = {8 * r['bytes'] / r['params']:.3f} bits per parameter "
               f"over {params} parameters; predicted loss {predicted_loss(entries, choice):.4g}",
-              f"reachable in this format: {human(lo)} (every tensor at its lowest) to {human(hi)} (every tensor at its highest)"]
+              f"reachable in this format: {human(lo)} (every tensor at its lowest) to {human(hi)} (every tensor at its highest)"
+              + (" with this plan's program (each table format's differs by a few kB)" if r["format"] == "mobile" and r["overhead"] else "")]
     return "\n".join(lines)
