@@ -102,8 +102,10 @@ def mobile_program_bytes(source, model: nn.Module, tokenizer, entries: list[Entr
     nibble flip of an int4 tied table, how many pieces the tied head is cut into), not on the
     Linears' (int4 and int8 are the same XNNPACK operator, its types fixed-width fields): one
     export per combination of table formats, kept in `measured` and in the model's cache folder
-    (keyed by qatkit's and ExecuTorch's versions). The programs' provenance holds the plan's
-    digest, of fixed length; a trained program adds its training record."""
+    (keyed by qatkit's and ExecuTorch's versions and the exporter's source). The programs'
+    provenance holds the plan's digest, of fixed length; a trained program adds its training
+    record."""
+    import hashlib
     import json
     import tempfile
     from importlib.metadata import version
@@ -112,10 +114,12 @@ def mobile_program_bytes(source, model: nn.Module, tokenizer, entries: list[Entr
     from .atomic import atomic_path
     from .budget import save_plan
     from .config import QATConfig
+    from .export import executorch as exporter
     from .targets.executorch import ptq_program
 
     tables = sorted((e.name, choice[e.name]) for e in entries if e.kind == "table")
-    key = f"qatkit {__version__}, executorch {version('executorch')}: " + ", ".join(f"{n}={f}" for n, f in tables)
+    code = hashlib.sha256(Path(exporter.__file__).read_bytes()).hexdigest()[:12]  # a changed exporter is measured again
+    key = f"qatkit {__version__} (exporter {code}), executorch {version('executorch')}: " + ", ".join(f"{n}={f}" for n, f in tables)
     kept = source.cache_dir / "mobile-program-bytes.json"
     if not measured and kept.exists():
         try:
