@@ -209,8 +209,7 @@ def plan_budget(spec: str, budget: int, fmt: str = "q4_0", text_only: bool = Fal
         def program(choice: dict[str, str]) -> int:
             return mobile_program_bytes(source, model, tokenizer, entries, choice, measured)
 
-        overhead = program({e.name: e.levels[0] for e in entries})
-        check_reachable(entries, budget, overhead)
+        check_reachable(entries, budget, program({e.name: e.levels[0] for e in entries}))  # before the losses are measured
         overhead_note = ("the whole .pte and .ptd of `qatkit export --format mobile --plan` (exact: the program around the weights measured "
                          "by exporting it; a trained program adds its training record; the tokenizer file comes on top)")
     if sizes_only:

@@ -190,24 +190,32 @@ def test_lean_xnnpack_pipeline_writes_the_same_program(exported, tmp_path):
     are byte-identical to those of the whole pipeline, which decomposes three times."""
     from unittest import mock
 
+    from executorch.exir.program import _program
     from torch.export import ExportedProgram
 
     from qatkit.runtime.executorch import data_path
 
     family, m, plan, out, info = exported
-    calls = []
-    real = ExportedProgram.run_decompositions
+    calls, single = [], []  # decompositions; whether ExecuTorch took its one-decomposition path
+    real, real_skip = ExportedProgram.run_decompositions, _program._can_skip_using_EDGE_DO_NOT_DECOMP
 
     def counted(self, *a, **k):
         calls.append(1)
         return real(self, *a, **k)
 
-    with mock.patch.object(ExportedProgram, "run_decompositions", counted):
+    def skip(*a):
+        single.append(real_skip(*a))
+        return single[-1]
+
+    with mock.patch.object(ExportedProgram, "run_decompositions", counted), mock.patch.object(_program, "_can_skip_using_EDGE_DO_NOT_DECOMP", skip):
         full = export_pte(m, tiny_tokenizer(), tmp_path / "full.pte", max_context=96, provenance=describe(plan, "mobile", full_plan=False), lean=False)
         n_full = len(calls)
+        assert single and not any(single)  # XNNPACK's per-node check: the three-decomposition path
         if family == "gemma3":  # the lean path itself, once
             calls.clear()
+            single.clear()
             export_pte(m, tiny_tokenizer(), tmp_path / "lean.pte", max_context=96, provenance=describe(plan, "mobile", full_plan=False))
+            assert single and all(single)
             assert len(calls) <= n_full - 2, (len(calls), n_full)  # measured 2 against 9
     assert (tmp_path / "full.pte").read_bytes() == out.read_bytes()
     assert full["shared_table"] == info["shared_table"]
